@@ -1,0 +1,1 @@
+"""Datasets held in memory as uint8 tensors, batch iteration and batched augmentation."""
