@@ -1,0 +1,94 @@
+"""Model presets by name (`vit-s/16`, `vit22b-b/32`, …), `create_model`, and meta-device parameter counts."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+
+import torch
+
+from vitlab.errors import VitlabError
+from vitlab.models.vit import VisionTransformer
+
+
+@dataclass(frozen=True)
+class Size:
+    """Depth, width, MLP width and heads of one model size."""
+
+    depth: int
+    width: int
+    mlp_dim: int
+    heads: int
+
+
+# Ti/S/B/L/H: Dosovitskiy et al. 2021 Table 1 and Touvron et al. 2021 (DeiT) for Ti and S;
+# g and G: Zhai et al. 2022 ("Scaling Vision Transformers") Table 2;
+# 22B: Dehghani et al. 2023 Table 1 (48 layers, width 6144, MLP 24576, 48 heads).
+SIZES: dict[str, Size] = {
+    "Ti": Size(12, 192, 768, 3),
+    "S": Size(12, 384, 1536, 6),
+    "B": Size(12, 768, 3072, 12),
+    "L": Size(24, 1024, 4096, 16),
+    "H": Size(32, 1280, 5120, 16),
+    "g": Size(40, 1408, 6144, 16),
+    "G": Size(48, 1664, 8192, 16),
+    "22B": Size(48, 6144, 24576, 48),
+}
+
+# The ViT-22B block (Dehghani et al. 2023, Sec. 2): parallel layers, QK LayerNorm,
+# no bias in the QKV projection nor in the LayerNorms.
+FAMILIES: dict[str, dict] = {
+    "vit": dict(block="serial"),
+    "vit22b": dict(block="parallel", qk_norm=True, qkv_bias=False, norm_bias=False),
+}
+
+_NAME = re.compile(r"^(?P<family>[a-z0-9]+)-(?P<size>[A-Za-z0-9]+)/(?P<patch>\d+)$")
+
+
+def lookup_size(size: str) -> str:
+    """Canonical size key: exact match first (so `g` and `G` stay apart), then case-insensitive."""
+    if size in SIZES:
+        return size
+    matches = [key for key in SIZES if key.lower() == size.lower() and key not in ("g", "G")]
+    if len(matches) != 1:
+        raise VitlabError(f"unknown model size {size!r}; allowed: {', '.join(SIZES)} (g and G are case-sensitive)")
+    return matches[0]
+
+
+def preset_config(name: str) -> dict:
+    """Turn a preset name such as `vit22b-s/16` into VisionTransformer keyword arguments."""
+    match = _NAME.match(name.strip())
+    if not match:
+        raise VitlabError(
+            f"cannot read model name {name!r}; expected FAMILY-SIZE/PATCH such as 'vit-s/16' or 'vit22b-b/32' "
+            f"(families: {', '.join(FAMILIES)}; sizes: {', '.join(SIZES)})"
+        )
+    family = match["family"].lower()
+    if family not in FAMILIES:
+        raise VitlabError(f"unknown model family {match['family']!r} in {name!r}; allowed: {', '.join(FAMILIES)}")
+    size = SIZES[lookup_size(match["size"])]
+    return dict(
+        patch_size=int(match["patch"]), embed_dim=size.width, depth=size.depth, mlp_dim=size.mlp_dim,
+        num_heads=size.heads, **FAMILIES[family],
+    )  # fmt: skip
+
+
+def model_options() -> list[str]:
+    """Names of every keyword that `create_model` accepts as an override."""
+    return [p for p in inspect.signature(VisionTransformer).parameters]
+
+
+def create_model(name: str, **overrides) -> VisionTransformer:
+    """Build a preset by name; any VisionTransformer keyword overrides the preset's value."""
+    unknown = sorted(set(overrides) - set(model_options()))
+    if unknown:
+        raise VitlabError(f"unknown model option(s) {', '.join(unknown)}; allowed: {', '.join(model_options())}")
+    return VisionTransformer(**{**preset_config(name), **overrides})
+
+
+def count_parameters(name: str, **overrides) -> int:
+    """Parameter count of a preset, built on the meta device (no memory is allocated)."""
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+    return sum(p.numel() for p in model.parameters())

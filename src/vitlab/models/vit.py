@@ -1,0 +1,175 @@
+"""The Vision Transformer, assembled from `blocks`: serial (ViT) or parallel (ViT-22B) blocks."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from vitlab.errors import VitlabError
+from vitlab.models.blocks import ATTENTION_IMPLS, BRANCH_NORMS, ParallelBlock, SerialBlock, check_choice, layer_norm
+
+BLOCKS = ("serial", "parallel")
+POS_EMBEDS = ("learn", "sincos")
+POOLS = ("cls", "gap")
+HEADS = ("linear", "mlp")
+
+
+def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (grid_h*grid_w, dim), row-major patch order.
+
+    A quarter of the channels each for sin(x), cos(x), sin(y), cos(y) (Beyer et al. 2022, "Better plain ViT").
+    """
+    if dim % 4:
+        raise VitlabError(f"sin-cos position embedding needs a width divisible by 4, got embed_dim={dim}")
+    y, x = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1))
+    x = x.flatten()[:, None] * omega[None, :]
+    y = y.flatten()[:, None] * omega[None, :]
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping patches and project each to `dim` (timm naming: proj)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        if img_size % patch_size:
+            raise VitlabError(
+                f"image size {img_size} is not divisible by patch size {patch_size}; "
+                f"use an image size that is a multiple of {patch_size}"
+            )
+        self.img_size, self.patch_size = img_size, patch_size
+        self.grid = img_size // patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise VitlabError(
+                f"input is {tuple(x.shape[-2:])} pixels but the model was built for "
+                f"{self.img_size}x{self.img_size}; resize the input or rebuild the model with img_size={x.shape[-1]}"
+            )
+        return rearrange(self.proj(x), "b d h w -> b (h w) d")
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier. Defaults are the classic ViT; the `vit22b` presets switch to the ViT-22B block."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_dim: int = 3072,
+        block: str = "serial",
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        norm_bias: bool = True,
+        branch_norm: str = "none",
+        pos_embed: str = "learn",
+        pool: str = "cls",
+        head: str = "linear",
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        drop_path: float = 0.0,
+        zero_head: bool = False,
+        attn_impl: str = "auto",
+    ):
+        super().__init__()
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        check_choice("block", block, BLOCKS)
+        check_choice("branch_norm", branch_norm, BRANCH_NORMS)
+        check_choice("pos_embed", pos_embed, POS_EMBEDS)
+        check_choice("pool", pool, POOLS)
+        check_choice("head", head, HEADS)
+        check_choice("attn_impl", attn_impl, ATTENTION_IMPLS)
+        if embed_dim % num_heads:
+            raise VitlabError(
+                f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
+                f"choose num_heads among the divisors of {embed_dim}"
+            )
+        if block == "serial" and branch_norm != "none":
+            raise VitlabError(f"branch_norm={branch_norm!r} needs block='parallel' (it normalises the parallel branch)")
+        for name, p in (("dropout", dropout), ("attn_dropout", attn_dropout), ("drop_path", drop_path)):
+            if not 0.0 <= p < 1.0:
+                raise VitlabError(f"{name}={p} must be in [0, 1)")
+
+        self.num_classes, self.embed_dim, self.pool, self.zero_head = num_classes, embed_dim, pool, zero_head
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.num_prefix_tokens = 1 if pool == "cls" else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pool == "cls" else None
+        num_positions = self.patch_embed.grid**2 + self.num_prefix_tokens
+        if pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim))
+        else:
+            grid = self.patch_embed.grid
+            table = sincos_2d_position_embedding(grid, grid, embed_dim)
+            table = torch.cat([table.new_zeros(self.num_prefix_tokens, embed_dim), table])
+            self.register_buffer("pos_embed", table[None], persistent=False)
+        self.pos_drop = nn.Dropout(dropout)
+
+        block_kwargs = dict(
+            dim=embed_dim, num_heads=num_heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, qk_norm=qk_norm,
+            norm_bias=norm_bias, dropout=dropout, attn_dropout=attn_dropout, attn_impl=attn_impl,
+        )  # fmt: skip
+        if block == "parallel":
+            block_kwargs["branch_norm"] = branch_norm
+        block_cls = ParallelBlock if block == "parallel" else SerialBlock
+        # Stochastic depth grows linearly with depth (Huang et al. 2016; DeiT).
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*[block_cls(drop_path=rate, **block_kwargs) for rate in rates])
+        self.norm = layer_norm(embed_dim, norm_bias)
+        if head == "mlp":  # the original ViT's pre-logits layer (Dosovitskiy et al. 2021)
+            self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, embed_dim), act=nn.Tanh()))
+        else:
+            self.pre_logits = nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Reference ViT init: trunc-normal(0.02) weights and embeddings, zero biases, optional zero head."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, ParallelBlock):
+                nn.init.zeros_(module.mlp_bias)
+                if module.qkv_bias is not None:
+                    nn.init.zeros_(module.qkv_bias)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token)
+        if self.zero_head and isinstance(self.head, nn.Linear):
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) → tokens (B, prefix + patches, D) with position embedding added."""
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images → normalised tokens after the last block."""
+        return self.norm(self.blocks(self.embed(x)))
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Pool the tokens (class token or mean of patches) and apply the head."""
+        pooled = tokens[:, 0] if self.pool == "cls" else tokens.mean(dim=1)
+        return self.head(self.pre_logits(pooled))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
