@@ -92,3 +92,15 @@ def count_parameters(name: str, **overrides) -> int:
     with torch.device("meta"):
         model = create_model(name, **overrides)
     return sum(p.numel() for p in model.parameters())
+
+
+def parameter_table(img_size: int = 224, patch_size: int = 16, num_classes: int = 1000) -> list[dict]:
+    """Table 1 of the paper: every size with its ViT and ViT-22B-style parameter counts."""
+    rows = []
+    for key, size in SIZES.items():
+        counts = {
+            family: count_parameters(f"{family}-{key}/{patch_size}", img_size=img_size, num_classes=num_classes)
+            for family in FAMILIES
+        }
+        rows.append(dict(size=key, depth=size.depth, width=size.width, mlp_dim=size.mlp_dim, heads=size.heads, **counts))
+    return rows
