@@ -7,16 +7,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vitlab.errors import VitlabError
+from vitlab.errors import check_choice
 
 ATTENTION_IMPLS = ("auto", "matmul", "sdpa")
 BRANCH_NORMS = ("none", "mlp", "sum")
-
-
-def check_choice(name: str, value: object, allowed: tuple) -> None:
-    """Raise a VitlabError naming `name` when `value` is not one of `allowed`."""
-    if value not in allowed:
-        raise VitlabError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
 
 
 def resolve_attention_impl(impl: str, device: torch.device) -> str:

@@ -8,8 +8,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from vitlab.errors import VitlabError
-from vitlab.models.blocks import ATTENTION_IMPLS, BRANCH_NORMS, ParallelBlock, SerialBlock, check_choice, layer_norm
+from vitlab.errors import VitlabError, check_choice
+from vitlab.models.blocks import ATTENTION_IMPLS, BRANCH_NORMS, ParallelBlock, SerialBlock, layer_norm
 
 BLOCKS = ("serial", "parallel")
 POS_EMBEDS = ("learn", "sincos")
