@@ -1,5 +1,7 @@
 """Configs: YAML into dataclasses, with errors that name the key at load time."""
 
+from pathlib import Path
+
 import pytest
 
 from vitlab import VitlabError
@@ -55,3 +57,24 @@ def test_bad_configs_name_the_key(tmp_path, text, overrides, words):
 def test_missing_config_file(tmp_path):
     with pytest.raises(VitlabError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    if path.parent.name == "paper" and config.data.name.startswith("cifar"):
+        # The paper's recipe (Sec. 3.2): AdamW, 200 epochs, multistep at 30/60/90 %, flips only.
+        assert config.optim.name == "adamw" and config.train.epochs == 200
+        assert config.optim.schedule == "multistep" and config.optim.milestones == (0.3, 0.6, 0.9)
+        assert config.augment.randaugment_ops == 0 and config.augment.mixup_alpha == 0
+
+
+def test_paper_configs_cover_figure_2():
+    names = {p.stem for p in CONFIGS if p.parent.name == "paper"}
+    for data in ("cifar10", "cifar100"):
+        for family in ("vit", "vit22b"):
+            for size in ("ti", "s", "b", "l"):
+                assert f"{data}-{family}-{size}" in names
