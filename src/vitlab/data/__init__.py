@@ -1,1 +1,33 @@
 """Datasets held in memory as uint8 tensors, batch iteration and batched augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vitlab.data.dataset import DataSplits
+from vitlab.errors import VitlabError
+
+DATASETS = ("builtin", "cifar10", "cifar100", "folder")
+
+
+def load_splits(
+    name: str, root: str | Path | None = None, image_size: int = 32, download: bool = False, **builtin_kwargs
+) -> DataSplits:
+    """Train and test splits of a dataset by name; `builtin_kwargs` go to the built-in generator."""
+    if name == "builtin":
+        from vitlab.data.builtin import builtin_splits
+
+        return builtin_splits(image_size=image_size, **builtin_kwargs)
+    if name not in DATASETS:
+        raise VitlabError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    if root is None:
+        raise VitlabError(f"dataset {name!r} needs a root folder (data.root)")
+    if name in ("cifar10", "cifar100"):
+        from vitlab.data.cifar import cifar_splits
+
+        if image_size != 32:
+            raise VitlabError(f"CIFAR images are 32x32; set data.image_size=32 (got {image_size})")
+        return cifar_splits(name, root, download=download)
+    from vitlab.data.folders import folder_splits
+
+    return folder_splits(root, image_size)
