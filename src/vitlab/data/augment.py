@@ -1,158 +1,235 @@
-"""Batched augmentation on float image tensors in [0, 1], without torchvision.
+"""Batched augmentation on (N, C, H, W) tensors, reproducible through an explicit `torch.Generator`.
 
-Every random choice comes from an explicit `torch.Generator`, so a training loop that seeds
-it from (seed, step) reproduces each batch exactly, also after a resume.
+Crops and flips work on any dtype (uint8 is cheapest); RandAugment and Mixup/CutMix work on
+float images in [0, 1]. Every random choice is drawn from the generator passed in, in a
+fixed order, so the same generator state gives the same batch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def normalize(x: torch.Tensor, mean: float = 0.5, std: float = 0.5) -> torch.Tensor:
-    """Map [0, 1] images to the model's input range ([-1, 1] by default, as big_vision does)."""
-    return (x - mean) / std
+from vitlab.errors import VitlabError
 
 
-def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `padding` pixels, then crop back to the input size at a random offset per image."""
-    b, _, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
-    return padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+def normalize(
+    images: torch.Tensor, mean: float | Sequence[float] = 0.5, std: float | Sequence[float] = 0.5
+) -> torch.Tensor:
+    """uint8 images, or floats in [0, 1], to float32 `(x - mean) / std` on the [0, 1] scale.
+
+    The defaults map [0, 1] to [-1, 1], as big_vision does; mean and std may be per channel.
+    """
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    mean_t, std_t = (torch.as_tensor(v, dtype=torch.float32, device=x.device) for v in (mean, std))
+    if mean_t.dim():
+        mean_t = mean_t.view(-1, 1, 1)
+    if std_t.dim():
+        std_t = std_t.view(-1, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def _coin(n: int, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    return torch.rand(n, generator=gen, device=gen.device) < p
+
+
+def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator, mode: str = "constant") -> torch.Tensor:
+    """Pad each side by `padding` (zeros, or "reflect"), then cut an HxW window at a random offset per image."""
+    if padding < 0 or mode not in ("constant", "reflect"):
+        raise VitlabError(f"random_crop needs padding >= 0 and mode 'constant' or 'reflect', got {padding}, {mode!r}")
+    n, _, h, w = x.shape
+    padded = F.pad(x, (padding,) * 4, mode=mode)
+    offset = torch.randint(0, 2 * padding + 1, (2, n, 1), generator=gen, device=gen.device).to(x.device)
+    rows = offset[0] + torch.arange(h, device=x.device)  # (n, h)
+    cols = offset[1] + torch.arange(w, device=x.device)  # (n, w)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator, horizontal: bool = True, vertical: bool = False) -> torch.Tensor:
-    """Flip each image left-right and/or up-down with probability 1/2 each."""
+    """Mirror each image left-right and/or top-bottom, each with probability 1/2."""
     for enabled, dim in ((horizontal, -1), (vertical, -2)):
         if enabled:
-            flip = (torch.rand(x.shape[0], generator=gen) < 0.5)[:, None, None, None]
-            x = torch.where(flip, x.flip(dim), x)
+            x = torch.where(_coin(x.shape[0], gen).to(x.device)[:, None, None, None], x.flip(dim), x)
     return x
 
 
-def grey(x: torch.Tensor) -> torch.Tensor:
-    """Luma (ITU-R 601) of RGB images, kept as one channel."""
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]) if x.shape[1] == 3 else x
+# RandAugment (Cubuk et al. 2020) operations on float images in [0, 1]. `level` is the
+# magnitude divided by 10; signed operations pick a random direction per image.
+_Op = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
 
 
-def blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """b + factor·(a − b), clipped to [0, 1]; factor per image."""
-    return (b + factor[:, None, None, None] * (a - b)).clamp(0, 1)
+def _signed(x: torch.Tensor, gen: torch.Generator, size: float) -> torch.Tensor:
+    """+size or -size per image of x, at random."""
+    return torch.where(_coin(x.shape[0], gen), size, -size).to(x.device)
 
 
-def affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Apply per-image 2×3 affine maps (normalised coordinates), filling with mid-grey."""
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """other + factor * (x - other), factor per image, clipped to [0, 1] (PIL's ImageEnhance)."""
+    return (other + factor.view(-1, 1, 1, 1) * (x - other)).clamp(0, 1)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+    return (x * weights).sum(1, keepdim=True)
+
+
+def _identity(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    return x
+
+
+def _brightness(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    return _blend(x, torch.zeros_like(x), 1 + _signed(x, gen, 0.9 * level))
+
+
+def _contrast(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    return _blend(x, _grey(x).mean((2, 3), keepdim=True), 1 + _signed(x, gen, 0.9 * level))
+
+
+def _color(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    return _blend(x, _grey(x), 1 + _signed(x, gen, 0.9 * level))
+
+
+def _sharpness(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=x.device) / 13  # PIL's SMOOTH filter
+    c = x.shape[1]
+    smooth = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel.expand(c, 1, 3, 3), groups=c)
+    return _blend(x, smooth, 1 + _signed(x, gen, 0.9 * level))
+
+
+def _solarize(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    return torch.where(x >= 1 - level, 1 - x, x)
+
+
+def _posterize(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    step = 2 ** int(4 * level)  # keeps 8 down to 4 bits
+    return torch.floor(torch.round(x * 255) / step) * step / 255
+
+
+def _autocontrast(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    low, high = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    return torch.where(high > low, (x - low) / (high - low).clamp_min(1e-6), x)
+
+
+def _equalize(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    n, c, h, w = x.shape
+    values = (x * 255).round().long().view(n * c, h * w)
+    hist = torch.zeros(n * c, 256, device=x.device).scatter_add_(1, values, torch.ones_like(values, dtype=torch.float))
+    cdf = hist.cumsum(1)
+    lowest = cdf.gather(1, values.amin(1, keepdim=True))  # count of the darkest value present
+    lut = ((cdf - lowest) / (h * w - lowest).clamp_min(1)).clamp(0, 1)
+    return lut.gather(1, values).view(n, c, h, w)
+
+
+def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Resample x through per-image 2x3 affine maps in normalised coordinates; outside is mid-grey."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 0.5
 
 
-def identity_theta(n: int) -> torch.Tensor:
-    return torch.eye(2, 3).repeat(n, 1, 1)
+def _matrices(x: torch.Tensor, entries: dict[tuple[int, int], torch.Tensor]) -> torch.Tensor:
+    theta = torch.eye(2, 3, device=x.device).repeat(x.shape[0], 1, 1)
+    for (row, col), value in entries.items():
+        theta[:, row, col] = value
+    return theta
 
 
-def _rotate(x, s, m):
-    angle = s * math.radians(30.0) * m
-    theta = identity_theta(len(x))
-    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = angle.cos(), -angle.sin(), angle.sin(), angle.cos()
-    return affine(x, theta)
+def _rotate(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    angle = _signed(x, gen, math.radians(30) * level)
+    cos, sin = angle.cos(), angle.sin()
+    return _affine(x, _matrices(x, {(0, 0): cos, (0, 1): -sin, (1, 0): sin, (1, 1): cos}))
 
 
-def _shear(axis: int):
-    def op(x, s, m):
-        theta = identity_theta(len(x))
-        theta[:, axis, 1 - axis] = s * 0.3 * m
-        return affine(x, theta)
-
-    return op
+def _shear_x(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    return _affine(x, _matrices(x, {(0, 1): _signed(x, gen, 0.3 * level)}))
 
 
-def _translate(axis: int):
-    def op(x, s, m):
-        theta = identity_theta(len(x))
-        theta[:, axis, 2] = s * 0.45 * 2 * m  # up to 45 % of the side (normalised coordinates span 2)
-        return affine(x, theta)
-
-    return op
+def _shear_y(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    return _affine(x, _matrices(x, {(1, 0): _signed(x, gen, 0.3 * level)}))
 
 
-def _posterize(x, s, m):
-    bits = 8 - int(round(4 * float(m)))  # 8 bits at magnitude 0 down to 4
-    levels = 2**bits
-    return torch.floor(x * 255 / (256 // levels)) * (256 // levels) / 255
+def _translate_x(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    # 0.45 of the side at full magnitude (150 px of 331, as in the RandAugment paper); x2 for [-1, 1] units
+    return _affine(x, _matrices(x, {(0, 2): 2 * _signed(x, gen, 0.45 * level)}))
 
 
-def _autocontrast(x, s, m):
-    low = x.amin(dim=(2, 3), keepdim=True)
-    high = x.amax(dim=(2, 3), keepdim=True)
-    return torch.where(high > low, (x - low) / (high - low).clamp_min(1e-6), x)
+def _translate_y(x: torch.Tensor, level: float, gen: torch.Generator) -> torch.Tensor:
+    return _affine(x, _matrices(x, {(1, 2): 2 * _signed(x, gen, 0.45 * level)}))
 
 
-# RandAugment ops (Cubuk et al. 2020) on [0, 1] tensors: op(x, sign per image, magnitude in [0, 1]).
-# Ranges follow the paper's (rotate 30°, shear 0.3, translate 0.45, enhance factors 1 ± 0.9).
-RAND_AUGMENT_OPS = {
-    "identity": lambda x, s, m: x,
+RAND_AUGMENT_OPS: dict[str, _Op] = {
+    "identity": _identity,
     "autocontrast": _autocontrast,
-    "brightness": lambda x, s, m: blend(x, torch.zeros_like(x), 1 + s * 0.9 * m),
-    "contrast": lambda x, s, m: blend(x, grey(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x), 1 + s * 0.9 * m),
-    "color": lambda x, s, m: blend(x, grey(x).expand_as(x), 1 + s * 0.9 * m),
-    "solarize": lambda x, s, m: torch.where(x >= 1 - m, 1 - x, x),
+    "equalize": _equalize,
+    "brightness": _brightness,
+    "contrast": _contrast,
+    "color": _color,
+    "sharpness": _sharpness,
+    "solarize": _solarize,
     "posterize": _posterize,
     "rotate": _rotate,
-    "shear_x": _shear(0),
-    "shear_y": _shear(1),
-    "translate_x": _translate(0),
-    "translate_y": _translate(1),
+    "shear_x": _shear_x,
+    "shear_y": _shear_y,
+    "translate_x": _translate_x,
+    "translate_y": _translate_y,
 }
 
 
 def rand_augment(x: torch.Tensor, gen: torch.Generator, num_ops: int = 2, magnitude: float = 9) -> torch.Tensor:
-    """RandAugment: `num_ops` rounds, each applying one uniformly chosen op per image at `magnitude`/10."""
+    """RandAugment on float images in [0, 1]: `num_ops` ops drawn per image, strength `magnitude` of 10."""
+    if not 0 <= magnitude <= 10 or num_ops < 0:
+        raise VitlabError(f"rand_augment needs num_ops >= 0 and magnitude in [0, 10], got {num_ops}, {magnitude}")
     ops = list(RAND_AUGMENT_OPS.values())
-    m = torch.tensor(magnitude / 10.0)
     for _ in range(num_ops):
-        choice = torch.randint(0, len(ops), (x.shape[0],), generator=gen)
-        sign = torch.where(torch.rand(x.shape[0], generator=gen) < 0.5, -1.0, 1.0)
+        choice = torch.randint(len(ops), (x.shape[0],), generator=gen, device=gen.device).to(x.device)
         out = x.clone()
         for k, op in enumerate(ops):
-            chosen = choice == k
-            if chosen.any():
-                out[chosen] = op(x[chosen], sign[chosen], m).clamp(0, 1)
+            chosen = (choice == k).nonzero()[:, 0]
+            if chosen.numel():
+                out[chosen] = op(x[chosen], magnitude / 10, gen)
         x = out
     return x
 
 
 def mixup_cutmix(
-    x: torch.Tensor, targets: torch.Tensor, gen: torch.Generator, mixup_alpha: float = 0.0,
-    cutmix_alpha: float = 0.0, switch_prob: float = 0.5,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Mix each image with its mirror in the batch (Mixup, Zhang et al. 2018, or CutMix, Yun et al. 2019).
+    x: torch.Tensor,
+    y_onehot: torch.Tensor,
+    gen: torch.Generator,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    switch_prob: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mix each image with its mirror in the batch (x.flip(0)) by Mixup or CutMix; soft targets follow.
 
-    One mixing weight per batch; with both enabled, CutMix is chosen with probability `switch_prob`.
-    `targets` are one-hot (or already soft); the returned targets are mixed by the same weight,
-    for CutMix the exact pasted area fraction.
+    One weight lam ~ Beta(alpha, alpha) per batch; CutMix is chosen with probability `switch_prob`
+    when both alphas are positive. A zero alpha turns that method off.
     """
-    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=gen)))
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
-    partner, partner_targets = x.flip(0), targets.flip(0)
+    if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= switch_prob <= 1:
+        raise VitlabError(
+            "mixup_cutmix needs alphas >= 0 and switch_prob in [0, 1], "
+            f"got {mixup_alpha}, {cutmix_alpha}, {switch_prob}"
+        )
+    if mixup_alpha == 0 and cutmix_alpha == 0:
+        return x, y_onehot
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha == 0 or bool(_coin(1, gen, switch_prob)))
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    # torch's Beta sampler takes no generator: seed a NumPy one from ours
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))
+    lam = float(rng.beta(alpha, alpha))
+    partner = x.flip(0)
     if use_cutmix:
-        lam = rng.beta(cutmix_alpha, cutmix_alpha)
         h, w = x.shape[-2:]
-        cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-        cy, cx = rng.integers(h), rng.integers(w)
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2 + cut_h % 2, h)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2 + cut_w % 2, w)
+        cut_h, cut_w = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, h)
+        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, w)
         x = x.clone()
-        x[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+        x[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+        lam = 1 - (bottom - top) * (right - left) / (h * w)  # the pasted area after clipping
     else:
-        lam = rng.beta(mixup_alpha, mixup_alpha)
         x = lam * x + (1 - lam) * partner
-    return x, lam * targets + (1 - lam) * partner_targets
+    return x, lam * y_onehot + (1 - lam) * y_onehot.flip(0)

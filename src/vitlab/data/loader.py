@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from vitlab.data.dataset import ImageDataset
+from vitlab.errors import VitlabError
 
 
 class BatchIterator:
@@ -21,6 +22,11 @@ class BatchIterator:
 
     def __init__(self, dataset: ImageDataset, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, train: bool = True):  # fmt: skip
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise VitlabError(
+                f"BatchIterator needs batch_size >= 1 and 0 <= rank < world_size, got batch_size={batch_size}, "
+                f"rank={rank}, world_size={world_size}"
+            )
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.train = rank, world_size, train
 
@@ -50,6 +56,8 @@ class BatchIterator:
         self, epoch: int, start_step: int = 0, with_indices: bool = False
     ) -> Iterator[tuple[torch.Tensor, ...]]:
         """Batches of `epoch` from batch number `start_step` on."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise VitlabError(f"start_step={start_step} is outside the epoch's 0..{self.steps_per_epoch} batches")
         indices = self.shard_indices(epoch)
         for step in range(start_step, self.steps_per_epoch):
             idx = indices[step * self.batch_size : (step + 1) * self.batch_size]
