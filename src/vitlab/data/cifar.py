@@ -172,9 +172,7 @@ def _read_split(folder: Path, files: tuple[str, ...], fmt: CifarFormat, classes:
 def _read_folder(folder: Path, fmt: CifarFormat) -> DataSplits:
     missing = [f for f in fmt.files if not (folder / f).is_file()]
     if missing:
-        raise VitlabError(
-            f"{folder} lacks {missing}; {_layout(fmt, folder.parent)}"
-        )
+        raise VitlabError(f"{folder} lacks {missing}; {_layout(fmt, folder.parent)}")
     meta_path = folder / fmt.meta_file
     classes = [n.decode() for n in _field(_unpickle(meta_path), fmt.names_key, meta_path, fmt)]
     return DataSplits(
