@@ -42,6 +42,7 @@ class DataConfig:
     num_train: int = 20000  # builtin only
     num_test: int = 2000  # builtin only
     seed: int = 0  # builtin only: which images are generated
+    builtin: dict = field(default_factory=dict)  # builtin only: difficulty knobs (vitlab.data.builtin.BuiltinDifficulty)
 
     def validate(self) -> None:
         check_choice("data.name", self.name, ("builtin", "cifar10", "cifar100", "folder"))
@@ -93,8 +94,8 @@ class TrainConfig:
     """Length, batch, precision and bookkeeping of a run."""
 
     epochs: float = 10
-    batch_size: int = 128
-    precision: str = "bf16"
+    batch_size: int = 128  # global: split evenly across torchrun ranks
+    precision: str = "auto"  # auto: bf16 autocast where it is faster than fp32 (GPUs, AVX512-BF16 CPUs)
     compile: bool = False
     seed: int = 0
     label_smoothing: float = 0.0
@@ -108,7 +109,7 @@ class TrainConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        check_choice("train.precision", self.precision, ("fp32", "bf16"))
+        check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
         if self.epochs <= 0 or self.batch_size <= 0:
             raise VitlabError("train.epochs and train.batch_size must be positive")

@@ -1,0 +1,1 @@
+"""Training: the classification loop, checkpoints, run logging and the multi-process plumbing."""

@@ -1,0 +1,95 @@
+"""Checkpoints: safetensors weights + optimizer state + JSON metadata, written atomically.
+
+A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNNN/` holding
+  model.safetensors   the model's weights (and ema.safetensors when an EMA is kept),
+  optimizer.pt        the optimizer's state dict (read back with weights_only=True),
+  meta.json           step, epoch, config and metrics.
+It is written under a temporary name and renamed into place, then `checkpoints/latest` is
+replaced atomically, so a run killed at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vitlab.errors import VitlabError
+
+LATEST = "latest"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A module's state dict as contiguous CPU tensors, ready for safetensors."""
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict,
+    ema: torch.nn.Module | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write the checkpoint of `step` atomically, point `latest` at it, keep the newest `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(weights(model), tmp / "model.safetensors")
+    if ema is not None:
+        save_file(weights(ema), tmp / "ema.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_text_atomic(root / LATEST, final.name)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from itself, its run directory, or the run's `checkpoints/` folder."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        if (root / LATEST).is_file():
+            candidate = root / (root / LATEST).read_text().strip()
+            if (candidate / "meta.json").is_file():
+                return candidate
+    raise VitlabError(
+        f"no checkpoint found at {path}; give a run directory (with checkpoints/latest) "
+        "or a checkpoint folder (with model.safetensors and meta.json)"
+    )
+
+
+def read_meta(checkpoint: Path) -> dict:
+    """The JSON metadata of a checkpoint folder."""
+    return json.loads((checkpoint / "meta.json").read_text())
+
+
+def load_weights(checkpoint: Path, model: torch.nn.Module, name: str = "model") -> None:
+    """Load `model.safetensors` (or `ema.safetensors`) into `model`."""
+    model.load_state_dict(load_file(checkpoint / f"{name}.safetensors"))
+
+
+def load_optimizer(checkpoint: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Restore the optimizer's state (tensors and numbers only: weights_only=True)."""
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))

@@ -1,0 +1,301 @@
+"""Classification training from scratch: one plain loop, read top to bottom.
+
+Randomness is derived from (seed, step, rank) at every step — augmentation through its own
+generator, dropout and stochastic depth through the global one — in the manner of big_vision's
+`fold_in`. A resumed run therefore needs no saved RNG state to continue bit-exactly, and the LR
+is a pure function of the step, so the step is the whole scheduler state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from vitlab.config import AugmentConfig, OptimConfig, RunConfig, from_dict
+from vitlab.data import load_splits
+from vitlab.data.augment import mixup_cutmix, normalize, rand_augment, random_crop, random_flip
+from vitlab.data.dataset import ImageDataset
+from vitlab.data.loader import BatchIterator
+from vitlab.errors import VitlabError
+from vitlab.eval.classification import classification_metrics
+from vitlab.models.presets import create_model
+from vitlab.models.vit import VisionTransformer
+from vitlab.train import checkpoint as ckpt
+from vitlab.train import distributed
+from vitlab.train.precision import autocast, resolve_precision
+from vitlab.train.run_log import RunLog, plot_curves
+
+
+class TrainingDiverged(VitlabError):
+    """Raised after too many consecutive steps with a non-finite loss or gradient."""
+
+
+def step_seed(seed: int, step: int, rank: int, stream: int) -> int:
+    """A distinct 63-bit seed per (seed, step, rank, stream)."""
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729 + stream * 15_485_863) % (2**63 - 1)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of the base LR at `step`: linear warm-up, then cosine, multistep or constant."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if cfg.schedule == "cosine":
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "multistep":  # the paper: decay by gamma at 30 %, 60 %, 90 % of training
+        return cfg.gamma ** sum(step >= m * total_steps for m in cfg.milestones)
+    return 1.0
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD; no weight decay on biases, norms, position embedding and class token."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name in ("pos_embed", "cls_token") else decay).append(p)
+    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def augment_batch(
+    images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 batch → normalised float images and targets (soft when Mixup/CutMix is on)."""
+    if cfg.crop_padding:  # crops and flips on uint8: a quarter of the bytes of float32
+        images = random_crop(images, cfg.crop_padding, gen)
+    if cfg.hflip or cfg.vflip:
+        images = random_flip(images, gen, horizontal=cfg.hflip, vertical=cfg.vflip)
+    x = images.float() / 255.0
+    if cfg.randaugment_ops:
+        x = rand_augment(x, gen, num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
+    x = normalize(x)
+    if cfg.mixup_alpha or cfg.cutmix_alpha:
+        onehot = F.one_hot(labels, num_classes).float()
+        return mixup_cutmix(x, onehot, gen, cfg.mixup_alpha, cfg.cutmix_alpha)
+    return x, labels
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, dataset: ImageDataset, batch_size: int, ctx: distributed.Context, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of the whole dataset; each rank runs its shard, all ranks get everything."""
+    was_training = model.training
+    model.eval()
+    loader = BatchIterator(dataset, batch_size, seed=0, rank=ctx.rank, world_size=ctx.world_size, train=False)
+    logits, labels, index = [], [], []
+    for images, y, idx in loader.epoch_batches(0, with_indices=True):
+        with autocast(ctx.device, precision):
+            logits.append(model(normalize(images.to(ctx.device))).float())
+        labels.append(y.to(ctx.device))
+        index.append(idx.to(ctx.device))
+    model.train(was_training)
+    logits, labels, index = (distributed.all_gather_cat(torch.cat(t)) for t in (logits, labels, index))
+    # Scatter by example index: shards padded with repeats write the same values twice.
+    all_logits = logits.new_empty(len(dataset), logits.shape[1])
+    all_labels = labels.new_empty(len(dataset))
+    all_logits[index], all_labels[index] = logits, labels
+    return all_logits.cpu(), all_labels.cpu()
+
+
+def evaluate(model, dataset, batch_size, ctx, precision) -> dict[str, float]:
+    """Test metrics of `model` on `dataset` (acc@1, acc@5, AUROC, loss)."""
+    return classification_metrics(*predict(model, dataset, batch_size, ctx, precision))
+
+
+def build_model(config: RunConfig, image_size: int, num_classes: int) -> VisionTransformer:
+    """The run's model from its config and the data's geometry."""
+    return create_model(config.model.name, img_size=image_size, num_classes=num_classes, **config.model.options)
+
+
+def new_run_dir(config: RunConfig) -> Path:
+    """`out_dir/name`, or `out_dir/name-2`, … when taken."""
+    base = Path(config.out_dir) / config.name
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    return run_dir
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The resolved config saved in a run directory."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise VitlabError(f"{run_dir} is not a vitlab run directory (no config.yaml); give the folder `vitlab train` made")
+    return from_dict(RunConfig, yaml.safe_load(path.read_text())).validate()
+
+
+def evaluate_checkpoint(
+    path: str | Path, data_name: str | None = None, data_root: str | None = None, batch_size: int = 256, ema: bool = False
+) -> dict[str, float]:
+    """Rebuild a checkpoint's model and evaluate it on its run's test split (or another dataset)."""
+    checkpoint = ckpt.find_checkpoint(path)
+    meta = ckpt.read_meta(checkpoint)
+    config = from_dict(RunConfig, meta["config"]).validate()
+    data = config.data
+    if data_name:
+        data.name, data.root = data_name, data_root
+        data.validate()
+    splits = load_splits(data.name, data.root, data.image_size, data.download,
+                         num_train=data.num_train, num_test=data.num_test, seed=data.seed, **data.builtin)  # fmt: skip
+    if splits.test.num_classes != meta["num_classes"]:
+        raise VitlabError(f"the checkpoint predicts {meta['num_classes']} classes but {data.name} has {splits.test.num_classes}")
+    model = build_model(config, data.image_size, meta["num_classes"])
+    if ema and not (checkpoint / "ema.safetensors").is_file():
+        raise VitlabError(f"{checkpoint} holds no EMA weights (the run had train.ema_decay unset)")
+    ckpt.load_weights(checkpoint, model, "ema" if ema else "model")
+    ctx = distributed.Context(rank=0, world_size=1, device=distributed.pick_device(config.train.device))
+    return evaluate(model.to(ctx.device), splits.test, batch_size, ctx, resolve_precision(config.train.precision, ctx.device))
+
+
+def train(config: RunConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Train a classifier from scratch (or resume one); returns the final test metrics."""
+    ctx = distributed.setup(config.train.device)
+    try:
+        return _train(config, ctx, Path(resume_dir) if resume_dir else None, progress)
+    finally:
+        distributed.teardown()
+
+
+def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None, progress: bool) -> dict:
+    tc, oc = config.train, config.optim
+    precision = resolve_precision(tc.precision, ctx.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    data = config.data
+    splits = load_splits(data.name, data.root, data.image_size, data.download,
+                         num_train=data.num_train, num_test=data.num_test, seed=data.seed, **data.builtin)  # fmt: skip
+    num_classes = splits.train.num_classes
+
+    torch.manual_seed(tc.seed)
+    model = build_model(config, data.image_size, num_classes).to(ctx.device)
+    optimizer = build_optimizer(model, oc)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay else None
+
+    if tc.batch_size % ctx.world_size:
+        raise VitlabError(f"train.batch_size={tc.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
+    per_rank = tc.batch_size // ctx.world_size
+    loader = BatchIterator(splits.train, per_rank, seed=tc.seed, rank=ctx.rank, world_size=ctx.world_size, train=True)
+    steps_per_epoch = loader.steps_per_epoch
+    if steps_per_epoch == 0:
+        raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the {len(splits.train)} training images per rank")
+    total_steps = math.ceil(tc.epochs * steps_per_epoch)
+    warmup_steps = round(oc.warmup_epochs * steps_per_epoch)
+    eval_every = max(1, round(tc.eval_every_epochs * steps_per_epoch))
+
+    step = 0
+    if resume_dir is not None:
+        run_dir = resume_dir
+        checkpoint = ckpt.find_checkpoint(run_dir)
+        ckpt.load_weights(checkpoint, model)
+        ckpt.load_optimizer(checkpoint, optimizer)
+        step = ckpt.read_meta(checkpoint)["step"]
+        if ema is not None:
+            ckpt.load_weights(checkpoint, ema.module, "ema")
+            ema.n_averaged.fill_(step)  # non-zero: the next update averages instead of copying
+    else:
+        run_dir = new_run_dir(config) if ctx.is_main else None
+    log = None
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        log = RunLog(run_dir, resume_step=step if resume_dir else None)
+
+    net = model
+    if tc.compile:
+        net = torch.compile(net)
+    if ctx.distributed:
+        net = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    criterion_smoothing = tc.label_smoothing
+
+    def save(meta_extra: dict | None = None) -> None:
+        if ctx.is_main:
+            meta = {"epoch": step / steps_per_epoch, "config": config.to_dict(), "num_classes": num_classes, **(meta_extra or {})}
+            ckpt.save_checkpoint(run_dir, step, model, optimizer, meta, ema.module if ema else None, tc.keep_checkpoints)
+
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and ctx.is_main), unit="step", dynamic_ncols=True)
+    bad_in_row, skipped, seen, started = 0, 0, 0, time.perf_counter()
+    net.train()
+    while step < total_steps:
+        epoch, start = divmod(step, steps_per_epoch)
+        for images, labels in loader.epoch_batches(epoch, start):
+            gen = torch.Generator().manual_seed(step_seed(tc.seed, step, ctx.rank, 0))
+            torch.manual_seed(step_seed(tc.seed, step, ctx.rank, 1))
+            x, targets = augment_batch(images, labels, config.augment, gen, num_classes)
+            x, targets = x.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
+            lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            with autocast(ctx.device, precision):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=criterion_smoothing)
+            loss.backward()
+            if oc.clip_grad_value is not None:
+                torch.nn.utils.clip_grad_value_(model.parameters(), oc.clip_grad_value)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm or float("inf"))
+            finite = distributed.all_reduce(torch.isfinite(loss.detach() + grad_norm).float(), "min").item() == 1.0
+            if finite:
+                optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                bad_in_row = 0
+            else:
+                bad_in_row += 1
+                skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            if bad_in_row >= tc.max_bad_steps:
+                last = ckpt.find_checkpoint(run_dir) if run_dir and (run_dir / "checkpoints").exists() else "none"
+                raise TrainingDiverged(
+                    f"training diverged: {bad_in_row} steps in a row with a non-finite loss or gradient, the last "
+                    f"at step {step} (loss {loss.item():.4g}, grad norm {grad_norm.item():.4g}); "
+                    f"last good checkpoint: {last}. Lower optim.lr, set optim.clip_grad_norm, or try the "
+                    f"stabilisers (model.options.qk_norm, model.options.branch_norm=mlp)"
+                )
+            step += 1
+            seen += tc.batch_size
+            bar.update(1)
+
+            if step % tc.log_every_steps == 0 or step == total_steps:
+                mean_loss = distributed.all_reduce(loss.detach().float().clone()).item() / ctx.world_size
+                rate = seen / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}")
+                if log:
+                    log.log("steps", step, dict(loss=mean_loss, lr=lr, grad_norm=grad_norm.item(), images_per_s=rate, skipped=skipped))
+            if step % eval_every == 0 or step == total_steps:
+                metrics = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision)
+                bar.write(f"epoch {step / steps_per_epoch:.2f}  step {step}  test acc@1 {100 * metrics['acc1']:.2f} %")
+                if log:
+                    log.log("epochs", step, {"epoch": step / steps_per_epoch, **{f"test_{k}": v for k, v in metrics.items()}})
+            if step % tc.checkpoint_every_steps == 0 and step < total_steps:
+                save()
+            if step >= total_steps:
+                break
+    bar.close()
+
+    elapsed = time.perf_counter() - started
+    final = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision)
+    results = {
+        "test": final, "steps": step, "epochs": step / steps_per_epoch, "skipped_steps": skipped,
+        "train_seconds_this_session": elapsed, "train_images_per_s": seen / elapsed if elapsed else None,
+        "num_parameters": sum(p.numel() for p in model.parameters()), "world_size": ctx.world_size,
+        "max_rank_param_difference": distributed.max_rank_difference(model), "precision": precision,
+    }  # fmt: skip
+    save({"test": final})
+    if ctx.is_main:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        log.close()
+        plot_curves(run_dir)
+        results["run_dir"] = str(run_dir)
+    return results

@@ -1,0 +1,96 @@
+"""What a run records: per-step and per-epoch metrics as CSV and TensorBoard, and curves as PNG."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+
+class CsvLog:
+    """Append rows of scalars to a CSV file whose columns are fixed by the first row."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.columns: list[str] | None = None
+        if path.is_file():
+            with path.open() as f:
+                self.columns = next(csv.reader(f), None)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after `step` (by a run killed after its last checkpoint)."""
+        if not self.path.is_file():
+            return
+        with self.path.open() as f:
+            rows = list(csv.DictReader(f))
+        kept = [r for r in rows if int(r["step"]) <= step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(kept)
+
+    def write(self, row: dict) -> None:
+        new = self.columns is None
+        if new:
+            self.columns = list(row)
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+def read_csv(path: Path) -> dict[str, list[float]]:
+    """Columns of a metrics CSV as float lists (empty cells become NaN)."""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    columns = rows[0].keys() if rows else []
+    return {c: [float(r[c]) if r[c] not in ("", None) else float("nan") for r in rows] for c in columns}
+
+
+class RunLog:
+    """steps.csv, epochs.csv and TensorBoard events in one run directory (main rank only)."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.run_dir = run_dir
+        self.steps = CsvLog(run_dir / "steps.csv")
+        self.epochs = CsvLog(run_dir / "epochs.csv")
+        if resume_step is not None:
+            self.steps.truncate_after(resume_step)
+            self.epochs.truncate_after(resume_step)
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+
+    def log(self, kind: str, step: int, values: dict[str, float]) -> None:
+        """Record `values` at `step` under `kind` ('steps' or 'epochs')."""
+        getattr(self, kind).write({"step": step, **values})
+        for key, value in values.items():
+            self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+def plot_curves(run_dir: Path) -> Path:
+    """Draw training loss, learning rate and test accuracy against step into curves.png."""
+    steps = read_csv(run_dir / "steps.csv")
+    epochs = read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").is_file() else {}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot(steps["step"], steps["loss"], lw=0.8)
+    axes[0].set(title="training loss", xlabel="step", yscale="log")
+    axes[1].plot(steps["step"], steps["lr"], lw=0.8)
+    axes[1].set(title="learning rate", xlabel="step")
+    if epochs:
+        axes[2].plot(epochs["step"], [100 * a for a in epochs["test_acc1"]], marker="o")
+    axes[2].set(title="test accuracy (%)", xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
