@@ -73,6 +73,28 @@ def test_linear_classifier_on_raw_pixels_is_above_chance_but_far_from_solving_it
 
 
 @pytest.mark.slow
+def test_logistic_regression_on_raw_pixels_stays_low() -> None:
+    """The same bound for multinomial logistic regression (full-batch L-BFGS; about a minute)."""
+    splits = builtin_splits(num_train=5000, num_test=2000, seed=0)
+    x_train, x_test = _standardised(splits.train.images, splits.test.images)
+    linear = nn.Linear(x_train.shape[1], splits.train.num_classes)
+    nn.init.zeros_(linear.weight)
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=100, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(linear(x_train), splits.train.labels) + 0.05 * linear.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        accuracy = (linear(x_test).argmax(1) == splits.test.labels).float().mean().item()
+    print(f"logistic regression on raw pixels: test accuracy {accuracy:.3f}")
+    assert 1 / splits.train.num_classes + 0.03 < accuracy <= 0.60
+
+
+@pytest.mark.slow
 def test_small_cnn_learns_the_shapes() -> None:
     """Learnability: a small CNN on raw pixels (a few minutes on 2 CPU cores)."""
     splits = builtin_splits(num_train=20000, num_test=2000, seed=0)
