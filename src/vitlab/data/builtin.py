@@ -93,6 +93,11 @@ def _stripes(u: torch.Tensor, v: torch.Tensor, period: float = 0.55) -> torch.Te
     return torch.maximum(stripe, torch.hypot(u, v) - 0.95)
 
 
+def _to_nearest_integer(x: torch.Tensor) -> torch.Tensor:
+    f = torch.frac(x)
+    return torch.minimum(f, 1 - f)
+
+
 def _checker(u: torch.Tensor, v: torch.Tensor, period: float = 0.55) -> torch.Tensor:
     cu, cv = u / period + 100.0, v / period + 100.0
     edge = torch.minimum(_to_nearest_integer(cu), _to_nearest_integer(cv)) * period
@@ -103,11 +108,6 @@ def _checker(u: torch.Tensor, v: torch.Tensor, period: float = 0.55) -> torch.Te
 
 def _crescent(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.hypot(u, v) - 1.0, 0.8 - torch.hypot(u - 0.5, v))
-
-
-def _to_nearest_integer(x: torch.Tensor) -> torch.Tensor:
-    f = torch.frac(x)
-    return torch.minimum(f, 1 - f)
 
 
 _Shape = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
