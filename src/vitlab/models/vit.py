@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from vitlab.errors import VitlabError, check_choice
-from vitlab.models.blocks import ATTENTION_IMPLS, BRANCH_NORMS, ParallelBlock, SerialBlock, layer_norm
+from vitlab.models.blocks import ATTENTION_IMPLS, BRANCH_NORMS, ParallelBlock, SerialBlock, gemm, layer_norm
 
 BLOCKS = ("serial", "parallel")
 POS_EMBEDS = ("learn", "sincos")
@@ -51,7 +52,10 @@ class PatchEmbed(nn.Module):
                 f"input is {tuple(x.shape[-2:])} pixels but the model was built for "
                 f"{self.img_size}x{self.img_size}; resize the input or rebuild the model with img_size={x.shape[-1]}"
             )
-        return rearrange(self.proj(x), "b d h w -> b (h w) d")
+        # The strided convolution as a reshape and one GEMM with its weight (the same sums); the GEMM runs
+        # bf16 at fp32 speed on CPUs without bf16 units (see `gemm`), where Conv2d fell back to a slow kernel.
+        patches = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=self.patch_size, q=self.patch_size)
+        return gemm(F.linear, patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class VisionTransformer(nn.Module):
