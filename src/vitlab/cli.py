@@ -29,7 +29,8 @@ def cmd_params(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a classifier from a config (or the default run), or resume a run."""
     from vitlab.config import apply_overrides, from_dict, load_config, RunConfig
-    from vitlab.train.classify import load_run_config, train
+    from vitlab.train.classify import train
+    from vitlab.train.runs import load_run_config
 
     if args.resume:
         saved = load_run_config(Path(args.resume)).to_dict()
@@ -51,6 +52,40 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.batch_size, args.ema)
     print(json.dumps(metrics, indent=2))
+
+
+def cmd_translate_train(args: argparse.Namespace) -> None:
+    """Train ViTUnet or the ResNet generator as a CycleGAN, or resume a run."""
+    from vitlab.config import TranslateConfig, apply_overrides, from_dict, load_config
+    from vitlab.train.cyclegan import train_translation
+    from vitlab.train.runs import load_run_config
+
+    if args.resume:
+        saved = load_run_config(Path(args.resume), TranslateConfig).to_dict()
+        config = from_dict(TranslateConfig, apply_overrides(saved, args.set)).validate()
+    elif args.config:
+        config = load_config(args.config, args.set, TranslateConfig)
+    else:
+        raise VitlabError("give a config (e.g. configs/translate-builtin.yaml) or --resume RUN_DIR")
+    results = train_translation(config, resume_dir=args.resume, progress=not args.no_progress)
+    print(f"run {results['run_dir']} after {results['epochs']:.2f} epochs:")
+    print(json.dumps(results["test"], indent=2))
+
+
+def cmd_translate_eval(args: argparse.Namespace) -> None:
+    """FID, KID (and the error to the truth on the built-in pair) of a translation run's last checkpoint."""
+    from vitlab.train.cyclegan import evaluate_run
+
+    results = evaluate_run(args.run_dir, args.features, args.inception_weights, args.batch_size)
+    print(json.dumps(results, indent=2))
+
+
+def cmd_translate(args: argparse.Namespace) -> None:
+    """Translate a folder of images with a trained generator."""
+    from vitlab.train.cyclegan import translate_folder
+
+    written = translate_folder(args.checkpoint, args.in_dir, args.out_dir, args.direction, args.batch_size)
+    print(f"wrote {len(written)} image(s) to {args.out_dir}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +113,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     evaluate.set_defaults(func=cmd_eval)
+
+    translate_train = sub.add_parser("translate-train", help="train a CycleGAN: ViTUnet or the ResNet generator (paper §4)")
+    translate_train.add_argument("config", nargs="?", help="YAML config, e.g. configs/translate-builtin.yaml")
+    translate_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    translate_train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    translate_train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    translate_train.set_defaults(func=cmd_translate_train)
+
+    translate_eval = sub.add_parser("translate-eval", help="FID/KID (and L1/PSNR to the truth) of a translation run")
+    translate_eval.add_argument("run_dir", help="run directory or checkpoint folder")
+    translate_eval.add_argument("--features", help="auto, inception, inception-2048, inception-64, randconv, FILE.pt "
+                                "or module:callable (default: the run's eval.features)")  # fmt: skip
+    translate_eval.add_argument("--inception-weights", help="torch-fidelity's Inception weights file")
+    translate_eval.add_argument("--batch-size", type=int, default=50)
+    translate_eval.set_defaults(func=cmd_translate_eval)
+
+    translate = sub.add_parser("translate", help="translate a folder of images with a trained generator")
+    translate.add_argument("checkpoint", help="run directory or checkpoint folder")
+    translate.add_argument("in_dir", help="folder of .png/.jpg/.jpeg images")
+    translate.add_argument("out_dir", help="where the translated PNGs go (same names)")
+    translate.add_argument("--direction", default="AtoB", choices=("AtoB", "BtoA"))
+    translate.add_argument("--batch-size", type=int, default=8)
+    translate.set_defaults(func=cmd_translate)
     return parser
 
 

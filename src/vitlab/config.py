@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,8 +19,9 @@ from vitlab.models.presets import model_options, preset_config
 class ModelConfig:
     """Which preset to build and which of its keywords to override (see `vitlab.create_model`)."""
 
-    name: str = "vit22b-ti/4"
-    options: dict = field(default_factory=dict)
+    # The default run: a 6-layer, 128-wide ViT-22B-style model on 8-pixel patches of 32-pixel images.
+    name: str = "vit22b-ti/8"
+    options: dict = field(default_factory=lambda: dict(depth=6, embed_dim=128, num_heads=4, mlp_dim=512))
 
     def validate(self) -> None:
         preset_config(self.name)
@@ -56,7 +58,7 @@ class AugmentConfig:
 
     crop_padding: int = 0  # random crop after zero padding by this many pixels; 0 disables
     hflip: bool = True
-    vflip: bool = False  # the paper flipped vertically too
+    vflip: bool = True  # the paper flipped vertically too
     randaugment_ops: int = 0  # 0 disables RandAugment
     randaugment_magnitude: int = 9
     mixup_alpha: float = 0.0
@@ -68,12 +70,12 @@ class OptimConfig:
     """Optimizer, learning-rate schedule and gradient clipping."""
 
     name: str = "adamw"
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 1.0
     milestones: tuple[float, ...] = (0.3, 0.6, 0.9)  # multistep: fractions of training (the paper's)
     gamma: float = 0.5  # multistep decay factor
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
@@ -93,7 +95,7 @@ class OptimConfig:
 class TrainConfig:
     """Length, batch, precision and bookkeeping of a run."""
 
-    epochs: float = 10
+    epochs: float = 15
     batch_size: int = 128  # global: split evenly across torchrun ranks
     precision: str = "auto"  # auto: bf16 autocast where it is faster than fp32 (GPUs, AVX512-BF16 CPUs)
     compile: bool = False
@@ -216,8 +218,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or the defaults), apply `--set` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = RunConfig):
+    """Read a YAML config (or the defaults) of kind `cls`, apply `--set` overrides, validate."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -227,4 +229,155 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise VitlabError(f"{path} is not valid YAML: {exc}") from exc
-    return from_dict(RunConfig, apply_overrides(data, list(overrides))).validate()
+    return from_dict(cls, apply_overrides(data, list(overrides))).validate()
+
+
+# Image translation (paper §4): CycleGAN training of ViTUnet or the ResNet generator against a PatchGAN.
+# Defaults are CycleGAN's (Zhu et al. 2017 and its code's options), which the paper followed.
+
+
+@dataclass
+class GeneratorConfig:
+    """`resnet` (CycleGAN's CNN) or a ViTUnet backbone preset (`vit-s/32`, …), and keyword overrides."""
+
+    name: str = "vit-s/32"
+    options: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from vitlab.models.gan import ResnetGenerator
+        from vitlab.models.unet import unet_options
+
+        if self.name == "resnet":
+            allowed = list(inspect.signature(ResnetGenerator).parameters)
+        else:
+            preset_config(self.name)
+            allowed = [k for k in unet_options() if k != "img_size"]
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            raise VitlabError(f"generator.options: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+
+
+@dataclass
+class DiscriminatorConfig:
+    """The PatchGAN: 3 stride-2 layers from 64 channels see 70×70 patches (pix2pix)."""
+
+    base_channels: int = 64
+    num_layers: int = 3
+    norm: str = "instance"
+
+    def validate(self) -> None:
+        check_choice("discriminator.norm", self.norm, ("instance", "none"))
+        if self.base_channels < 1 or self.num_layers < 1:
+            raise VitlabError("discriminator.base_channels and discriminator.num_layers must be >= 1")
+
+
+@dataclass
+class PairDataConfig:
+    """Two domains: `builtin` (sepia ↔ cyanotype scenes, truth known) or a CycleGAN `folder`."""
+
+    name: str = "builtin"
+    root: str | None = None
+    load_size: int = 286  # training images are resized to this, then cropped at random
+    crop_size: int = 256
+    hflip: bool = True
+    num_train: int = 1000  # builtin only, per domain
+    num_test: int = 200  # builtin only, per domain
+    seed: int = 0  # builtin only
+    builtin: dict = field(default_factory=dict)  # builtin only: vitlab.data.builtin.BuiltinDifficulty knobs
+
+    def validate(self) -> None:
+        check_choice("data.name", self.name, ("builtin", "folder"))
+        if self.name == "folder" and not self.root:
+            raise VitlabError("data.root is required for data.name='folder': the folder holding trainA, trainB, testA, testB")
+        if not 0 < self.crop_size <= self.load_size:
+            raise VitlabError(f"data.crop_size={self.crop_size} must be positive and at most data.load_size={self.load_size}")
+
+
+@dataclass
+class CycleLossConfig:
+    """CycleGAN's objective: LSGAN, cycle loss λ both ways, identity loss, a pool of past fakes."""
+
+    lambda_cycle: float = 10.0
+    lambda_identity: float = 0.5  # a fraction of lambda_cycle; 0 turns the identity loss off
+    pool_size: int = 50
+
+    def validate(self) -> None:
+        if self.lambda_cycle < 0 or self.lambda_identity < 0 or self.pool_size < 0:
+            raise VitlabError("loss.lambda_cycle, loss.lambda_identity and loss.pool_size must be >= 0")
+
+
+@dataclass
+class GanOptimConfig:
+    """Adam for the generators and for the discriminators."""
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise VitlabError(f"optim.lr={self.lr} must be positive")
+
+
+@dataclass
+class TranslateTrainConfig:
+    """Length (constant LR, then linear decay to zero), batch, precision and bookkeeping."""
+
+    epochs: float = 100  # at constant LR
+    decay_epochs: float = 100  # then linear decay to zero
+    batch_size: int = 1
+    precision: str = "auto"
+    seed: int = 0
+    log_every_steps: int = 100
+    checkpoint_every_steps: int = 1000
+    keep_checkpoints: int = 2
+    eval_every_epochs: float = 10  # translation error against the truth (built-in pair only)
+    sample_every_epochs: float = 10  # sample grid PNG
+    num_samples: int = 4  # rows of the sample grid
+    max_bad_steps: int = 3
+    threads: int | None = None
+    device: str = "auto"
+
+    def validate(self) -> None:
+        check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        if self.epochs < 0 or self.decay_epochs < 0 or self.epochs + self.decay_epochs <= 0:
+            raise VitlabError("train.epochs and train.decay_epochs must be >= 0, and not both 0")
+        if self.batch_size <= 0 or self.eval_every_epochs <= 0 or self.sample_every_epochs <= 0:
+            raise VitlabError("train.batch_size, train.eval_every_epochs and train.sample_every_epochs must be positive")
+
+
+@dataclass
+class FidConfig:
+    """Which features FID and KID use; see vitlab.eval.fid."""
+
+    features: str = "auto"  # auto, inception, inception-2048, inception-64, randconv, FILE.pt, or module:callable
+    inception_weights: str | None = None  # torch-fidelity's Inception file; needed by the inception features
+    kid_subset_size: int = 1000  # capped at the number of test images
+    batch_size: int = 50
+
+    def validate(self) -> None:
+        if self.kid_subset_size < 2 or self.batch_size < 1:
+            raise VitlabError("eval.kid_subset_size must be >= 2 and eval.batch_size >= 1")
+
+
+@dataclass
+class TranslateConfig:
+    """One image-translation experiment: everything needed to rerun it."""
+
+    name: str = "translate"
+    out_dir: str = "runs"
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+    loss: CycleLossConfig = field(default_factory=CycleLossConfig)
+    optim: GanOptimConfig = field(default_factory=GanOptimConfig)
+    train: TranslateTrainConfig = field(default_factory=TranslateTrainConfig)
+    eval: FidConfig = field(default_factory=FidConfig)
+
+    def validate(self) -> TranslateConfig:
+        for part in (self.generator, self.discriminator, self.data, self.loss, self.optim, self.train, self.eval):
+            part.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return to_plain(dataclasses.asdict(self))

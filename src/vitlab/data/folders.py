@@ -34,7 +34,7 @@ def _layout(root: Path) -> str:
     )
 
 
-def _decode(path: Path, image_size: int) -> np.ndarray | None:
+def decode_image(path: Path, image_size: int) -> np.ndarray | None:
     """The image as (image_size, image_size, 3) uint8, or None if Pillow cannot read it."""
     try:
         with Image.open(path) as image:
@@ -65,7 +65,7 @@ def _load_split(split: Path, classes: list[str], image_size: int, skipped: list[
         files += found
         labels += [label] * len(found)
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # Pillow decodes without the GIL
-        decoded = list(pool.map(lambda path: _decode(path, image_size), files))
+        decoded = list(pool.map(lambda path: decode_image(path, image_size), files))
     readable = [i for i, array in enumerate(decoded) if array is not None]
     skipped += [files[i] for i, array in enumerate(decoded) if array is None]
     kept_labels = torch.tensor([labels[i] for i in readable], dtype=torch.int64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,11 +88,16 @@ def create_model(name: str, **overrides) -> VisionTransformer:
     return VisionTransformer(**{**preset_config(name), **overrides})
 
 
+def meta_parameter_count(build: Callable[[], torch.nn.Module]) -> int:
+    """Parameter count of the model `build()` returns, built on the meta device (no memory is allocated)."""
+    with torch.device("meta"):
+        model = build()
+    return sum(p.numel() for p in model.parameters())
+
+
 def count_parameters(name: str, **overrides) -> int:
     """Parameter count of a preset, built on the meta device (no memory is allocated)."""
-    with torch.device("meta"):
-        model = create_model(name, **overrides)
-    return sum(p.numel() for p in model.parameters())
+    return meta_parameter_count(lambda: create_model(name, **overrides))
 
 
 def parameter_table(img_size: int = 224, patch_size: int = 16, num_classes: int = 1000) -> list[dict]:

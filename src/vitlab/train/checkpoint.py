@@ -1,8 +1,10 @@
 """Checkpoints: safetensors weights + optimizer state + JSON metadata, written atomically.
 
 A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNNN/` holding
-  model.safetensors   the model's weights (and ema.safetensors when an EMA is kept),
-  optimizer.pt        the optimizer's state dict (read back with weights_only=True),
+  model.safetensors   the model's weights (and ema.safetensors when an EMA is kept); a run of
+                      several networks (CycleGAN's two generators and two discriminators) saves
+                      one NAME.safetensors per network instead,
+  optimizer.pt        the optimizer's state dict, or a dict of them by name (read back with weights_only=True),
   meta.json           step, epoch, config and metrics.
 It is written under a temporary name and renamed into place, then `checkpoints/latest` is
 replaced atomically, so a run killed at any moment leaves the previous checkpoint intact.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -30,31 +33,44 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A module's state dict as contiguous CPU tensors, ready for safetensors."""
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+Weights = torch.nn.Module | Mapping[str, torch.Tensor]
+
+
+def weights(module: Weights) -> dict[str, torch.Tensor]:
+    """A module's state dict (or a dict of tensors) as contiguous CPU tensors, ready for safetensors."""
+    state = module.state_dict() if isinstance(module, torch.nn.Module) else module
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module | Mapping[str, Weights],
+    optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer],
     meta: dict,
     ema: torch.nn.Module | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write the checkpoint of `step` atomically, point `latest` at it, keep the newest `keep`."""
+    """Write the checkpoint of `step` atomically, point `latest` at it, keep the newest `keep`.
+
+    `model` is one module (saved as `model`) or modules and tensor dicts by name; `optimizer` one
+    optimizer or several by name.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".step-{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(weights(model), tmp / "model.safetensors")
+    named = dict(model) if isinstance(model, Mapping) else {"model": model}
     if ema is not None:
-        save_file(weights(ema), tmp / "ema.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        named["ema"] = ema
+    for name, module in named.items():
+        save_file(weights(module), tmp / f"{name}.safetensors")
+    if isinstance(optimizer, Mapping):
+        torch.save({name: opt.state_dict() for name, opt in optimizer.items()}, tmp / "optimizer.pt")
+    else:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -85,11 +101,24 @@ def read_meta(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "meta.json").read_text())
 
 
+def load_tensors(checkpoint: Path, name: str = "model") -> dict[str, torch.Tensor]:
+    """The tensors of `NAME.safetensors` in a checkpoint folder."""
+    path = checkpoint / f"{name}.safetensors"
+    if not path.is_file():
+        raise VitlabError(f"{checkpoint} holds no {path.name}; is it a checkpoint of another kind of run?")
+    return load_file(path)
+
+
 def load_weights(checkpoint: Path, model: torch.nn.Module, name: str = "model") -> None:
-    """Load `model.safetensors` (or `ema.safetensors`) into `model`."""
-    model.load_state_dict(load_file(checkpoint / f"{name}.safetensors"))
+    """Load `model.safetensors` (or `ema.safetensors`, or `NAME.safetensors`) into `model`."""
+    model.load_state_dict(load_tensors(checkpoint, name))
 
 
-def load_optimizer(checkpoint: Path, optimizer: torch.optim.Optimizer) -> None:
-    """Restore the optimizer's state (tensors and numbers only: weights_only=True)."""
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+def load_optimizer(checkpoint: Path, optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer]) -> None:
+    """Restore one optimizer's state, or several by name (tensors and numbers only: weights_only=True)."""
+    state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    if isinstance(optimizer, Mapping):
+        for name, opt in optimizer.items():
+            opt.load_state_dict(state[name])
+    else:
+        optimizer.load_state_dict(state)

@@ -32,15 +32,7 @@ from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed
 from vitlab.train.precision import autocast, resolve_precision
 from vitlab.train.run_log import RunLog, plot_curves
-
-
-class TrainingDiverged(VitlabError):
-    """Raised after too many consecutive steps with a non-finite loss or gradient."""
-
-
-def step_seed(seed: int, step: int, rank: int, stream: int) -> int:
-    """A distinct 63-bit seed per (seed, step, rank, stream)."""
-    return (seed * 1_000_003 + step * 7919 + rank * 104_729 + stream * 15_485_863) % (2**63 - 1)
+from vitlab.train.runs import TrainingDiverged, new_run_dir, step_seed
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:
@@ -116,24 +108,6 @@ def evaluate(model, dataset, batch_size, ctx, precision) -> dict[str, float]:
 def build_model(config: RunConfig, image_size: int, num_classes: int) -> VisionTransformer:
     """The run's model from its config and the data's geometry."""
     return create_model(config.model.name, img_size=image_size, num_classes=num_classes, **config.model.options)
-
-
-def new_run_dir(config: RunConfig) -> Path:
-    """`out_dir/name`, or `out_dir/name-2`, … when taken."""
-    base = Path(config.out_dir) / config.name
-    run_dir, n = base, 1
-    while run_dir.exists():
-        n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
-    return run_dir
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    """The resolved config saved in a run directory."""
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise VitlabError(f"{run_dir} is not a vitlab run directory (no config.yaml); give the folder `vitlab train` made")
-    return from_dict(RunConfig, yaml.safe_load(path.read_text())).validate()
 
 
 def evaluate_checkpoint(

@@ -6,6 +6,8 @@ import csv
 from pathlib import Path
 
 import matplotlib
+import torch
+from PIL import Image, ImageDraw
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -87,10 +89,57 @@ def plot_curves(run_dir: Path) -> Path:
     if epochs:
         axes[2].plot(epochs["step"], [100 * a for a in epochs["test_acc1"]], marker="o")
     axes[2].set(title="test accuracy (%)", xlabel="step")
-    for ax in axes:
+    return save_figure(fig, run_dir / "curves.png", axes)
+
+
+def save_figure(fig: plt.Figure, path: Path, grid_axes=()) -> Path:
+    """Grid the given panels, lay the figure out, write it as PNG and close it."""
+    for ax in grid_axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = run_dir / "curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return path
+
+
+def plot_gan_curves(run_dir: Path) -> Path:
+    """Draw CycleGAN's adversarial, cycle and identity losses, the LR and the error to the truth into curves.png."""
+    steps = read_csv(run_dir / "steps.csv")
+    epochs = read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").is_file() else {}
+    panels = [
+        ("adversarial losses", steps, ["gan_a", "gan_b", "d_a", "d_b"]),
+        ("cycle and identity losses", steps, ["cycle_a", "cycle_b", "idt_a", "idt_b"]),
+        ("learning rate", steps, ["lr"]),
+        ("L1 to the truth", epochs, ["l1_ab", "l1_ba"]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8))
+    for ax, (title, table, columns) in zip(axes, panels):
+        for column in columns:
+            if column in table:
+                ax.plot(table["step"], table[column], lw=0.8, label=column)
+        if len(columns) > 1 and ax.lines:
+            ax.legend(fontsize=8)
+        ax.set(title=title, xlabel="step")
+    return save_figure(fig, run_dir / "curves.png", axes)
+
+
+def save_image_grid(path: Path, columns: dict[str, torch.Tensor], min_side: int = 128) -> Path:
+    """Write uint8 image sets (K, 3, H, W) side by side as titled columns, one image per row (Fig. 4's layout).
+
+    Small images are enlarged by pixel repetition to at least `min_side` pixels.
+    """
+    images = torch.stack(list(columns.values()), dim=1).cpu()  # (K, columns, 3, H, W)
+    rows, cols, _, h, w = images.shape
+    scale = max(1, -(-min_side // max(h, w)))
+    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    pad, header = 4, 18
+    h, w = h * scale, w * scale
+    canvas = Image.new("RGB", (cols * (w + pad) + pad, header + rows * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for col, title in enumerate(columns):
+        draw.text((pad + col * (w + pad) + w // 2, header // 2), title, fill="black", anchor="mm")
+        for row in range(rows):
+            tile = Image.fromarray(images[row, col].permute(1, 2, 0).numpy())
+            canvas.paste(tile, (pad + col * (w + pad), header + row * (h + pad)))
+    canvas.save(path)
     return path

@@ -1,0 +1,76 @@
+"""FID and KID through torchmetrics on a small fixed feature extractor; choosing the features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vitlab.data.unpaired import builtin_pair
+from vitlab.errors import VitlabError
+from vitlab.eval.fid import RandomConvFeatures, distances, fid_kid, resolve_features
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return builtin_pair(num_train=1, num_test=64, seed=0, load_size=32, crop_size=32).test_a
+
+
+def noisy(x: torch.Tensor, strength: float) -> torch.Tensor:
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    return (x.float() + 255 * strength * noise).clamp(0, 255).round().to(torch.uint8)
+
+
+def blurred(x: torch.Tensor, strength: float) -> torch.Tensor:
+    k = 1 + 2 * round(strength)
+    return F.avg_pool2d(F.pad(x.float(), (k // 2,) * 4, mode="replicate"), k, stride=1).round().to(torch.uint8)
+
+
+def test_fid_and_kid_of_a_set_with_itself_are_zero(images: torch.Tensor) -> None:
+    found = distances(images, images, resolve_features("randconv"), kid_subset_size=32)["randconv"]
+    assert abs(found["fid"]) < 1e-5
+    assert abs(found["kid"]) < 2 * found["kid_std"] + 1e-3
+
+
+@pytest.mark.parametrize("corrupt,strengths", [(noisy, [0.02, 0.05, 0.1, 0.2, 0.4]), (blurred, [1, 2, 3, 4])])
+def test_fid_grows_with_the_strength_of_a_corruption(images, corrupt, strengths) -> None:
+    features = resolve_features("randconv")
+    fids = [distances(images, corrupt(images, s), features, kid_subset_size=32)["randconv"]["fid"] for s in strengths]
+    assert fids[0] > 1e-4 and all(a < b for a, b in zip(fids, fids[1:])), fids
+
+
+def test_random_features_are_fixed_by_the_seed() -> None:
+    x = torch.rand(2, 3, 40, 40)
+    assert torch.equal(RandomConvFeatures()(x), RandomConvFeatures()(x))
+    assert not torch.equal(RandomConvFeatures(seed=1)(x), RandomConvFeatures()(x))
+    assert RandomConvFeatures(num_features=16)(x).shape == (2, 16)
+
+
+def test_auto_falls_back_to_random_features_without_inception() -> None:
+    assert [f.name for f in resolve_features("auto", inception_weights=None)] == ["randconv"]
+
+
+def test_inception_without_its_weights_file_is_an_error_that_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(VitlabError, match="need torch-fidelity importable and its Inception weights file.*randconv"):
+        resolve_features("inception-64", str(tmp_path / "missing.pth"))
+
+
+def test_user_named_features_torchscript_file_and_module_callable(tmp_path: Path, images: torch.Tensor) -> None:
+    path = tmp_path / "features.pt"
+    torch.jit.trace(RandomConvFeatures(num_features=8), torch.rand(2, 3, 32, 32)).save(str(path))
+    (scripted,) = resolve_features(str(path))
+    (imported,) = resolve_features("vitlab.eval.fid:RandomConvFeatures")
+    assert scripted.name == "features.pt" and imported.module.num_features == 64
+    assert distances(images, images[:40], [scripted], kid_subset_size=20)["features.pt"]["fid"] > 0
+
+
+def test_unknown_features_list_the_choices() -> None:
+    with pytest.raises(VitlabError, match="unknown features 'vgg'.*randconv"):
+        resolve_features("vgg")
+
+
+def test_too_few_images_is_an_error() -> None:
+    with pytest.raises(VitlabError, match="at least 2 images"):
+        fid_kid(torch.randn(1, 4), torch.randn(5, 4))
