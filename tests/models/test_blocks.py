@@ -162,3 +162,28 @@ def test_sdpa_and_matmul_blocks_have_identical_gradients():
 def test_gelu_reference_matches_torch():
     x = torch.linspace(-4, 4, 101)
     torch.testing.assert_close(gelu(x), F.gelu(x))
+
+
+def test_watch_attention_reports_each_layers_logits_and_changes_nothing():
+    from vitlab import create_model
+    from vitlab.models.blocks import watch_attention
+
+    for family in ("vit", "vit22b"):
+        model = create_model(f"{family}-ti/8", img_size=16, num_classes=3, depth=2).eval()
+        x = torch.randn(2, 3, 16, 16)
+        seen = {}
+        with watch_attention(model, lambda layer, logits: seen.setdefault(layer, logits)):
+            watched = model(x)
+        torch.testing.assert_close(watched, model(x))
+        assert sorted(seen) == [0, 1] and seen[0].shape == (2, 3, 5, 5)
+        # Layer 0's logits are q kᵀ/√d of its own (QK-normed) projections.
+        block = model.blocks[0]
+        tokens = block.norm1(model.embed(x)) if family == "vit" else block.norm(model.embed(x))
+        weight = block.attn.qkv.weight if family == "vit" else block.in_proj.weight
+        bias = block.attn.qkv.bias if family == "vit" else None
+        qkv = F.linear(tokens, weight[: 2 * 192], None if bias is None else bias[: 2 * 192])
+        q, k = qkv[..., :192].unflatten(-1, (3, 64)).transpose(1, 2), qkv[..., 192:].unflatten(-1, (3, 64)).transpose(1, 2)
+        norms = (block.attn.q_norm, block.attn.k_norm) if family == "vit" else (block.q_norm, block.k_norm)
+        expected = norms[0](q) @ norms[1](k).transpose(-2, -1) / 8.0
+        torch.testing.assert_close(seen[0], expected, atol=1e-4, rtol=1e-4)
+        assert all(m.attention_hook is None for m in model.modules() if hasattr(m, "attention_hook"))

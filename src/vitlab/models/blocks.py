@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +81,38 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, dropout
     return gemm(torch.matmul, weights, v)
 
 
+def attention_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Pre-softmax attention logits q kᵀ / √d as a detached fp32 tensor (B, H, N, N)."""
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        return (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
+
+
+def attend_heads(layer: Attention | ParallelBlock, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A layer's attention over split heads: QK norm, the watch hook if any, then `attend`."""
+    q, k = layer.q_norm(q), layer.k_norm(k)
+    if layer.attention_hook is not None:
+        layer.attention_hook(attention_logits(q, k))
+    return attend(q, k, v, layer.attn_impl, layer.attn_drop if layer.training else 0.0)
+
+
+@contextmanager
+def watch_attention(model: nn.Module, callback: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """While active, call `callback(layer, logits)` with every attention layer's pre-softmax logits.
+
+    For inspection (attention maps, rollout, distances) and stability monitors (attention-logit
+    growth, entropy collapse). Outside the context the blocks skip it entirely; inside, each layer
+    pays one extra q kᵀ product (SDPA never exposes its logits).
+    """
+    layers = [m for m in model.modules() if isinstance(m, (Attention, ParallelBlock))]
+    for index, layer in enumerate(layers):
+        layer.attention_hook = functools.partial(callback, index)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.attention_hook = None
+
+
 def split_heads(qkv: torch.Tensor, heads: int) -> list[torch.Tensor]:
     """(B, N, 3·H·d) → q, k, v as (B, H, N, d) views.
 
@@ -142,13 +176,14 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.attn_drop = attn_drop
         self.attn_impl = attn_impl
+        self.attention_hook: Callable[[torch.Tensor], None] | None = None  # set by `watch_attention`
         self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = split_heads(self.qkv(x), self.num_heads)
-        out = attend(self.q_norm(q), self.k_norm(k), v, self.attn_impl, self.attn_drop if self.training else 0.0)
+        out = attend_heads(self, q, k, v)
         return self.proj_drop(self.proj(merge_heads(out)))
 
 
@@ -229,6 +264,7 @@ class ParallelBlock(nn.Module):
         self.branch_norm_kind = branch_norm
         self.attn_drop = attn_dropout
         self.attn_impl = attn_impl
+        self.attention_hook: Callable[[torch.Tensor], None] | None = None  # set by `watch_attention`
         self.norm = layer_norm(dim, norm_bias)
         self.in_proj = nn.Linear(dim, 3 * dim + mlp_dim, bias=False)
         self.qkv_bias = nn.Parameter(torch.zeros(3 * dim)) if qkv_bias else None
@@ -251,7 +287,7 @@ class ParallelBlock(nn.Module):
         w_qkv, w_mlp_in = self.in_proj.weight.split([3 * self.dim, self.mlp_dim])
         w_attn, w_mlp_out = self.out_proj.weight.split([self.dim, self.mlp_dim], dim=-1)
         q, k, v = split_heads(gemm(F.linear, y, w_qkv, self.qkv_bias), self.num_heads)
-        attn = attend(self.q_norm(q), self.k_norm(k), v, self.attn_impl, self.attn_drop if self.training else 0.0)
+        attn = attend_heads(self, q, k, v)
         attn = gemm(F.linear, merge_heads(attn), w_attn, self.out_proj.bias)
         hidden = self.drop(self.act(gemm(F.linear, y, w_mlp_in, self.mlp_bias)))
         if self.branch_norm_kind == "mlp":
