@@ -46,6 +46,28 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Fine-tune pretrained weights: `vitlab train` with a config that has a `finetune` section."""
+    from vitlab.config import load_config
+
+    if load_config(args.config, args.set).finetune is None:
+        raise VitlabError(f"{args.config} has no finetune section; add one with finetune.checkpoint: PATH (see README)")
+    cmd_train(args)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    """Write the inspection PNGs of a run's model: attention maps, rollout, distances, embeddings."""
+    from vitlab.inspect.images import dataset_images, read_images
+    from vitlab.inspect.report import inspect_model
+    from vitlab.train.classify import load_checkpoint_model
+
+    model, config = load_checkpoint_model(args.checkpoint, args.ema)
+    images = read_images(args.image, config.data.image_size) if args.image else dataset_images(config.data, args.num_images)
+    out_dir = Path(args.out or Path(args.checkpoint) / "inspect")
+    written = inspect_model(model, images, out_dir, args.query)
+    print(f"wrote {len(written)} PNGs to {out_dir}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a checkpoint on its run's test data (or another dataset)."""
     from vitlab.train.classify import evaluate_checkpoint
@@ -105,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    finetune = sub.add_parser("finetune", help="fine-tune pretrained weights (a config with a finetune section)")
+    finetune.add_argument("config", help="YAML config with a finetune section (finetune.checkpoint: PATH)")
+    finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    finetune.set_defaults(func=cmd_finetune, resume=None)
+
+    inspect = sub.add_parser("inspect", help="attention maps, rollout, attention distances and embedding PNGs of a run")
+    inspect.add_argument("checkpoint", help="run directory or checkpoint folder")
+    inspect.add_argument("--image", nargs="+", metavar="PATH", help="images to look at (default: the run's test images)")
+    inspect.add_argument("--num-images", type=int, default=4, help="test images to use without --image")
+    inspect.add_argument("--query", type=lambda text: int(text) if text.isdigit() else text,
+                         help="cls, mean or a patch index (default: cls, or mean for a model with pool=gap)")
+    inspect.add_argument("--out", help="output folder (default: CHECKPOINT/inspect)")
+    inspect.add_argument("--ema", action="store_true", help="inspect the EMA weights")
+    inspect.set_defaults(func=cmd_inspect)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on test data")
     evaluate.add_argument("checkpoint", help="run directory or checkpoint folder")

@@ -81,12 +81,15 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     clip_grad_norm: float | None = None
     clip_grad_value: float | None = None
+    layer_decay: float | None = None  # layer-wise LR decay for fine-tuning (BEiT): layer l of L gets lr·decay^(L+1-l)
 
     def validate(self) -> None:
         check_choice("optim.name", self.name, ("adamw", "sgd"))
         check_choice("optim.schedule", self.schedule, ("cosine", "multistep", "constant"))
         if self.lr <= 0:
             raise VitlabError(f"optim.lr={self.lr} must be positive")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise VitlabError(f"optim.layer_decay={self.layer_decay} must be in (0, 1], or null for none")
         if not all(0 < m < 1 for m in self.milestones):
             raise VitlabError(f"optim.milestones={list(self.milestones)} must be fractions of training in (0, 1)")
 
@@ -120,6 +123,21 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Start from pretrained weights (ViT lecture): the head is replaced, the position embedding resampled."""
+
+    checkpoint: str = ""  # a vitlab run or checkpoint folder, a timm .safetensors/.pth, or a Google ViT .npz
+    format: str = "auto"  # auto: a folder is a vitlab run, .npz Google's, anything else timm's
+    keep_head: bool = False  # keep the pretrained head (same classes) instead of a new zero-initialised one
+    freeze_backbone: bool = False  # train the head only: a linear probe of frozen features
+
+    def validate(self) -> None:
+        if not self.checkpoint:
+            raise VitlabError("finetune.checkpoint is required: the pretrained weights to start from")
+        check_choice("finetune.format", self.format, ("auto", "vitlab", "timm", "npz"))
+
+
+@dataclass
 class RunConfig:
     """One experiment: everything needed to rerun it."""
 
@@ -130,10 +148,12 @@ class RunConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig | None = None  # null: train from scratch
 
     def validate(self) -> RunConfig:
-        for part in (self.model, self.data, self.optim, self.train):
-            part.validate()
+        for part in (self.model, self.data, self.optim, self.train, self.finetune):
+            if part is not None:
+                part.validate()
         return self
 
     def to_dict(self) -> dict:

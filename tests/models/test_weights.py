@@ -3,13 +3,14 @@
 import argparse
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vitlab import VitlabError, create_model
-from vitlab.models.weights import load_timm_checkpoint
+from vitlab.models.weights import load_google_vit_checkpoint, load_timm_checkpoint, resample_pos_embed
 
 DIM, HEADS, DEPTH, MLP, PATCH, IMG, CLASSES = 48, 3, 2, 96, 8, 32, 10
 
@@ -102,3 +103,106 @@ def test_missing_file_and_unknown_format(tmp_path):
     (tmp_path / "w.ckpt").write_bytes(b"x")
     with pytest.raises(VitlabError, match=".safetensors"):
         load_timm_checkpoint(tiny_vit(), tmp_path / "w.ckpt")
+
+
+
+def google_params(seed: int = 1) -> dict:
+    """Random ViT parameters in Flax's shapes (kernels in × out, attention kernels split by head)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=gen) * 0.2  # noqa: E731
+    d = DIM // HEADS
+    block = lambda: {  # noqa: E731
+        "ln1": (1 + r(DIM), r(DIM)), "ln2": (1 + r(DIM), r(DIM)),
+        **{n: (r(DIM, HEADS, d), r(HEADS, d)) for n in ("query", "key", "value")},
+        "out": (r(HEADS, d, DIM), r(DIM)), "fc1": (r(DIM, MLP), r(MLP)), "fc2": (r(MLP, DIM), r(DIM)),
+    }  # fmt: skip
+    return {"embedding": (r(PATCH, PATCH, 3, DIM), r(DIM)), "cls": r(1, 1, DIM), "pos_cls": r(1, 1, DIM),
+            "pos": r(1, (IMG // PATCH) ** 2, DIM), "blocks": [block() for _ in range(DEPTH)],
+            "encoder_norm": (1 + r(DIM), r(DIM)), "head": (r(DIM, CLASSES), r(CLASSES))}  # fmt: skip
+
+
+def google_npz(params: dict, layout: str) -> dict:
+    """`params` under Google's names: the original ViT release (`vit`: saved by its trainer under opt/target/ beside
+    optimizer state), big_vision (`big_vision`: under params/, no position for the class token) and big_vision's
+    scanned encoder (`scan`: one encoderblock with a leading layer axis)."""
+    a = {"embedding/kernel": params["embedding"][0], "embedding/bias": params["embedding"][1], "cls": params["cls"],
+         "Transformer/encoder_norm/scale": params["encoder_norm"][0],
+         "Transformer/encoder_norm/bias": params["encoder_norm"][1],
+         "head/kernel": params["head"][0], "head/bias": params["head"][1]}  # fmt: skip
+    if layout == "vit":
+        a["Transformer/posembed_input/pos_embedding"] = torch.cat([params["pos_cls"], params["pos"]], dim=1)
+        ln1, attn, ln2, mlp = "LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3"
+    else:
+        a["pos_embedding"] = params["pos"]
+        ln1, attn, ln2, mlp = "LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"
+    blocks = []
+    for b in params["blocks"]:
+        names = {}
+        for ln, norm in ((ln1, b["ln1"]), (ln2, b["ln2"])):
+            names |= {f"{ln}/scale": norm[0], f"{ln}/bias": norm[1]}
+        for n in ("query", "key", "value", "out"):
+            names |= {f"{attn}/{n}/kernel": b[n][0], f"{attn}/{n}/bias": b[n][1]}
+        for n, dense in (("fc1", "Dense_0"), ("fc2", "Dense_1")):
+            names |= {f"{mlp}/{dense}/kernel": b[n][0], f"{mlp}/{dense}/bias": b[n][1]}
+        blocks.append(names)
+    if layout == "scan":
+        a |= {f"Transformer/encoderblock/{k}": torch.stack([b[k] for b in blocks]) for k in blocks[0]}
+    else:
+        a |= {f"Transformer/encoderblock_{i}/{k}": v for i, b in enumerate(blocks) for k, v in b.items()}
+    a = {k: v.numpy() for k, v in a.items()}
+    if layout == "vit":
+        return {**{f"opt/target/{k}": v for k, v in a.items()}, "opt/state/step": np.zeros(())}
+    return {f"params/{k}": v for k, v in a.items()}
+
+
+def reference_google_logits(params: dict, images: torch.Tensor, class_token_position: bool) -> torch.Tensor:
+    """The Flax ViT forward on Flax-shaped parameters (NHWC kernel, per-head einsums)."""
+    ln = lambda x, p: F.layer_norm(x, (DIM,), p[0], p[1], eps=1e-6)  # noqa: E731
+    x = F.conv2d(images, params["embedding"][0].permute(3, 2, 0, 1), params["embedding"][1], stride=PATCH)
+    x = x.flatten(2).transpose(1, 2) + params["pos"]
+    cls = params["cls"] + (params["pos_cls"] if class_token_position else 0)
+    x = torch.cat([cls.expand(len(x), -1, -1), x], dim=1)
+    for b in params["blocks"]:
+        y = ln(x, b["ln1"])
+        q, k, v = (torch.einsum("bnd,dhe->bhne", y, b[n][0]) + b[n][1][:, None] for n in ("query", "key", "value"))
+        heads = (q @ k.transpose(-2, -1) / math.sqrt(DIM // HEADS)).softmax(-1) @ v
+        x = x + torch.einsum("bhne,hed->bnd", heads, b["out"][0]) + b["out"][1]
+        y = F.gelu(ln(x, b["ln2"]) @ b["fc1"][0] + b["fc1"][1])
+        x = x + y @ b["fc2"][0] + b["fc2"][1]
+    return ln(x, params["encoder_norm"])[:, 0] @ params["head"][0] + params["head"][1]
+
+
+@pytest.mark.parametrize("layout", ["vit", "big_vision", "scan"])
+def test_google_npz_gives_the_flax_models_logits(tmp_path, layout):
+    params = google_params()
+    np.savez(tmp_path / "vit.npz", **google_npz(params, layout))
+    model = load_google_vit_checkpoint(tiny_vit(), tmp_path / "vit.npz").eval()
+    images = torch.randn(3, 3, IMG, IMG, generator=torch.Generator().manual_seed(5))
+    expected = reference_google_logits(params, images, class_token_position=layout == "vit")
+    assert (model(images) - expected).abs().max() < 1e-4
+    assert expected.std() > 0.1
+
+
+def test_google_npz_with_other_heads_or_a_map_head_is_refused(tmp_path):
+    np.savez(tmp_path / "vit.npz", **google_npz(google_params(), "big_vision"))
+    with pytest.raises(VitlabError, match="3 heads, the model 4"):
+        load_google_vit_checkpoint(tiny_vit(num_heads=4), tmp_path / "vit.npz")
+    arrays = google_npz(google_params(), "big_vision") | {"params/MAPHead_0/probe": np.zeros((1, 1, DIM), np.float32)}
+    np.savez(tmp_path / "map.npz", **arrays)
+    with pytest.raises(VitlabError, match="MAPHead_0/probe"):
+        load_google_vit_checkpoint(tiny_vit(), tmp_path / "map.npz")
+
+
+def test_resampled_position_embedding_keeps_the_prefix_and_interpolates_the_grid():
+    gen = torch.Generator().manual_seed(0)
+    pos = torch.randn(1, 1 + 16, 8, generator=gen)
+    out = resample_pos_embed(pos, (6, 6), num_prefix_tokens=1)
+    assert out.shape == (1, 1 + 36, 8) and torch.equal(out[:, 0], pos[:, 0])
+    grid = pos[0, 1:].T.reshape(1, 8, 4, 4)
+    expected = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).reshape(8, 36).T
+    torch.testing.assert_close(out[0, 1:], expected)
+    constant = resample_pos_embed(torch.ones(1, 9, 4), (5, 5), num_prefix_tokens=0)
+    torch.testing.assert_close(constant, torch.ones(1, 25, 4))
+    assert resample_pos_embed(pos, (4, 4), 1) is pos
+    with pytest.raises(VitlabError, match="not a square grid"):
+        resample_pos_embed(pos, (6, 6), num_prefix_tokens=0)

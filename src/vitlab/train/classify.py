@@ -30,6 +30,7 @@ from vitlab.models.presets import create_model
 from vitlab.models.vit import VisionTransformer
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed
+from vitlab.train.finetune import parameter_groups, prepare_model
 from vitlab.train.precision import autocast, resolve_precision
 from vitlab.train.run_log import RunLog, plot_curves
 from vitlab.train.runs import TrainingDiverged, new_run_dir, step_seed
@@ -48,12 +49,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) 
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD; no weight decay on biases, norms, position embedding and class token."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or name in ("pos_embed", "cls_token") else decay).append(p)
-    groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    """AdamW or SGD; no weight decay on biases, norms, position embedding and class token; layer-wise LR decay."""
+    groups = parameter_groups(model, cfg.weight_decay, cfg.layer_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
@@ -110,25 +107,31 @@ def build_model(config: RunConfig, image_size: int, num_classes: int) -> VisionT
     return create_model(config.model.name, img_size=image_size, num_classes=num_classes, **config.model.options)
 
 
+def load_checkpoint_model(path: str | Path, ema: bool = False) -> tuple[VisionTransformer, RunConfig]:
+    """A run's model with the weights of its last checkpoint (or of a checkpoint folder), and the run's config."""
+    checkpoint = ckpt.find_checkpoint(path)
+    meta = ckpt.read_meta(checkpoint)
+    config = from_dict(RunConfig, meta["config"]).validate()
+    model = build_model(config, config.data.image_size, meta["num_classes"])
+    if ema and not (checkpoint / "ema.safetensors").is_file():
+        raise VitlabError(f"{checkpoint} holds no EMA weights (the run had train.ema_decay unset)")
+    ckpt.load_weights(checkpoint, model, "ema" if ema else "model")
+    return model, config
+
+
 def evaluate_checkpoint(
     path: str | Path, data_name: str | None = None, data_root: str | None = None, batch_size: int = 256, ema: bool = False
 ) -> dict[str, float]:
     """Rebuild a checkpoint's model and evaluate it on its run's test split (or another dataset)."""
-    checkpoint = ckpt.find_checkpoint(path)
-    meta = ckpt.read_meta(checkpoint)
-    config = from_dict(RunConfig, meta["config"]).validate()
+    model, config = load_checkpoint_model(path, ema)
     data = config.data
     if data_name:
         data.name, data.root = data_name, data_root
         data.validate()
     splits = load_splits(data.name, data.root, data.image_size, data.download,
                          num_train=data.num_train, num_test=data.num_test, seed=data.seed, **data.builtin)  # fmt: skip
-    if splits.test.num_classes != meta["num_classes"]:
-        raise VitlabError(f"the checkpoint predicts {meta['num_classes']} classes but {data.name} has {splits.test.num_classes}")
-    model = build_model(config, data.image_size, meta["num_classes"])
-    if ema and not (checkpoint / "ema.safetensors").is_file():
-        raise VitlabError(f"{checkpoint} holds no EMA weights (the run had train.ema_decay unset)")
-    ckpt.load_weights(checkpoint, model, "ema" if ema else "model")
+    if splits.test.num_classes != model.num_classes:
+        raise VitlabError(f"the checkpoint predicts {model.num_classes} classes but {data.name} has {splits.test.num_classes}")
     ctx = distributed.Context(rank=0, world_size=1, device=distributed.pick_device(config.train.device))
     return evaluate(model.to(ctx.device), splits.test, batch_size, ctx, resolve_precision(config.train.precision, ctx.device))
 
@@ -153,7 +156,8 @@ def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None,
     num_classes = splits.train.num_classes
 
     torch.manual_seed(tc.seed)
-    model = build_model(config, data.image_size, num_classes).to(ctx.device)
+    model = prepare_model(build_model(config, data.image_size, num_classes), config.finetune, load=resume_dir is None)
+    model = model.to(ctx.device)
     optimizer = build_optimizer(model, oc)
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay else None
 
@@ -210,7 +214,7 @@ def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None,
             x, targets = x.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
             lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # no lr_scale in checkpoints of older runs
 
             with autocast(ctx.device, precision):
                 logits = net(x)

@@ -1,0 +1,14 @@
+"""Inspecting what a ViT learned (the ViT lecture): attention maps and rollout, attention distances, embeddings.
+
+Every function returns tensors (for notebooks); the `plot_*` functions and `inspect_model` write PNGs.
+"""
+
+from vitlab.inspect.attention import attention_maps, attention_rollout, default_query, query_attention
+from vitlab.inspect.distance import mean_attention_distance, patch_distances
+from vitlab.inspect.embeddings import patch_embedding_components, position_embedding_similarity
+from vitlab.inspect.report import inspect_model
+
+__all__ = [
+    "attention_maps", "attention_rollout", "default_query", "inspect_model", "mean_attention_distance",
+    "patch_distances", "patch_embedding_components", "position_embedding_similarity", "query_attention",
+]  # fmt: skip

@@ -1,0 +1,35 @@
+"""What the inspection pictures share: figures drawn without pyplot (so no backend is touched), images as arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A matplotlib Figure of `width` × `height` inches, independent of pyplot and its backend."""
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write `fig` as a PNG (creating the folder) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def to_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """Min-max scale each map (the last two axes) to [0, 1]; a constant map becomes 0."""
+    low = x.amin(dim=(-2, -1), keepdim=True)
+    span = x.amax(dim=(-2, -1), keepdim=True) - low
+    return (x - low) / span.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def image_array(image: torch.Tensor) -> np.ndarray:
+    """A (C, H, W) uint8 image as an (H, W, C) array for `imshow` (grey for one channel)."""
+    array = image.permute(1, 2, 0).cpu().numpy()
+    return array[..., 0] if array.shape[-1] == 1 else array
