@@ -110,6 +110,20 @@ def cmd_translate(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} image(s) to {args.out_dir}")
 
 
+def cmd_stability(args: argparse.Namespace) -> None:
+    """Run a stability study (paper Fig. 1) and print which variants diverged."""
+    from vitlab.config import StabilityConfig, load_config
+    from vitlab.train.stability import run_study
+
+    summary = run_study(load_config(args.config, args.set, cls=StabilityConfig), progress=not args.no_progress)
+    for variant, facts in summary.items():
+        state = "diverged" if facts["diverged"] else "stable"
+        at = facts["first_step_over_threshold"] or facts["first_step_nonfinite"]
+        acc = f"{100 * facts['final_acc1']:.2f} %" if facts["final_acc1"] is not None else "-"
+        print(f"{variant:>24}: {state}{f' at step {at}' if at else ''}, max logit {facts['max_logit']:.4g}, "
+              f"max |grad| {facts['max_abs_grad']:.4g}, test acc@1 {acc}")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="vitlab", description=__doc__)
@@ -143,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", help="output folder (default: CHECKPOINT/inspect)")
     inspect.add_argument("--ema", action="store_true", help="inspect the EMA weights")
     inspect.set_defaults(func=cmd_inspect)
+
+    stability = sub.add_parser("stability", help="train variants side by side and draw Fig. 1 (logits, gradients)")
+    stability.add_argument("config", help="stability study YAML (see configs/stability/)")
+    stability.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a study key")
+    stability.add_argument("--no-progress", action="store_true", help="no progress bar")
+    stability.set_defaults(func=cmd_stability)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on test data")
     evaluate.add_argument("checkpoint", help="run directory or checkpoint folder")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import types
@@ -110,6 +111,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every_steps: int = 10
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
+    z_loss: float = 0.0  # weight of PaLM's z-loss on the logits (1e-4 in PaLM)
+    grad_penalty: float = 0.0  # weight of the squared input-gradient norm (double backpropagation)
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     device: str = "auto"
 
@@ -401,3 +404,31 @@ class TranslateConfig:
 
     def to_dict(self) -> dict:
         return to_plain(dataclasses.asdict(self))
+
+
+@dataclass
+class StabilityConfig:
+    """A stability study: one base train config, run once per variant with the same data and seed."""
+
+    name: str = "stability"
+    out_dir: str = "runs"
+    threshold: float = 4000.0  # logits above this count as blown up and are drawn at it (paper Fig. 1)
+    base: dict = field(default_factory=dict)  # a train config (the keys of RunConfig)
+    variants: dict = field(default_factory=dict)  # variant name → list of `key.sub=value` overrides of base
+
+    def variant_config(self, variant: str) -> RunConfig:
+        """The full train config of one variant, written under out_dir/name/variant."""
+        overrides = [*self.variants[variant], f"out_dir={Path(self.out_dir) / self.name}", f"name={variant}"]
+        try:
+            return from_dict(RunConfig, apply_overrides(copy.deepcopy(self.base), overrides)).validate()
+        except VitlabError as exc:
+            raise VitlabError(f"variants.{variant}: {exc}") from exc
+
+    def validate(self) -> StabilityConfig:
+        if not self.variants:
+            raise VitlabError("variants is empty: name at least one variant, e.g. `plain: []`")
+        for variant, overrides in self.variants.items():
+            if not isinstance(overrides, list):
+                raise VitlabError(f"variants.{variant} must be a list of key.sub=value strings")
+            self.variant_config(variant)
+        return self

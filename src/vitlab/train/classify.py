@@ -31,6 +31,7 @@ from vitlab.models.vit import VisionTransformer
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed
 from vitlab.train.finetune import parameter_groups, prepare_model
+from vitlab.train.monitors import StabilityMonitor
 from vitlab.train.precision import autocast, resolve_precision
 from vitlab.train.run_log import RunLog, plot_curves
 from vitlab.train.runs import TrainingDiverged, new_run_dir, step_seed
@@ -46,6 +47,24 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) 
     if cfg.schedule == "multistep":  # the paper: decay by gamma at 30 %, 60 %, 90 % of training
         return cfg.gamma ** sum(step >= m * total_steps for m in cfg.milestones)
     return 1.0
+
+
+def penalties(
+    loss: torch.Tensor, logits: torch.Tensor, images: torch.Tensor, z_loss: float, grad_penalty: float
+) -> dict[str, torch.Tensor]:
+    """The optional stabilising terms added to the loss, by name.
+
+    z_loss:       z_loss · mean(logsumexp(logits)²), PaLM's auxiliary loss (Chowdhery et al. 2022);
+    grad_penalty: grad_penalty · mean over images of ‖∂loss/∂image‖², double backpropagation
+                  (Drucker & LeCun 1992); `images` must require grad.
+    """
+    terms = {}
+    if z_loss:
+        terms["z_loss"] = z_loss * torch.logsumexp(logits.float(), dim=-1).square().mean()
+    if grad_penalty:
+        (input_grad,) = torch.autograd.grad(loss, images, create_graph=True)
+        terms["grad_penalty"] = grad_penalty * input_grad.square().sum(dim=(1, 2, 3)).mean()
+    return terms
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -104,7 +123,10 @@ def evaluate(model, dataset, batch_size, ctx, precision) -> dict[str, float]:
 
 def build_model(config: RunConfig, image_size: int, num_classes: int) -> VisionTransformer:
     """The run's model from its config and the data's geometry."""
-    return create_model(config.model.name, img_size=image_size, num_classes=num_classes, **config.model.options)
+    options = dict(config.model.options)
+    if config.train.grad_penalty and options.get("attn_impl", "auto") == "auto":
+        options["attn_impl"] = "matmul"  # the penalty differentiates twice; SDPA's CPU kernel cannot
+    return create_model(config.model.name, img_size=image_size, num_classes=num_classes, **options)
 
 
 def load_checkpoint_model(path: str | Path, ema: bool = False) -> tuple[VisionTransformer, RunConfig]:
@@ -158,6 +180,7 @@ def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None,
     torch.manual_seed(tc.seed)
     model = prepare_model(build_model(config, data.image_size, num_classes), config.finetune, load=resume_dir is None)
     model = model.to(ctx.device)
+    monitor = StabilityMonitor(model)
     optimizer = build_optimizer(model, oc)
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay else None
 
@@ -216,14 +239,20 @@ def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None,
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # no lr_scale in checkpoints of older runs
 
-            with autocast(ctx.device, precision):
+            logged = (step + 1) % tc.log_every_steps == 0 or step + 1 == total_steps
+            x.requires_grad_(tc.grad_penalty > 0)
+            with monitor.watch(logged), autocast(ctx.device, precision):
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=criterion_smoothing)
-            loss.backward()
+            extra = penalties(loss, logits, x, tc.z_loss, tc.grad_penalty)
+            objective = loss + sum(extra.values())
+            objective.backward()
             if oc.clip_grad_value is not None:
                 torch.nn.utils.clip_grad_value_(model.parameters(), oc.clip_grad_value)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm or float("inf"))
             finite = distributed.all_reduce(torch.isfinite(loss.detach() + grad_norm).float(), "min").item() == 1.0
+            if (logged and log) or not finite:
+                signals = monitor.collect(logits, grad_norm)  # before zero_grad: it reads the gradients
             if finite:
                 optimizer.step()
                 if ema is not None:
@@ -235,9 +264,11 @@ def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None,
             optimizer.zero_grad(set_to_none=True)
             if bad_in_row >= tc.max_bad_steps:
                 last = ckpt.find_checkpoint(run_dir) if run_dir and (run_dir / "checkpoints").exists() else "none"
+                if log:  # the failing step goes into the curves too
+                    log.log("steps", step + 1, dict(loss=loss.item(), lr=lr, images_per_s=0.0, skipped=skipped, **signals))
                 raise TrainingDiverged(
                     f"training diverged: {bad_in_row} steps in a row with a non-finite loss or gradient, the last "
-                    f"at step {step} (loss {loss.item():.4g}, grad norm {grad_norm.item():.4g}); "
+                    f"at step {step} (loss {loss.item():.4g}; {monitor.summary()}); "
                     f"last good checkpoint: {last}. Lower optim.lr, set optim.clip_grad_norm, or try the "
                     f"stabilisers (model.options.qk_norm, model.options.branch_norm=mlp)"
                 )
@@ -250,7 +281,8 @@ def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None,
                 rate = seen / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}")
                 if log:
-                    log.log("steps", step, dict(loss=mean_loss, lr=lr, grad_norm=grad_norm.item(), images_per_s=rate, skipped=skipped))
+                    extra_values = {k: v.item() for k, v in extra.items()}
+                    log.log("steps", step, dict(loss=mean_loss, lr=lr, images_per_s=rate, skipped=skipped, **extra_values, **signals))
             if step % eval_every == 0 or step == total_steps:
                 metrics = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision)
                 bar.write(f"epoch {step / steps_per_epoch:.2f}  step {step}  test acc@1 {100 * metrics['acc1']:.2f} %")
