@@ -26,11 +26,32 @@ def cmd_params(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Print what training a preset needs per device under DDP and FSDP, or the fewest devices for every preset."""
+    from vitlab.train.planner import format_overview, format_plan, preset_shape
+
+    if args.preset:
+        shape = preset_shape(args.preset, args.image_size, args.num_classes)
+        print(format_plan(args.preset, shape, args.devices, args.device_memory, args.batch, args.precision))
+    else:
+        print(format_overview(args.patch_size, args.device_memory, args.batch, args.image_size, args.precision))
+
+
+def cmd_consolidate(args: argparse.Namespace) -> None:
+    """Merge a sharded (FSDP) checkpoint into one safetensors file."""
+    from vitlab.train.sharding import consolidate
+
+    print(f"wrote {consolidate(args.checkpoint, args.out)}")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a classifier from a config (or the default run), or resume a run."""
     from vitlab.config import apply_overrides, from_dict, load_config, RunConfig
     from vitlab.train.classify import train
     from vitlab.train.runs import load_run_config
+
+    if vars(args).get("strategy"):
+        args.set.append(f"train.strategy={args.strategy}")
 
     if args.resume:
         saved = load_run_config(Path(args.resume)).to_dict()
@@ -135,10 +156,27 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--num-classes", type=int, default=1000)
     params.set_defaults(func=cmd_params)
 
+    plan = sub.add_parser("plan", help="memory per device under DDP and FSDP, FLOPs per step, fewest devices (on paper)")
+    plan.add_argument("preset", nargs="?", help="e.g. vit22b-22b/14; without it: the fewest devices for every preset")
+    plan.add_argument("--devices", type=int, default=8, help="device count to show the memory for (default 8)")
+    plan.add_argument("--device-memory", type=float, default=80.0, metavar="GIB", help="memory per device (default 80)")
+    plan.add_argument("--batch", type=int, default=1024, help="global batch (default 1024)")
+    plan.add_argument("--image-size", type=int, default=224)
+    plan.add_argument("--num-classes", type=int, default=1000)
+    plan.add_argument("--patch-size", type=int, default=14, help="patch of every preset when no preset is named")
+    plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="compute precision (default bf16)")
+    plan.set_defaults(func=cmd_plan)
+
+    consolidate = sub.add_parser("consolidate", help="merge a sharded (FSDP) checkpoint into one safetensors file")
+    consolidate.add_argument("checkpoint", help="run directory or checkpoint folder")
+    consolidate.add_argument("--out", help="output file (default: CHECKPOINT/model.safetensors)")
+    consolidate.set_defaults(func=cmd_consolidate)
+
     train = sub.add_parser("train", help="train a classifier (no arguments: the default run on built-in data)")
     train.add_argument("config", nargs="?", help="YAML config (see configs/); default: the built-in default run")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    train.add_argument("--strategy", choices=("single", "ddp", "fsdp"), help="train.strategy: one process, DDP or FSDP2")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 

@@ -115,14 +115,21 @@ class TrainConfig:
     grad_penalty: float = 0.0  # weight of the squared input-gradient norm (double backpropagation)
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     device: str = "auto"
+    strategy: str = "ddp"  # single, ddp (DDP under torchrun), fsdp (FSDP2 shards; vitlab.train.sharding)
+    cpu_offload: bool = False  # fsdp only: sharded parameters, gradients and optimizer state in host memory
 
     def validate(self) -> None:
         check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
+        check_choice("train.strategy", self.strategy, ("single", "ddp", "fsdp"))
         if self.epochs <= 0 or self.batch_size <= 0:
             raise VitlabError("train.epochs and train.batch_size must be positive")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise VitlabError(f"train.ema_decay={self.ema_decay} must be in (0, 1)")
+        if self.strategy == "fsdp" and (self.ema_decay is not None or self.compile):
+            raise VitlabError("train.ema_decay and train.compile are not supported with train.strategy=fsdp yet; unset them")
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise VitlabError("train.cpu_offload needs train.strategy=fsdp")
 
 
 @dataclass
@@ -157,6 +164,8 @@ class RunConfig:
         for part in (self.model, self.data, self.optim, self.train, self.finetune):
             if part is not None:
                 part.validate()
+        if self.finetune is not None and self.train.strategy == "fsdp":
+            raise VitlabError("fine-tuning (a finetune section) with train.strategy=fsdp is not supported yet; use ddp or single")
         return self
 
     def to_dict(self) -> dict:

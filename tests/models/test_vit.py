@@ -136,3 +136,32 @@ def test_wrong_input_resolution_is_reported():
 def test_size_names_are_case_insensitive_except_g_and_G():
     assert create_model("vit-TI/16", depth=1).embed_dim == 192
     assert count_parameters("vit-g/14", depth=1) != count_parameters("vit-G/14", depth=1)
+
+
+@pytest.mark.parametrize("family", ["vit", "vit22b"])
+def test_grad_checkpointing_gives_the_same_gradients_and_keeps_only_block_inputs(family):
+    def step(checkpointing):
+        torch.manual_seed(0)
+        model = create_model(f"{family}-ti/8", img_size=16, num_classes=3, depth=3, drop_path=0.2,
+                             grad_checkpointing=checkpointing)  # fmt: skip
+        torch.manual_seed(1)  # stochastic depth draws the same masks in the recomputation
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model(torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))).square().mean()
+        loss.backward()
+        return [p.grad for p in model.parameters()], sum(saved)
+
+    grads, plain = step(False)
+    checkpointed_grads, checkpointed = step(True)
+    assert all(torch.equal(a, b) for a, b in zip(grads, checkpointed_grads))
+    assert checkpointed < plain / 2
+
+
+def test_a_model_built_on_meta_is_complete_after_to_empty_and_reset_parameters():
+    torch.manual_seed(0)
+    normal = create_model("vit22b-ti/8", img_size=16, num_classes=3, depth=2, pos_embed="sincos")
+    with torch.device("meta"):
+        model = create_model("vit22b-ti/8", img_size=16, num_classes=3, depth=2, pos_embed="sincos")
+    model.to_empty(device="cpu")
+    model.reset_parameters()
+    torch.testing.assert_close(model.pos_embed, normal.pos_embed)  # the fixed table is filled by reset_parameters

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError, check_choice
 from vitlab.models.blocks import ATTENTION_IMPLS, BRANCH_NORMS, ParallelBlock, SerialBlock, gemm, layer_norm
@@ -30,6 +31,22 @@ def sincos_2d_position_embedding(grid_h: int, grid_w: int, dim: int, temperature
     x = x.flatten()[:, None] * omega[None, :]
     y = y.flatten()[:, None] * omega[None, :]
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Reference ViT init of one module's own tensors: trunc-normal(0.02) weights, zero biases, unit norm scales."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+        nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, ParallelBlock):
+        nn.init.zeros_(module.mlp_bias)
+        if module.qkv_bias is not None:
+            nn.init.zeros_(module.qkv_bias)
 
 
 class PatchEmbed(nn.Module):
@@ -84,6 +101,7 @@ class VisionTransformer(nn.Module):
         drop_path: float = 0.0,
         zero_head: bool = False,
         attn_impl: str = "auto",
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -105,17 +123,15 @@ class VisionTransformer(nn.Module):
                 raise VitlabError(f"{name}={p} must be in [0, 1)")
 
         self.num_classes, self.embed_dim, self.pool, self.zero_head = num_classes, embed_dim, pool, zero_head
+        self.grad_checkpointing = grad_checkpointing
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.num_prefix_tokens = 1 if pool == "cls" else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pool == "cls" else None
         num_positions = self.patch_embed.grid**2 + self.num_prefix_tokens
         if pos_embed == "learn":
             self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim))
-        else:
-            grid = self.patch_embed.grid
-            table = sincos_2d_position_embedding(grid, grid, embed_dim)
-            table = torch.cat([table.new_zeros(self.num_prefix_tokens, embed_dim), table])
-            self.register_buffer("pos_embed", table[None], persistent=False)
+        else:  # filled by `reset_embeddings`, so that a model built on the meta device is complete after it
+            self.register_buffer("pos_embed", torch.empty(1, num_positions, embed_dim), persistent=False)
         self.pos_drop = nn.Dropout(dropout)
 
         block_kwargs = dict(
@@ -137,22 +153,19 @@ class VisionTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Reference ViT init: trunc-normal(0.02) weights and embeddings, zero biases, optional zero head."""
+        """Reference ViT init: `init_weights` on every module in order, then `reset_embeddings`."""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, ParallelBlock):
-                nn.init.zeros_(module.mlp_bias)
-                if module.qkv_bias is not None:
-                    nn.init.zeros_(module.qkv_bias)
+            init_weights(module)
+        self.reset_embeddings()
+
+    def reset_embeddings(self) -> None:
+        """Trunc-normal(0.02) learned position embedding (or the sin-cos table), zero class token, optional zero head."""
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            grid = self.patch_embed.grid
+            table = sincos_2d_position_embedding(grid, grid, self.embed_dim)
+            self.pos_embed.copy_(torch.cat([table.new_zeros(self.num_prefix_tokens, self.embed_dim), table])[None])
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)
         if self.zero_head and isinstance(self.head, nn.Linear):
@@ -168,7 +181,14 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images → normalised tokens after the last block."""
-        return self.norm(self.blocks(self.embed(x)))
+        x = self.embed(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # Activation checkpointing: keep each block's input only, recompute its inside in the backward.
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pool the tokens (class token or mean of patches) and apply the head."""

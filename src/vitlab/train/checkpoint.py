@@ -6,6 +6,8 @@ A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNNN/` holding
                       one NAME.safetensors per network instead,
   optimizer.pt        the optimizer's state dict, or a dict of them by name (read back with weights_only=True),
   meta.json           step, epoch, config and metrics.
+A run trained with FSDP holds `sharded/` instead of the first two: every rank's shards of the model and
+optimizer, written by torch.distributed.checkpoint (see vitlab.train.sharding).
 It is written under a temporary name and renamed into place, then `checkpoints/latest` is
 replaced atomically, so a run killed at any moment leaves the previous checkpoint intact.
 """
@@ -15,15 +17,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from vitlab.errors import VitlabError
 
 LATEST = "latest"
+SHARDED = "sharded"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -56,12 +62,7 @@ def save_checkpoint(
     `model` is one module (saved as `model`) or modules and tensor dicts by name; `optimizer` one
     optimizer or several by name.
     """
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging_folder(run_dir, step)
     named = dict(model) if isinstance(model, Mapping) else {"model": model}
     if ema is not None:
         named["ema"] = ema
@@ -71,6 +72,23 @@ def save_checkpoint(
         torch.save({name: opt.state_dict() for name, opt in optimizer.items()}, tmp / "optimizer.pt")
     else:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    return publish(tmp, step, meta, keep)
+
+
+def staging_folder(run_dir: Path, step: int) -> Path:
+    """An empty temporary folder for the checkpoint of `step`, renamed into place by `publish`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".step-{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def publish(tmp: Path, step: int, meta: dict, keep: int) -> Path:
+    """Write meta.json into the staged folder, rename it into place, point `latest` at it, keep the newest `keep`."""
+    root = tmp.parent
+    final = root / f"step-{step:08d}"
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -104,9 +122,31 @@ def read_meta(checkpoint: Path) -> dict:
 def load_tensors(checkpoint: Path, name: str = "model") -> dict[str, torch.Tensor]:
     """The tensors of `NAME.safetensors` in a checkpoint folder."""
     path = checkpoint / f"{name}.safetensors"
+    if not path.is_file() and name == "model" and (checkpoint / SHARDED).is_dir():
+        return read_sharded(checkpoint / SHARDED, "model")
     if not path.is_file():
         raise VitlabError(f"{checkpoint} holds no {path.name}; is it a checkpoint of another kind of run?")
     return load_file(path)
+
+
+def read_sharded(folder: Path, key: str) -> dict[str, torch.Tensor]:
+    """The full tensors under `key` of a torch.distributed.checkpoint folder, read by this process alone."""
+    metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    prefix = f"{key}."
+    tensors = {
+        name[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for name, meta in metadata.items()
+        if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
+    }
+    load_sharded({key: tensors}, folder, local=True)
+    return tensors
+
+
+def load_sharded(state: dict, folder: Path, local: bool) -> None:
+    """Fill `state` in place from a torch.distributed.checkpoint folder; `local`: by this process alone."""
+    with warnings.catch_warnings():  # dcp warns when it loads without collectives, which `local` asks for
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder, no_dist=local)
 
 
 def load_weights(checkpoint: Path, model: torch.nn.Module, name: str = "model") -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vitlab.config import AugmentConfig, OptimConfig, RunConfig, from_dict
@@ -29,7 +28,7 @@ from vitlab.eval.classification import classification_metrics
 from vitlab.models.presets import create_model
 from vitlab.models.vit import VisionTransformer
 from vitlab.train import checkpoint as ckpt
-from vitlab.train import distributed
+from vitlab.train import distributed, sharding
 from vitlab.train.finetune import parameter_groups, prepare_model
 from vitlab.train.monitors import StabilityMonitor
 from vitlab.train.precision import autocast, resolve_precision
@@ -178,8 +177,10 @@ def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None,
     num_classes = splits.train.num_classes
 
     torch.manual_seed(tc.seed)
-    model = prepare_model(build_model(config, data.image_size, num_classes), config.finetune, load=resume_dir is None)
-    model = model.to(ctx.device)
+    model, net = sharding.wrap_model(
+        lambda: prepare_model(build_model(config, data.image_size, num_classes), config.finetune, load=resume_dir is None),
+        tc.strategy, ctx, precision, tc.compile, tc.cpu_offload,
+    )  # fmt: skip
     monitor = StabilityMonitor(model)
     optimizer = build_optimizer(model, oc)
     ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay else None
@@ -199,30 +200,26 @@ def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None,
     if resume_dir is not None:
         run_dir = resume_dir
         checkpoint = ckpt.find_checkpoint(run_dir)
-        ckpt.load_weights(checkpoint, model)
-        ckpt.load_optimizer(checkpoint, optimizer)
+        sharding.load_checkpoint(checkpoint, model, optimizer)
         step = ckpt.read_meta(checkpoint)["step"]
         if ema is not None:
             ckpt.load_weights(checkpoint, ema.module, "ema")
             ema.n_averaged.fill_(step)  # non-zero: the next update averages instead of copying
     else:
-        run_dir = new_run_dir(config) if ctx.is_main else None
+        run_dir = distributed.broadcast_object(new_run_dir(config) if ctx.is_main else None)
     log = None
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         log = RunLog(run_dir, resume_step=step if resume_dir else None)
 
-    net = model
-    if tc.compile:
-        net = torch.compile(net)
-    if ctx.distributed:
-        net = DistributedDataParallel(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     criterion_smoothing = tc.label_smoothing
 
     def save(meta_extra: dict | None = None) -> None:
-        if ctx.is_main:
-            meta = {"epoch": step / steps_per_epoch, "config": config.to_dict(), "num_classes": num_classes, **(meta_extra or {})}
+        meta = {"epoch": step / steps_per_epoch, "config": config.to_dict(), "num_classes": num_classes, **(meta_extra or {})}
+        if tc.strategy == "fsdp":  # every rank writes its shards
+            sharding.save_sharded_checkpoint(run_dir, step, model, optimizer, meta, tc.keep_checkpoints)
+        elif ctx.is_main:
             ckpt.save_checkpoint(run_dir, step, model, optimizer, meta, ema.module if ema else None, tc.keep_checkpoints)
 
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and ctx.is_main), unit="step", dynamic_ncols=True)
@@ -249,9 +246,9 @@ def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None,
             objective.backward()
             if oc.clip_grad_value is not None:
                 torch.nn.utils.clip_grad_value_(model.parameters(), oc.clip_grad_value)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm or float("inf"))
+            grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm or float("inf")))
             finite = distributed.all_reduce(torch.isfinite(loss.detach() + grad_norm).float(), "min").item() == 1.0
-            if (logged and log) or not finite:
+            if logged or not finite:  # on every rank: the largest gradient of FSDP shards is a collective
                 signals = monitor.collect(logits, grad_norm)  # before zero_grad: it reads the gradients
             if finite:
                 optimizer.step()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from vitlab.errors import VitlabError
 
@@ -69,6 +70,20 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def broadcast_object(value: object) -> object:
+    """Rank 0's `value` (any picklable object) on every rank (itself in a single process)."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: the whole of a DTensor (e.g. the gradient norm of FSDP parameters), or `tensor` itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def teardown() -> None:
     """Leave the process group cleanly.
 
@@ -84,11 +99,16 @@ def teardown() -> None:
 
 @torch.no_grad()
 def max_rank_difference(model: torch.nn.Module) -> float:
-    """Largest |parameter - rank 0's parameter| over all ranks (0.0 when the replicas agree)."""
+    """Largest |parameter - rank 0's parameter| over all ranks and replicated parameters (0.0 when they agree).
+
+    Sharded (FSDP) parameters have no replicas to compare.
+    """
     if not dist.is_initialized():
         return 0.0
     worst = torch.zeros((), device=next(model.parameters()).device)
     for p in model.parameters():
+        if isinstance(p, DTensor):
+            continue
         reference = p.detach().clone()
         dist.broadcast(reference, src=0)
         worst = torch.maximum(worst, (p.detach() - reference).abs().max())

@@ -16,8 +16,10 @@ from contextlib import contextmanager, nullcontext
 from collections.abc import Iterator
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from vitlab.models.blocks import watch_attention
+from vitlab.train import distributed
 
 
 def attention_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -27,9 +29,11 @@ def attention_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def max_abs_grad(model: torch.nn.Module) -> torch.Tensor:
-    """Largest |gradient| over every parameter that has one."""
-    grads = [p.grad.detach().abs().max() for p in model.parameters() if p.grad is not None]
-    return torch.stack(grads).max() if grads else torch.zeros(())
+    """Largest |gradient| over every parameter that has one; with FSDP, over every rank's shards (collective)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    largest = torch.stack([g.detach().abs().max() for g in local if g.numel()] or [torch.zeros(())]).max()
+    return distributed.all_reduce(largest, "max") if any(isinstance(g, DTensor) for g in grads) else largest
 
 
 class StabilityMonitor:
