@@ -1,6 +1,6 @@
 """The default run (`vitlab train` with no arguments) on the built-in data: ≥ 90 % test accuracy.
 
-It takes about ten minutes on a 2-core CPU, so it carries the `slow` marker:
+It takes about 25 minutes on a shared 2-core CPU, so it carries the `slow` marker:
 `python3 -m pytest -m slow tests/train/test_default_run.py`.
 """
 
