@@ -11,10 +11,25 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vitlab.errors import check_choice
+from vitlab.errors import VitlabError, check_choice
 
 ATTENTION_IMPLS = ("auto", "matmul", "sdpa")
 BRANCH_NORMS = ("none", "mlp", "sum")
+BLOCKS = ("serial", "parallel")
+
+
+def check_block_options(block: str, branch_norm: str, attn_impl: str, embed_dim: int, num_heads: int) -> None:
+    """Validate the transformer-block keywords shared by every model built of these blocks."""
+    check_choice("block", block, BLOCKS)
+    check_choice("branch_norm", branch_norm, BRANCH_NORMS)
+    check_choice("attn_impl", attn_impl, ATTENTION_IMPLS)
+    if embed_dim % num_heads:
+        raise VitlabError(
+            f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
+            f"choose num_heads among the divisors of {embed_dim}"
+        )
+    if block == "serial" and branch_norm != "none":
+        raise VitlabError(f"branch_norm={branch_norm!r} needs block='parallel' (it normalises the parallel branch)")
 
 
 @functools.cache

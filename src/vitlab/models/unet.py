@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vitlab.errors import VitlabError, check_choice
-from vitlab.models.blocks import ATTENTION_IMPLS, BRANCH_NORMS, ParallelBlock, SerialBlock, layer_norm
+from vitlab.errors import VitlabError
+from vitlab.models.blocks import ParallelBlock, SerialBlock, check_block_options, layer_norm
 from vitlab.models.gan import ResnetBlock, init_gan_weights
 from vitlab.models.presets import meta_parameter_count, preset_config
-from vitlab.models.vit import BLOCKS, PatchEmbed
+from vitlab.models.vit import PatchEmbed
 
 
 def token_grid(tokens: torch.Tensor) -> torch.Tensor:
@@ -88,13 +88,7 @@ class ViTUnet(nn.Module):
         input_skip: bool = False,
     ):
         super().__init__()
-        check_choice("block", block, BLOCKS)
-        check_choice("branch_norm", branch_norm, BRANCH_NORMS)
-        check_choice("attn_impl", attn_impl, ATTENTION_IMPLS)
-        if block == "serial" and branch_norm != "none":
-            raise VitlabError(f"branch_norm={branch_norm!r} needs block='parallel' (it normalises the parallel branch)")
-        if embed_dim % num_heads:
-            raise VitlabError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        check_block_options(block, branch_norm, attn_impl, embed_dim, num_heads)
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         grid = self.patch_embed.grid
         if levels < 0 or grid % 2**levels:

@@ -11,9 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError, check_choice
-from vitlab.models.blocks import ATTENTION_IMPLS, BRANCH_NORMS, ParallelBlock, SerialBlock, gemm, layer_norm
+from vitlab.models.blocks import ParallelBlock, SerialBlock, check_block_options, gemm, layer_norm
 
-BLOCKS = ("serial", "parallel")
 POS_EMBEDS = ("learn", "sincos")
 POOLS = ("cls", "gap")
 HEADS = ("linear", "mlp")
@@ -105,19 +104,10 @@ class VisionTransformer(nn.Module):
     ):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        check_choice("block", block, BLOCKS)
-        check_choice("branch_norm", branch_norm, BRANCH_NORMS)
+        check_block_options(block, branch_norm, attn_impl, embed_dim, num_heads)
         check_choice("pos_embed", pos_embed, POS_EMBEDS)
         check_choice("pool", pool, POOLS)
         check_choice("head", head, HEADS)
-        check_choice("attn_impl", attn_impl, ATTENTION_IMPLS)
-        if embed_dim % num_heads:
-            raise VitlabError(
-                f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}; "
-                f"choose num_heads among the divisors of {embed_dim}"
-            )
-        if block == "serial" and branch_norm != "none":
-            raise VitlabError(f"branch_norm={branch_norm!r} needs block='parallel' (it normalises the parallel branch)")
         for name, p in (("dropout", dropout), ("attn_dropout", attn_dropout), ("drop_path", drop_path)):
             if not 0.0 <= p < 1.0:
                 raise VitlabError(f"{name}={p} must be in [0, 1)")
