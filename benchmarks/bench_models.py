@@ -38,6 +38,10 @@ from vitlab.models import preset_config
 
 IMG_SIZE, NUM_CLASSES = 32, 10
 IMPLS = ("vitlab", "reference")
+# glibc gives freed blocks back to the kernel, so the next step page-faults its activations in again: here
+# 0.1-1.1 M minor faults and 0.3-2 s of system time per ViT-S/4 step, by chance more for one model than the
+# other. Keeping freed memory in the process (what jemalloc/tcmalloc do) removes that noise for all workers.
+KEEP_FREED_MEMORY = {"MALLOC_TRIM_THRESHOLD_": str(16 << 30), "MALLOC_TOP_PAD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 
 
 # ---------------------------------------------------------------- the naive reference
@@ -214,8 +218,9 @@ def run_peak(device_name: str) -> None:
 class Worker:
     """A worker subprocess answering one JSON line per command; `ask` returns None once it has timed out."""
 
-    def __init__(self, args: list[str], timeout: float):
-        self.proc = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, args: list[str], timeout: float, env: dict | None = None):
+        command = [sys.executable, __file__, *args]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.timeout, self.timed_out = timeout, False
 
     def read(self, timeout: float):
@@ -246,12 +251,13 @@ class Worker:
 def measure_group(models: list[str], dtype: str, args) -> tuple[dict, dict]:
     """vitlab and the reference of every model side by side, taking turns (ABC..CBA) over warm-up and timed
     steps, with one fp32 matmul-peak sample after each timed round. Returns (results by (model, impl), peaks)."""
-    peak = Worker(["--peak", args.device], timeout=600)
+    env = None if args.system_malloc else os.environ | KEEP_FREED_MEMORY
+    peak = Worker(["--peak", args.device], timeout=600, env=env)
     workers = {}
     for model in models:
         for impl in IMPLS:
             spec = dict(model=model, impl=impl, dtype=dtype, depth=args.depth, batch=args.batch, device=args.device)
-            workers[model, impl] = Worker(["--worker", json.dumps(spec)], args.max_step_s)
+            workers[model, impl] = Worker(["--worker", json.dumps(spec)], args.max_step_s, env)
     peaks = {"bf16": peak.read(600)["bf16"], "fp32": []}
     results = {key: {"params": w.read(600)["params"], "train": [], "infer": []} for key, w in workers.items()}
     keys = list(workers)
@@ -350,7 +356,8 @@ def summarise(args, groups: dict) -> tuple[str, list[dict]]:
     lines = [
         f"Machine: {machine(args.device)}",
         f"Depth {args.depth}, batch {args.batch}, {IMG_SIZE} px, AdamW (fused); {args.warmup} warm-up + {args.steps} "
-        f"timed steps each, medians; a step slower than {args.max_step_s:.0f} s is stopped and reported as a bound. "
+        f"timed steps each, medians; a step slower than {args.max_step_s:.0f} s is stopped and reported as a bound; "
+        f"{'glibc malloc defaults' if args.system_malloc else 'freed memory kept in each worker (KEEP_FREED_MEMORY)'}. "
         "MFU of bf16 rows is against the faster of the fp32 and bf16 matmul peaks.",
         *notes,
         "",
@@ -406,6 +413,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--max-step-s", type=float, default=90.0, help="stop a configuration whose step takes longer")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--system-malloc", action="store_true", help="leave glibc malloc's defaults (see KEEP_FREED_MEMORY)")
     parser.add_argument("--out", type=Path, help="write the markdown tables here, and the raw numbers beside it as .json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--peak", help=argparse.SUPPRESS)
