@@ -1,6 +1,7 @@
 """The default run (`vitlab train` with no arguments) on the built-in data: ≥ 90 % test accuracy.
 
-It takes about 25 minutes on a shared 2-core CPU, so it carries the `slow` marker:
+It takes about 8 minutes on a quiet 2-core CPU (README, "The default run"), too long for the
+default test command, so it carries the `slow` marker:
 `python3 -m pytest -m slow tests/train/test_default_run.py`.
 """
 
