@@ -145,6 +145,12 @@ def cmd_stability(args: argparse.Namespace) -> None:
               f"max |grad| {facts['max_abs_grad']:.4g}, test acc@1 {acc}")  # fmt: skip
 
 
+def add_run_options(parser: argparse.ArgumentParser, what: str = "config") -> None:
+    """`--set KEY=VALUE` (repeatable) and `--no-progress`, shared by every command that trains."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a {what} key")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="vitlab", description=__doc__)
@@ -174,16 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a classifier (no arguments: the default run on built-in data)")
     train.add_argument("config", nargs="?", help="YAML config (see configs/); default: the built-in default run")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_run_options(train)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     train.add_argument("--strategy", choices=("single", "ddp", "fsdp"), help="train.strategy: one process, DDP or FSDP2")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
     finetune = sub.add_parser("finetune", help="fine-tune pretrained weights (a config with a finetune section)")
     finetune.add_argument("config", help="YAML config with a finetune section (finetune.checkpoint: PATH)")
-    finetune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    finetune.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(finetune)
     finetune.set_defaults(func=cmd_finetune, resume=None)
 
     inspect = sub.add_parser("inspect", help="attention maps, rollout, attention distances and embedding PNGs of a run")
@@ -198,8 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stability = sub.add_parser("stability", help="train variants side by side and draw Fig. 1 (logits, gradients)")
     stability.add_argument("config", help="stability study YAML (see configs/stability/)")
-    stability.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a study key")
-    stability.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(stability, "study")
     stability.set_defaults(func=cmd_stability)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on test data")
@@ -212,9 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     translate_train = sub.add_parser("translate-train", help="train a CycleGAN: ViTUnet or the ResNet generator (paper §4)")
     translate_train.add_argument("config", nargs="?", help="YAML config, e.g. configs/translate-builtin.yaml")
-    translate_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_run_options(translate_train)
     translate_train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    translate_train.add_argument("--no-progress", action="store_true", help="no progress bar")
     translate_train.set_defaults(func=cmd_translate_train)
 
     translate_eval = sub.add_parser("translate-eval", help="FID/KID (and L1/PSNR to the truth) of a translation run")
