@@ -48,12 +48,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     """Train a classifier from a config (or the default run), or resume a run."""
     from vitlab.config import apply_overrides, from_dict, load_config, RunConfig
     from vitlab.train.classify import train
-    from vitlab.train.runs import load_run_config
+    from vitlab.train.runs import AUTO, load_run_config
 
     if vars(args).get("strategy"):
         args.set.append(f"train.strategy={args.strategy}")
 
-    if args.resume:
+    if args.resume and args.resume != AUTO:
         saved = load_run_config(Path(args.resume)).to_dict()
         config = from_dict(RunConfig, apply_overrides(saved, args.set)).validate()
     else:
@@ -101,9 +101,9 @@ def cmd_translate_train(args: argparse.Namespace) -> None:
     """Train ViTUnet or the ResNet generator as a CycleGAN, or resume a run."""
     from vitlab.config import TranslateConfig, apply_overrides, from_dict, load_config
     from vitlab.train.cyclegan import train_translation
-    from vitlab.train.runs import load_run_config
+    from vitlab.train.runs import AUTO, load_run_config
 
-    if args.resume:
+    if args.resume and args.resume != AUTO:
         saved = load_run_config(Path(args.resume), TranslateConfig).to_dict()
         config = from_dict(TranslateConfig, apply_overrides(saved, args.set)).validate()
     elif args.config:
@@ -145,6 +145,12 @@ def cmd_stability(args: argparse.Namespace) -> None:
               f"max |grad| {facts['max_abs_grad']:.4g}, test acc@1 {acc}")  # fmt: skip
 
 
+RESUME_HELP = (
+    "continue a run from its last checkpoint; `auto`: continue the config's run (out_dir/name) if it has a "
+    "checkpoint, else start it (for preemptible jobs and torchrun --max-restarts)"
+)
+
+
 def add_run_options(parser: argparse.ArgumentParser, what: str = "config") -> None:
     """`--set KEY=VALUE` (repeatable) and `--no-progress`, shared by every command that trains."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a {what} key")
@@ -181,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a classifier (no arguments: the default run on built-in data)")
     train.add_argument("config", nargs="?", help="YAML config (see configs/); default: the built-in default run")
     add_run_options(train)
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    train.add_argument("--resume", metavar="RUN_DIR|auto", help=RESUME_HELP)
     train.add_argument("--strategy", choices=("single", "ddp", "fsdp"), help="train.strategy: one process, DDP or FSDP2")
     train.set_defaults(func=cmd_train)
 
@@ -216,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     translate_train = sub.add_parser("translate-train", help="train a CycleGAN: ViTUnet or the ResNet generator (paper §4)")
     translate_train.add_argument("config", nargs="?", help="YAML config, e.g. configs/translate-builtin.yaml")
     add_run_options(translate_train)
-    translate_train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    translate_train.add_argument("--resume", metavar="RUN_DIR|auto", help=RESUME_HELP)
     translate_train.set_defaults(func=cmd_translate_train)
 
     translate_eval = sub.add_parser("translate-eval", help="FID/KID (and L1/PSNR to the truth) of a translation run")
@@ -240,11 +246,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vitlab` console script."""
     args = build_parser().parse_args(argv)
+    from vitlab.train.runs import RunInterrupted
+
     try:
         args.func(args)
+    except RunInterrupted as exc:
+        print(f"vitlab {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except VitlabError as exc:
         print(f"vitlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"vitlab {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -117,9 +117,11 @@ class TrainConfig:
     device: str = "auto"
     strategy: str = "ddp"  # single, ddp (DDP under torchrun), fsdp (FSDP2 shards; vitlab.train.sharding)
     cpu_offload: bool = False  # fsdp only: sharded parameters, gradients and optimizer state in host memory
+    resume: str | None = None  # auto: continue out_dir/name if it has a checkpoint, else start it
 
     def validate(self) -> None:
         check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("train.resume", self.resume, (None, "auto"))
         check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
         check_choice("train.strategy", self.strategy, ("single", "ddp", "fsdp"))
         if self.epochs <= 0 or self.batch_size <= 0:
@@ -368,9 +370,11 @@ class TranslateTrainConfig:
     max_bad_steps: int = 3
     threads: int | None = None
     device: str = "auto"
+    resume: str | None = None  # auto: continue out_dir/name if it has a checkpoint, else start it
 
     def validate(self) -> None:
         check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("train.resume", self.resume, (None, "auto"))
         check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
         if self.epochs < 0 or self.decay_epochs < 0 or self.epochs + self.decay_epochs <= 0:
             raise VitlabError("train.epochs and train.decay_epochs must be >= 0, and not both 0")

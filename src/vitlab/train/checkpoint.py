@@ -9,7 +9,10 @@ A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNNN/` holding
 A run trained with FSDP holds `sharded/` instead of the first two: every rank's shards of the model and
 optimizer, written by torch.distributed.checkpoint (see vitlab.train.sharding).
 It is written under a temporary name and renamed into place, then `checkpoints/latest` is
-replaced atomically, so a run killed at any moment leaves the previous checkpoint intact.
+replaced atomically, so a run killed at any moment leaves the previous checkpoint intact. A step that
+is already saved is never deleted to be saved again (its tensors are a function of the step; only its
+meta.json is replaced, atomically), and `find_checkpoint` falls back to the newest complete checkpoint
+when `latest` names none.
 """
 
 from __future__ import annotations
@@ -33,9 +36,12 @@ SHARDED = "sharded"
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename."""
+    """Write a text file through a temporary file, flushed to disk, and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -89,13 +95,30 @@ def publish(tmp: Path, step: int, meta: dict, keep: int) -> Path:
     """Write meta.json into the staged folder, rename it into place, point `latest` at it, keep the newest `keep`."""
     root = tmp.parent
     final = root / f"step-{step:08d}"
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    text = json.dumps({**meta, "step": step}, indent=2)
+    if (final / "meta.json").is_file():  # saved before (the same tensors): refresh the metadata, no gap
+        write_text_atomic(final / "meta.json", text)
+        shutil.rmtree(tmp)
+    else:
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover, never named by `latest`
+        (tmp / "meta.json").write_text(text)
+        os.replace(tmp, final)
     write_text_atomic(root / LATEST, final.name)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+    for old in complete_checkpoints(root)[: -max(keep, 1)]:
         shutil.rmtree(old)
     return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The checkpoint folders under `root` whose meta.json reads, oldest first."""
+    found = []
+    for folder in sorted(p for p in root.glob("step-*") if p.is_dir()):
+        try:
+            json.loads((folder / "meta.json").read_text())
+            found.append(folder)
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -108,6 +131,9 @@ def find_checkpoint(path: str | Path) -> Path:
             candidate = root / (root / LATEST).read_text().strip()
             if (candidate / "meta.json").is_file():
                 return candidate
+        complete = complete_checkpoints(root) if root.is_dir() else []
+        if complete:  # `latest` is missing or names nothing: the newest complete checkpoint
+            return complete[-1]
     raise VitlabError(
         f"no checkpoint found at {path}; give a run directory (with checkpoints/latest) "
         "or a checkpoint folder (with model.safetensors and meta.json)"
@@ -116,7 +142,19 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def read_meta(checkpoint: Path) -> dict:
     """The JSON metadata of a checkpoint folder."""
-    return json.loads((checkpoint / "meta.json").read_text())
+    path = checkpoint / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise VitlabError(f"{path} cannot be read ({type(exc).__name__}); {older_checkpoint_hint(checkpoint)}") from None
+
+
+def older_checkpoint_hint(checkpoint: Path) -> str:
+    """What to do about a damaged checkpoint: the previous intact one, if any."""
+    older = [c for c in complete_checkpoints(checkpoint.parent) if c.name < checkpoint.name]
+    if not older:
+        return "no older checkpoint is intact; start the run again"
+    return f"the previous intact checkpoint is {older[-1]}: delete {checkpoint} to resume from it"
 
 
 def load_tensors(checkpoint: Path, name: str = "model") -> dict[str, torch.Tensor]:
@@ -126,7 +164,10 @@ def load_tensors(checkpoint: Path, name: str = "model") -> dict[str, torch.Tenso
         return read_sharded(checkpoint / SHARDED, "model")
     if not path.is_file():
         raise VitlabError(f"{checkpoint} holds no {path.name}; is it a checkpoint of another kind of run?")
-    return load_file(path)
+    try:
+        return load_file(path)
+    except Exception as exc:  # safetensors raises its own error type for a truncated or malformed file
+        raise VitlabError(f"{path} is damaged ({str(exc)[:120]}); {older_checkpoint_hint(checkpoint)}") from None
 
 
 def read_sharded(folder: Path, key: str) -> dict[str, torch.Tensor]:
@@ -151,7 +192,21 @@ def load_sharded(state: dict, folder: Path, local: bool) -> None:
 
 def load_weights(checkpoint: Path, model: torch.nn.Module, name: str = "model") -> None:
     """Load `model.safetensors` (or `ema.safetensors`, or `NAME.safetensors`) into `model`."""
-    model.load_state_dict(load_tensors(checkpoint, name))
+    fit_state_dict(model, load_tensors(checkpoint, name), checkpoint / f"{name}.safetensors")
+
+
+def fit_state_dict(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], source: Path) -> None:
+    """`model.load_state_dict`, with a one-line error when the tensors come from a differently shaped model."""
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
+        raise VitlabError(
+            f"{source} does not fit the model built from the config ({detail[:200]}); settings that change the "
+            "model (model.*, data.image_size, the dataset's classes) cannot change on resume: start a new run, "
+            "or fine-tune from this one (finetune.checkpoint)"
+        ) from None
 
 
 def load_optimizer(checkpoint: Path, optimizer: torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer]) -> None:

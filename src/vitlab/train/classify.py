@@ -8,15 +8,11 @@ is a pure function of the step, so the step is the whole scheduler state.
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
-from tqdm import tqdm
 
 from vitlab.config import AugmentConfig, OptimConfig, RunConfig, from_dict
 from vitlab.data import load_splits
@@ -32,8 +28,8 @@ from vitlab.train import distributed, sharding
 from vitlab.train.finetune import parameter_groups, prepare_model
 from vitlab.train.monitors import StabilityMonitor
 from vitlab.train.precision import autocast, resolve_precision
-from vitlab.train.run_log import RunLog, plot_curves
-from vitlab.train.runs import TrainingDiverged, new_run_dir, step_seed
+from vitlab.train.run_log import plot_curves
+from vitlab.train.runs import Run, TrainingDiverged, step_seed  # noqa: F401 (TrainingDiverged: re-exported)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:
@@ -158,15 +154,15 @@ def evaluate_checkpoint(
 
 
 def train(config: RunConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Train a classifier from scratch (or resume one); returns the final test metrics."""
+    """Train a classifier from scratch (or resume one: a run directory, or `auto`); returns the final test metrics."""
     ctx = distributed.setup(config.train.device)
     try:
-        return _train(config, ctx, Path(resume_dir) if resume_dir else None, progress)
+        return _train(config, ctx, resume_dir, progress)
     finally:
         distributed.teardown()
 
 
-def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None, progress: bool) -> dict:
+def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | None, progress: bool) -> dict:
     tc, oc = config.train, config.optim
     precision = resolve_precision(tc.precision, ctx.device)
     if tc.threads:
@@ -175,20 +171,10 @@ def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None,
     splits = load_splits(data.name, data.root, data.image_size, data.download,
                          num_train=data.num_train, num_test=data.num_test, seed=data.seed, **data.builtin)  # fmt: skip
     num_classes = splits.train.num_classes
-
-    torch.manual_seed(tc.seed)
-    model, net = sharding.wrap_model(
-        lambda: prepare_model(build_model(config, data.image_size, num_classes), config.finetune, load=resume_dir is None),
-        tc.strategy, ctx, precision, tc.compile, tc.cpu_offload,
-    )  # fmt: skip
-    monitor = StabilityMonitor(model)
-    optimizer = build_optimizer(model, oc)
-    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay else None
-
     if tc.batch_size % ctx.world_size:
         raise VitlabError(f"train.batch_size={tc.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
-    per_rank = tc.batch_size // ctx.world_size
-    loader = BatchIterator(splits.train, per_rank, seed=tc.seed, rank=ctx.rank, world_size=ctx.world_size, train=True)
+    loader = BatchIterator(splits.train, tc.batch_size // ctx.world_size, seed=tc.seed, rank=ctx.rank,
+                           world_size=ctx.world_size, train=True)  # fmt: skip
     steps_per_epoch = loader.steps_per_epoch
     if steps_per_epoch == 0:
         raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the {len(splits.train)} training images per rank")
@@ -196,113 +182,86 @@ def _train(config: RunConfig, ctx: distributed.Context, resume_dir: Path | None,
     warmup_steps = round(oc.warmup_epochs * steps_per_epoch)
     eval_every = max(1, round(tc.eval_every_epochs * steps_per_epoch))
 
-    step = 0
-    if resume_dir is not None:
-        run_dir = resume_dir
-        checkpoint = ckpt.find_checkpoint(run_dir)
-        sharding.load_checkpoint(checkpoint, model, optimizer)
-        step = ckpt.read_meta(checkpoint)["step"]
-        if ema is not None:
-            ckpt.load_weights(checkpoint, ema.module, "ema")
-            ema.n_averaged.fill_(step)  # non-zero: the next update averages instead of copying
-    else:
-        run_dir = distributed.broadcast_object(new_run_dir(config) if ctx.is_main else None)
-    log = None
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        log = RunLog(run_dir, resume_step=step if resume_dir else None)
+    with Run(config, ctx, resume, total_steps, steps_per_epoch, progress) as run:
+        torch.manual_seed(tc.seed)
+        model, net = sharding.wrap_model(
+            lambda: prepare_model(build_model(config, data.image_size, num_classes), config.finetune, load=run.checkpoint is None),
+            tc.strategy, ctx, precision, tc.compile, tc.cpu_offload,
+        )  # fmt: skip
+        monitor = StabilityMonitor(model)
+        optimizer = build_optimizer(model, oc)
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay else None
+        if run.checkpoint is not None:
+            sharding.load_checkpoint(run.checkpoint, model, optimizer)
+            if ema is not None:
+                ckpt.load_weights(run.checkpoint, ema.module, "ema")
+                ema.n_averaged.fill_(run.step)  # non-zero: the next update averages instead of copying
 
-    criterion_smoothing = tc.label_smoothing
+        def save(extra: dict | None = None) -> None:
+            run.save(model, optimizer, {"num_classes": num_classes, **(extra or {})}, ema.module if ema else None)
 
-    def save(meta_extra: dict | None = None) -> None:
-        meta = {"epoch": step / steps_per_epoch, "config": config.to_dict(), "num_classes": num_classes, **(meta_extra or {})}
-        if tc.strategy == "fsdp":  # every rank writes its shards
-            sharding.save_sharded_checkpoint(run_dir, step, model, optimizer, meta, tc.keep_checkpoints)
-        elif ctx.is_main:
-            ckpt.save_checkpoint(run_dir, step, model, optimizer, meta, ema.module if ema else None, tc.keep_checkpoints)
+        net.train()
+        while run.step < total_steps:
+            epoch, start = divmod(run.step, steps_per_epoch)
+            for images, labels in loader.epoch_batches(epoch, start):
+                step = run.step
+                gen = torch.Generator().manual_seed(step_seed(tc.seed, step, ctx.rank, 0))
+                torch.manual_seed(step_seed(tc.seed, step, ctx.rank, 1))
+                x, targets = augment_batch(images, labels, config.augment, gen, num_classes)
+                x, targets = x.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
+                lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
+                run.set_lr(optimizer, lr)
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and ctx.is_main), unit="step", dynamic_ncols=True)
-    bad_in_row, skipped, seen, started = 0, 0, 0, time.perf_counter()
-    net.train()
-    while step < total_steps:
-        epoch, start = divmod(step, steps_per_epoch)
-        for images, labels in loader.epoch_batches(epoch, start):
-            gen = torch.Generator().manual_seed(step_seed(tc.seed, step, ctx.rank, 0))
-            torch.manual_seed(step_seed(tc.seed, step, ctx.rank, 1))
-            x, targets = augment_batch(images, labels, config.augment, gen, num_classes)
-            x, targets = x.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
-            lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)  # no lr_scale in checkpoints of older runs
+                logged = (step + 1) % tc.log_every_steps == 0 or step + 1 == total_steps
+                x.requires_grad_(tc.grad_penalty > 0)
+                with monitor.watch(logged), autocast(ctx.device, precision):
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=tc.label_smoothing)
+                extra = penalties(loss, logits, x, tc.z_loss, tc.grad_penalty)
+                (loss + sum(extra.values())).backward()
+                if oc.clip_grad_value is not None:
+                    torch.nn.utils.clip_grad_value_(model.parameters(), oc.clip_grad_value)
+                grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm or float("inf")))
+                finite = distributed.all_reduce(torch.isfinite(loss.detach() + grad_norm).float(), "min").item() == 1.0
+                if logged or not finite:  # on every rank: the largest gradient of FSDP shards is a collective
+                    signals = monitor.collect(logits, grad_norm)  # before zero_grad: it reads the gradients
+                if finite:
+                    optimizer.step()
+                    if ema is not None:
+                        ema.update_parameters(model)
+                optimizer.zero_grad(set_to_none=True)
+                run.count(finite)
+                if run.diverged:
+                    failing = dict(loss=loss.item(), lr=lr, images_per_s=0.0, skipped=run.skipped, **signals)
+                    run.log("steps", failing, step=step + 1)  # the failing step goes into the curves too
+                    raise run.divergence(
+                        "loss or gradient", f"loss {loss.item():.4g}; {monitor.summary()}",
+                        "Lower optim.lr, set optim.clip_grad_norm, or try the stabilisers "
+                        "(model.options.qk_norm, model.options.branch_norm=mlp)",
+                    )  # fmt: skip
+                run.advance(tc.batch_size)
 
-            logged = (step + 1) % tc.log_every_steps == 0 or step + 1 == total_steps
-            x.requires_grad_(tc.grad_penalty > 0)
-            with monitor.watch(logged), autocast(ctx.device, precision):
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=criterion_smoothing)
-            extra = penalties(loss, logits, x, tc.z_loss, tc.grad_penalty)
-            objective = loss + sum(extra.values())
-            objective.backward()
-            if oc.clip_grad_value is not None:
-                torch.nn.utils.clip_grad_value_(model.parameters(), oc.clip_grad_value)
-            grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm or float("inf")))
-            finite = distributed.all_reduce(torch.isfinite(loss.detach() + grad_norm).float(), "min").item() == 1.0
-            if logged or not finite:  # on every rank: the largest gradient of FSDP shards is a collective
-                signals = monitor.collect(logits, grad_norm)  # before zero_grad: it reads the gradients
-            if finite:
-                optimizer.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                bad_in_row = 0
-            else:
-                bad_in_row += 1
-                skipped += 1
-            optimizer.zero_grad(set_to_none=True)
-            if bad_in_row >= tc.max_bad_steps:
-                last = ckpt.find_checkpoint(run_dir) if run_dir and (run_dir / "checkpoints").exists() else "none"
-                if log:  # the failing step goes into the curves too
-                    log.log("steps", step + 1, dict(loss=loss.item(), lr=lr, images_per_s=0.0, skipped=skipped, **signals))
-                raise TrainingDiverged(
-                    f"training diverged: {bad_in_row} steps in a row with a non-finite loss or gradient, the last "
-                    f"at step {step} (loss {loss.item():.4g}; {monitor.summary()}); "
-                    f"last good checkpoint: {last}. Lower optim.lr, set optim.clip_grad_norm, or try the "
-                    f"stabilisers (model.options.qk_norm, model.options.branch_norm=mlp)"
-                )
-            step += 1
-            seen += tc.batch_size
-            bar.update(1)
+                if run.due(tc.log_every_steps):
+                    mean_loss = distributed.all_reduce(loss.detach().float().clone()).item() / ctx.world_size
+                    rate = run.images_per_s
+                    values = dict(loss=mean_loss, lr=lr, images_per_s=rate, skipped=run.skipped,
+                                  **{k: v.item() for k, v in extra.items()}, **signals)  # fmt: skip
+                    run.log("steps", values, postfix=dict(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}"))
+                if run.due(eval_every):
+                    metrics = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision)
+                    run.write(f"epoch {run.epoch:.2f}  step {run.step}  test acc@1 {100 * metrics['acc1']:.2f} %")
+                    run.log("epochs", {"epoch": run.epoch, **{f"test_{k}": v for k, v in metrics.items()}})
+                run.end_step(save)
+                if run.step >= total_steps:
+                    break
 
-            if step % tc.log_every_steps == 0 or step == total_steps:
-                mean_loss = distributed.all_reduce(loss.detach().float().clone()).item() / ctx.world_size
-                rate = seen / (time.perf_counter() - started)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}")
-                if log:
-                    extra_values = {k: v.item() for k, v in extra.items()}
-                    log.log("steps", step, dict(loss=mean_loss, lr=lr, images_per_s=rate, skipped=skipped, **extra_values, **signals))
-            if step % eval_every == 0 or step == total_steps:
-                metrics = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision)
-                bar.write(f"epoch {step / steps_per_epoch:.2f}  step {step}  test acc@1 {100 * metrics['acc1']:.2f} %")
-                if log:
-                    log.log("epochs", step, {"epoch": step / steps_per_epoch, **{f"test_{k}": v for k, v in metrics.items()}})
-            if step % tc.checkpoint_every_steps == 0 and step < total_steps:
-                save()
-            if step >= total_steps:
-                break
-    bar.close()
-
-    elapsed = time.perf_counter() - started
-    final = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision)
-    results = {
-        "test": final, "steps": step, "epochs": step / steps_per_epoch, "skipped_steps": skipped,
-        "train_seconds_this_session": elapsed, "train_images_per_s": seen / elapsed if elapsed else None,
-        "num_parameters": sum(p.numel() for p in model.parameters()), "world_size": ctx.world_size,
-        "max_rank_param_difference": distributed.max_rank_difference(model), "precision": precision,
-    }  # fmt: skip
-    save({"test": final})
-    if ctx.is_main:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        log.close()
-        plot_curves(run_dir)
-        results["run_dir"] = str(run_dir)
-    return results
+        elapsed = run.elapsed()
+        final = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision)
+        results = {
+            "test": final, "steps": run.step, "epochs": run.epoch, "skipped_steps": run.skipped,
+            "train_seconds_this_session": elapsed, "train_images_per_s": run.seen / elapsed if run.seen else None,
+            "num_parameters": sum(p.numel() for p in model.parameters()), "world_size": ctx.world_size,
+            "max_rank_param_difference": distributed.max_rank_difference(model), "precision": precision,
+        }  # fmt: skip
+        save({"test": final})
+        return run.finish(results, plot_curves)

@@ -15,19 +15,15 @@ step, and the image pools are saved in the checkpoint, so a resumed run continue
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 from torch import nn
-from tqdm import tqdm
 
 from vitlab.config import CycleLossConfig, FidConfig, GeneratorConfig, TranslateConfig, from_dict
 from vitlab.data.augment import normalize, random_flip
@@ -37,10 +33,10 @@ from vitlab.eval.fid import distances, resolve_features
 from vitlab.models.gan import PatchDiscriminator, ResnetGenerator
 from vitlab.models.unet import create_unet
 from vitlab.train import checkpoint as ckpt
-from vitlab.train.distributed import pick_device
+from vitlab.train.distributed import Context, pick_device
 from vitlab.train.precision import autocast, resolve_precision
-from vitlab.train.run_log import RunLog, plot_gan_curves, save_image_grid
-from vitlab.train.runs import TrainingDiverged, new_run_dir, step_seed
+from vitlab.train.run_log import plot_gan_curves, save_image_grid
+from vitlab.train.runs import Run, step_seed
 
 NETWORKS = ("g_a", "g_b", "d_a", "d_b")
 DIRECTIONS = ("AtoB", "BtoA")
@@ -218,26 +214,16 @@ def load_data(config: TranslateConfig, with_train: bool = True) -> UnpairedData:
 
 
 def train_translation(config: TranslateConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Train a CycleGAN (or resume one); returns the final metrics."""
+    """Train a CycleGAN (or resume one: a run directory, or `auto`); returns the final metrics."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise VitlabError("translate-train runs in a single process; start it without torchrun")
     tc, lc = config.train, config.loss
-    device = pick_device(tc.device)
+    ctx = Context(rank=0, world_size=1, device=pick_device(tc.device))
+    device = ctx.device
     precision = resolve_precision(tc.precision, device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     data = load_data(config)
-
-    torch.manual_seed(tc.seed)
-    nets = build_networks(config).to(device)
-    generators = itertools.chain(nets["g_a"].parameters(), nets["g_b"].parameters())
-    discriminators = itertools.chain(nets["d_a"].parameters(), nets["d_b"].parameters())
-    optimizers = {
-        "g": torch.optim.Adam(generators, lr=config.optim.lr, betas=config.optim.betas),
-        "d": torch.optim.Adam(discriminators, lr=config.optim.lr, betas=config.optim.betas),
-    }
-    pools = {"a": ImagePool(lc.pool_size), "b": ImagePool(lc.pool_size)}  # fake A images (for D_B), fake B (for D_A)
-
     n_a, n_b = len(data.train_a), len(data.train_b)
     steps_per_epoch = max(n_a, n_b) // tc.batch_size
     if steps_per_epoch == 0:
@@ -247,113 +233,101 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
     eval_every = max(1, round(tc.eval_every_epochs * steps_per_epoch))
     sample_every = max(1, round(tc.sample_every_epochs * steps_per_epoch))
 
-    step = 0
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
-        checkpoint = ckpt.find_checkpoint(run_dir)
-        for name in NETWORKS:
-            ckpt.load_weights(checkpoint, nets[name], name)
-        ckpt.load_optimizer(checkpoint, optimizers)
-        for name, pool in pools.items():
-            pool.load_state_dict(ckpt.load_tensors(checkpoint, f"pool_{name}"), device)
-        step = ckpt.read_meta(checkpoint)["step"]
-    else:
-        run_dir = new_run_dir(config)
-    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    log = RunLog(run_dir, resume_step=step if resume_dir else None)
+    with Run(config, ctx, resume_dir, total_steps, steps_per_epoch, progress) as run:
+        torch.manual_seed(tc.seed)
+        nets = build_networks(config).to(device)
+        generators = itertools.chain(nets["g_a"].parameters(), nets["g_b"].parameters())
+        discriminators = itertools.chain(nets["d_a"].parameters(), nets["d_b"].parameters())
+        optimizers = {
+            "g": torch.optim.Adam(generators, lr=config.optim.lr, betas=config.optim.betas),
+            "d": torch.optim.Adam(discriminators, lr=config.optim.lr, betas=config.optim.betas),
+        }
+        pools = {"a": ImagePool(lc.pool_size), "b": ImagePool(lc.pool_size)}  # fake A images (for D_B), fake B (for D_A)
+        if run.checkpoint is not None:
+            for name in NETWORKS:
+                ckpt.load_weights(run.checkpoint, nets[name], name)
+            ckpt.load_optimizer(run.checkpoint, optimizers)
+            for name, pool in pools.items():
+                pool.load_state_dict(ckpt.load_tensors(run.checkpoint, f"pool_{name}"), device)
+        (run.dir / "samples").mkdir(exist_ok=True)
 
-    def save(meta_extra: dict | None = None) -> None:
-        tensors = {**{name: nets[name] for name in NETWORKS}, **{f"pool_{k}": p.state_dict() for k, p in pools.items()}}
-        meta = {"epoch": step / steps_per_epoch, "config": config.to_dict(), **(meta_extra or {})}
-        ckpt.save_checkpoint(run_dir, step, tensors, optimizers, meta, keep=tc.keep_checkpoints)
+        def save(extra: dict | None = None) -> None:
+            tensors = {**{name: nets[name] for name in NETWORKS}, **{f"pool_{k}": p.state_dict() for k, p in pools.items()}}
+            run.save(tensors, optimizers, extra)
 
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-    bad_in_row, skipped, seen, started = 0, 0, 0, time.perf_counter()
-    nets.train()
-    while step < total_steps:
-        epoch, start = divmod(step, steps_per_epoch)
-        for idx_a, idx_b in unpaired_batches(n_a, n_b, tc.batch_size, epoch, tc.seed)[start:]:
-            gen = torch.Generator().manual_seed(step_seed(tc.seed, step, 0, 0))
-            torch.manual_seed(step_seed(tc.seed, step, 0, 1))
-            real_a = training_batch(data.train_a[idx_a], config.data.crop_size, config.data.hflip, gen).to(device)
-            real_b = training_batch(data.train_b[idx_b], config.data.crop_size, config.data.hflip, gen).to(device)
-            lr = config.optim.lr * lr_factor(step, constant_steps, total_steps)
-            for optimizer in optimizers.values():
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+        nets.train()
+        while run.step < total_steps:
+            epoch, start = divmod(run.step, steps_per_epoch)
+            for idx_a, idx_b in unpaired_batches(n_a, n_b, tc.batch_size, epoch, tc.seed)[start:]:
+                step = run.step
+                gen = torch.Generator().manual_seed(step_seed(tc.seed, step, 0, 0))
+                torch.manual_seed(step_seed(tc.seed, step, 0, 1))
+                real_a = training_batch(data.train_a[idx_a], config.data.crop_size, config.data.hflip, gen).to(device)
+                real_b = training_batch(data.train_b[idx_b], config.data.crop_size, config.data.hflip, gen).to(device)
+                lr = config.optim.lr * lr_factor(step, constant_steps, total_steps)
+                run.set_lr(optimizers, lr)
 
-            nets["d_a"].requires_grad_(False)
-            nets["d_b"].requires_grad_(False)
-            with autocast(device, precision):
-                loss_g, parts, fake_a, fake_b = generator_loss(nets, real_a, real_b, lc)
-            bad = not torch.isfinite(loss_g).item()
-            if not bad:
-                loss_g.backward()
-                optimizers["g"].step()
-                nets["d_a"].requires_grad_(True)
-                nets["d_b"].requires_grad_(True)
+                nets["d_a"].requires_grad_(False)
+                nets["d_b"].requires_grad_(False)
                 with autocast(device, precision):
-                    parts["d_a"] = discriminator_loss(nets["d_a"], real_b, pools["b"].query(fake_b, gen))
-                    parts["d_b"] = discriminator_loss(nets["d_b"], real_a, pools["a"].query(fake_a, gen))
-                loss_d = parts["d_a"] + parts["d_b"]
-                bad = not torch.isfinite(loss_d).item()
+                    loss_g, parts, fake_a, fake_b = generator_loss(nets, real_a, real_b, lc)
+                bad = not torch.isfinite(loss_g).item()
                 if not bad:
-                    loss_d.backward()
-                    optimizers["d"].step()
-            for optimizer in optimizers.values():
-                optimizer.zero_grad(set_to_none=True)
-            bad_in_row = bad_in_row + 1 if bad else 0
-            skipped += bad
-            if bad_in_row >= tc.max_bad_steps:
-                last = ckpt.find_checkpoint(run_dir) if (run_dir / "checkpoints").exists() else "none"
-                values = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
-                raise TrainingDiverged(
-                    f"training diverged: {bad_in_row} steps in a row with a non-finite loss, the last at step {step} "
-                    f"({values}); last good checkpoint: {last}. Lower optim.lr or try the stabilisers "
-                    "(generator.options.qk_norm, generator.options.branch_norm=mlp)"
-                )
-            step += 1
-            seen += tc.batch_size
-            bar.update(1)
+                    loss_g.backward()
+                    optimizers["g"].step()
+                    nets["d_a"].requires_grad_(True)
+                    nets["d_b"].requires_grad_(True)
+                    with autocast(device, precision):
+                        parts["d_a"] = discriminator_loss(nets["d_a"], real_b, pools["b"].query(fake_b, gen))
+                        parts["d_b"] = discriminator_loss(nets["d_b"], real_a, pools["a"].query(fake_a, gen))
+                    loss_d = parts["d_a"] + parts["d_b"]
+                    bad = not torch.isfinite(loss_d).item()
+                    if not bad:
+                        loss_d.backward()
+                        optimizers["d"].step()
+                for optimizer in optimizers.values():
+                    optimizer.zero_grad(set_to_none=True)
+                run.count(not bad)
+                if run.diverged:
+                    raise run.divergence(
+                        "loss", ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items()),
+                        "Lower optim.lr or try the stabilisers (generator.options.qk_norm, generator.options.branch_norm=mlp)",
+                    )  # fmt: skip
+                run.advance(tc.batch_size)
 
-            if step % tc.log_every_steps == 0 or step == total_steps:
-                rate = seen / (time.perf_counter() - started)
-                losses = {k: v.item() for k, v in parts.items()}
-                bar.set_postfix(g=f"{loss_g.item():.3f}", d=f"{losses.get('d_a', math.nan):.3f}", img_s=f"{rate:.1f}")
-                log.log("steps", step, {**losses, "lr": lr, "images_per_s": rate, "skipped": skipped})
-            if data.has_truth and (step % eval_every == 0 or step == total_steps):
-                fakes = translate_test_sets(nets, data, tc.batch_size, device, precision)
-                errors = translation_metrics(data, *fakes, None, device)
-                row = {f"{k}_{suffix}": v for d, suffix in zip(DIRECTIONS, ("ab", "ba")) for k, v in errors[d].items()}
-                log.log("epochs", step, {"epoch": step / steps_per_epoch, **row})
-                bar.write(
-                    f"epoch {step / steps_per_epoch:.2f}  step {step}  L1 to the truth: A→B {row['l1_ab']:.4f}, "
-                    f"B→A {row['l1_ba']:.4f} (identity {row['identity_l1_ab']:.4f}, {row['identity_l1_ba']:.4f})"
-                )
-            if step % sample_every == 0 or step == total_steps:
-                sample_grid(run_dir / "samples" / f"step-{step:08d}.png", nets, data, tc.num_samples, device, precision)
-            if step % tc.checkpoint_every_steps == 0 and step < total_steps:
-                save()
-            if step >= total_steps:
-                break
-    bar.close()
+                if run.due(tc.log_every_steps):
+                    rate = run.images_per_s
+                    losses = {k: v.item() for k, v in parts.items()}
+                    postfix = dict(g=f"{loss_g.item():.3f}", d=f"{losses.get('d_a', math.nan):.3f}", img_s=f"{rate:.1f}")
+                    run.log("steps", {**losses, "lr": lr, "images_per_s": rate, "skipped": run.skipped}, postfix)
+                if data.has_truth and run.due(eval_every):
+                    fakes = translate_test_sets(nets, data, tc.batch_size, device, precision)
+                    errors = translation_metrics(data, *fakes, None, device)
+                    row = {f"{k}_{suffix}": v for d, suffix in zip(DIRECTIONS, ("ab", "ba")) for k, v in errors[d].items()}
+                    run.log("epochs", {"epoch": run.epoch, **row})
+                    run.write(
+                        f"epoch {run.epoch:.2f}  step {run.step}  L1 to the truth: A→B {row['l1_ab']:.4f}, "
+                        f"B→A {row['l1_ba']:.4f} (identity {row['identity_l1_ab']:.4f}, {row['identity_l1_ba']:.4f})"
+                    )
+                if run.due(sample_every):
+                    sample_grid(run.dir / "samples" / f"step-{run.step:08d}.png", nets, data, tc.num_samples, device, precision)
+                run.end_step(save)
+                if run.step >= total_steps:
+                    break
 
-    elapsed = time.perf_counter() - started
-    fakes = translate_test_sets(nets, data, tc.batch_size, device, precision)
-    metrics = translation_metrics(data, *fakes, config.eval, device)
-    results = {
-        "test": metrics, "steps": step, "epochs": step / steps_per_epoch, "skipped_steps": skipped,
-        "train_seconds_this_session": elapsed, "train_images_per_s": seen / elapsed if elapsed else None,
-        "generator_parameters": sum(p.numel() for p in nets["g_a"].parameters()),
-        "discriminator_parameters": sum(p.numel() for p in nets["d_a"].parameters()), "precision": precision,
-    }  # fmt: skip
-    save({"test": metrics})
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log.close()
-    plot_gan_curves(run_dir)
-    sample_grid(run_dir / "samples.png", nets, data, tc.num_samples, device, precision)
-    return {**results, "run_dir": str(run_dir)}
+        elapsed = run.elapsed()
+        fakes = translate_test_sets(nets, data, tc.batch_size, device, precision)
+        metrics = translation_metrics(data, *fakes, config.eval, device)
+        results = {
+            "test": metrics, "steps": run.step, "epochs": run.epoch, "skipped_steps": run.skipped,
+            "train_seconds_this_session": elapsed, "train_images_per_s": run.seen / elapsed if run.seen else None,
+            "generator_parameters": sum(p.numel() for p in nets["g_a"].parameters()),
+            "discriminator_parameters": sum(p.numel() for p in nets["d_a"].parameters()), "precision": precision,
+        }  # fmt: skip
+        save({"test": metrics})
+        results = run.finish(results, plot_gan_curves)
+        sample_grid(run.dir / "samples.png", nets, data, tc.num_samples, device, precision)
+        return results
 
 
 def translate_test_sets(

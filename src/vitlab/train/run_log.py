@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import matplotlib
@@ -21,20 +22,32 @@ class CsvLog:
         self.path = path
         self.columns: list[str] | None = None
         if path.is_file():
-            with path.open() as f:
-                self.columns = next(csv.reader(f), None)
+            with path.open(newline="") as f:
+                self.columns = next(csv.reader(f), None) or None
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows logged after `step` (by a run killed after its last checkpoint)."""
+        """Drop rows logged after `step` (by a run killed after its last checkpoint) and torn rows.
+
+        The file is rewritten through a temporary file and a rename: a kill during the rewrite leaves
+        the old file whole.
+        """
         if not self.path.is_file():
             return
-        with self.path.open() as f:
+        with self.path.open(newline="") as f:
             rows = list(csv.DictReader(f))
-        kept = [r for r in rows if int(r["step"]) <= step]
-        with self.path.open("w", newline="") as f:
+        kept = [r for r in rows if row_step(r) is not None and row_step(r) <= step and None not in r and None not in r.values()]
+        if not kept:  # nothing worth keeping (or an empty or torn header): start the file afresh
+            self.path.unlink()
+            self.columns = None
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
         new = self.columns is None
@@ -45,6 +58,14 @@ class CsvLog:
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+
+def row_step(row: dict) -> int | None:
+    """The step of a CSV row, or None for a torn one."""
+    try:
+        return int(row["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def read_csv(path: Path) -> dict[str, list[float]]:
