@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from vitlab import create_model
 from vitlab.config import OptimConfig, load_config
+from vitlab.train import checkpoint as ckpt
 from vitlab.train.classify import TrainingDiverged, build_optimizer, evaluate_checkpoint, lr_factor, train
 
 # A run small enough for the test suite: an uncluttered built-in set, learnable in seconds.
@@ -126,3 +127,84 @@ def test_eval_refuses_a_folder_without_checkpoint(tmp_path):
 
     with pytest.raises(VitlabError, match="no checkpoint found"):
         evaluate_checkpoint(tmp_path)
+
+
+COMMON = [a for item in TINY for a in ("--set", item)] + ["--set", "train.epochs=3", "--no-progress"]
+
+
+def wait_for_rows(run_dir: Path, rows: int, process) -> None:
+    deadline = time.time() + 120
+    while not (run_dir / "steps.csv").is_file() or len(read_losses(run_dir)) < rows:
+        assert time.time() < deadline and process.poll() is None, "the run did not get going"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_preemption_saves_the_step_in_progress_and_auto_resume_continues_exactly(tmp_path, signum, code):
+    # No checkpoint on cadence before the signal (every 1000 steps): only the preemption save keeps the work.
+    args = [*COMMON, "--set", "train.checkpoint_every_steps=1000", "--set", "name=run"]
+    whole = run_cli("train", *args, "--set", f"out_dir={tmp_path / 'whole'}")
+    killed = run_cli("train", *args, "--set", f"out_dir={tmp_path / 'killed'}", stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "killed" / "run"
+    wait_for_rows(run_dir, 10, killed)
+    killed.send_signal(signum)
+    assert killed.wait(timeout=120) == code
+    lines = killed.stderr.read().strip().splitlines()
+    assert "Traceback" not in "\n".join(lines)
+    assert f"resume with `vitlab train --resume {run_dir}`" in lines[-1]
+    saved = ckpt.read_meta(ckpt.find_checkpoint(run_dir))["step"]
+    assert saved >= 10 and f"checkpoint: {run_dir}/checkpoints/step-{saved:08d}" in lines[-1]
+    assert whole.wait(timeout=300) == 0
+    # The restart a scheduler (or torchrun --max-restarts) makes: the same command with --resume auto.
+    resumed = run_cli("train", *args, "--set", f"out_dir={tmp_path / 'killed'}", "--resume", "auto")
+    assert resumed.wait(timeout=300) == 0
+    assert read_losses(run_dir) == read_losses(tmp_path / "whole" / "run")
+    assert not (tmp_path / "killed" / "run-2").exists()
+
+
+def test_resume_auto_starts_a_run_that_does_not_exist_yet(tmp_path):
+    results = train(tiny_config(tmp_path, "train.epochs=1", "name=fresh", "train.resume=auto"), progress=False)
+    assert results["run_dir"] == str(tmp_path / "fresh") and results["steps"] == 16
+
+
+def test_a_finished_run_is_not_resumed(tmp_path):
+    results = train(tiny_config(tmp_path, "train.epochs=1"), progress=False)
+    before = (Path(results["run_dir"]) / "results.json").read_text()
+    proc = run_cli("train", "--resume", results["run_dir"], stderr=subprocess.PIPE, text=True)
+    assert proc.wait(timeout=120) == 2
+    err = proc.stderr.read()
+    assert "is finished (step 16 of 16)" in err and "--set train.epochs" in err
+    assert (Path(results["run_dir"]) / "results.json").read_text() == before
+    # Extending it is a resume with more epochs.
+    longer = train(load_run_config_with(results["run_dir"], "train.epochs=2"), resume_dir=results["run_dir"], progress=False)
+    assert longer["steps"] == 32
+
+
+def load_run_config_with(run_dir, *overrides):
+    from vitlab.config import RunConfig, apply_overrides, from_dict
+    from vitlab.train.runs import load_run_config
+
+    return from_dict(RunConfig, apply_overrides(load_run_config(Path(run_dir)).to_dict(), list(overrides))).validate()
+
+
+def test_no_checkpoint_is_written_during_a_non_finite_streak(tmp_path):
+    # Three non-finite steps in a row stop the run; a checkpoint is due after every step.
+    config = tiny_config(tmp_path, "optim.name=sgd", "optim.lr=1.0e+12", "optim.warmup_epochs=0",
+                         "train.checkpoint_every_steps=1", "train.max_bad_steps=3", "train.keep_checkpoints=1")  # fmt: skip
+    with pytest.raises(TrainingDiverged) as info:
+        train(config, progress=False)
+    with (tmp_path / "default" / "steps.csv").open() as f:
+        first_bad = next(int(r["step"]) for r in csv.DictReader(f) if float(r["skipped"]) > 0)
+    latest = ckpt.find_checkpoint(tmp_path / "default")
+    assert ckpt.read_meta(latest)["step"] == first_bad - 1  # the step before the streak began
+    assert f"last good checkpoint: {latest}" in str(info.value)
+
+
+def test_a_model_changing_set_on_resume_is_one_line(tmp_path):
+    results = train(tiny_config(tmp_path, "train.epochs=0.5", "train.checkpoint_every_steps=4"), progress=False)
+    (Path(results["run_dir"]) / "results.json").unlink()  # as if killed before the end
+    proc = run_cli("train", "--resume", results["run_dir"], "--set", "model.options.depth=3", "--no-progress",
+                   stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.wait(timeout=120) == 2
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "does not fit the model built from the config" in err
