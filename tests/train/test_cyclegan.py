@@ -201,3 +201,29 @@ def test_paper_configs_cover_table_2_with_the_cyclegan_recipe() -> None:
             f"{data}-vitunet-vit-s32": "vit-s/32", f"{data}-vitunet-vit22b-s32": "vit22b-s/32",
             f"{data}-vitunet-vit-b32": "vit-b/32", f"{data}-resnet": "resnet",
         }  # fmt: skip
+
+
+def test_sigterm_saves_the_step_in_progress_and_auto_resume_continues_exactly(tmp_path: Path) -> None:
+    import os
+    import signal
+    import threading
+    import time
+
+    from vitlab.train.runs import RunInterrupted
+
+    settings = ["train.checkpoint_every_steps=1000", "name=gan"]
+    whole = train_translation(tiny_config(tmp_path / "whole", *settings), progress=False)
+    run_dir = tmp_path / "cut" / "gan"
+
+    def preempt() -> None:  # a scheduler's SIGTERM once three steps are logged
+        while not (run_dir / "steps.csv").is_file() or len((run_dir / "steps.csv").read_text().splitlines()) < 4:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=preempt, daemon=True).start()
+    with pytest.raises(RunInterrupted, match=f"stopped by SIGTERM at step (\\d+); checkpoint: {run_dir}") as info:
+        train_translation(tiny_config(tmp_path / "cut", *settings), progress=False)
+    assert info.value.exit_code == 143 and not (run_dir / "results.json").exists()
+    again = train_translation(tiny_config(tmp_path / "cut", *settings, "train.resume=auto"), progress=False)
+    assert steps_table(run_dir) == steps_table(Path(whole["run_dir"]))
+    assert again["test"] == whole["test"]
