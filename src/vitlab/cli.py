@@ -80,7 +80,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     """Write the inspection PNGs of a run's model: attention maps, rollout, distances, embeddings."""
     from vitlab.inspect.images import dataset_images, read_images
     from vitlab.inspect.report import inspect_model
-    from vitlab.train.classify import load_checkpoint_model
+    from vitlab.eval.runs import load_checkpoint_model
 
     model, config = load_checkpoint_model(args.checkpoint, args.ema)
     images = read_images(args.image, config.data.image_size) if args.image else dataset_images(config.data, args.num_images)
@@ -91,7 +91,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a checkpoint on its run's test data (or another dataset)."""
-    from vitlab.train.classify import evaluate_checkpoint
+    from vitlab.eval.classification import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.batch_size, args.ema)
     print(json.dumps(metrics, indent=2))
@@ -117,7 +117,7 @@ def cmd_translate_train(args: argparse.Namespace) -> None:
 
 def cmd_translate_eval(args: argparse.Namespace) -> None:
     """FID, KID (and the error to the truth on the built-in pair) of a translation run's last checkpoint."""
-    from vitlab.train.cyclegan import evaluate_run
+    from vitlab.eval.translation import evaluate_run
 
     results = evaluate_run(args.run_dir, args.features, args.inception_weights, args.batch_size)
     print(json.dumps(results, indent=2))
@@ -125,7 +125,7 @@ def cmd_translate_eval(args: argparse.Namespace) -> None:
 
 def cmd_translate(args: argparse.Namespace) -> None:
     """Translate a folder of images with a trained generator."""
-    from vitlab.train.cyclegan import translate_folder
+    from vitlab.eval.translation import translate_folder
 
     written = translate_folder(args.checkpoint, args.in_dir, args.out_dir, args.direction, args.batch_size)
     print(f"wrote {len(written)} image(s) to {args.out_dir}")

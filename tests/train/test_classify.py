@@ -16,7 +16,10 @@ from safetensors.torch import load_file
 from vitlab import create_model
 from vitlab.config import OptimConfig, load_config
 from vitlab.train import checkpoint as ckpt
-from vitlab.train.classify import TrainingDiverged, build_optimizer, evaluate_checkpoint, lr_factor, train
+from vitlab.eval.classification import evaluate_checkpoint
+from vitlab.train.classify import lr_factor, train
+from vitlab.train.optim import build_optimizer
+from vitlab.train.runs import TrainingDiverged
 
 # A run small enough for the test suite: an uncluttered built-in set, learnable in seconds.
 TINY = [

@@ -20,8 +20,9 @@ from vitlab.config import FinetuneConfig, OptimConfig, load_config
 from vitlab.data.builtin import make_builtin
 from vitlab.models.weights import resample_pos_embed
 from vitlab.train import checkpoint as ckpt
-from vitlab.train.classify import build_optimizer, train
-from vitlab.train.finetune import checkpoint_format, parameter_groups, prepare_model
+from vitlab.train.classify import train
+from vitlab.train.optim import build_optimizer, parameter_groups
+from vitlab.train.finetune import checkpoint_format, prepare_model
 
 SMALL = dict(depth=2, embed_dim=48, num_heads=3, mlp_dim=96)
 

@@ -1,10 +1,21 @@
-"""Classification metrics (top-1, top-5, macro AUROC, loss) through torchmetrics."""
+"""Evaluating classifiers: logits of a whole dataset on every rank, and its metrics (top-1, top-5, macro AUROC, loss)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_auroc
+
+from vitlab.data import load_splits
+from vitlab.data.augment import normalize
+from vitlab.data.dataset import ImageDataset
+from vitlab.data.loader import BatchIterator
+from vitlab.errors import VitlabError
+from vitlab.eval.runs import load_checkpoint_model
+from vitlab.train import distributed
+from vitlab.train.precision import autocast, resolve_precision
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -18,3 +29,48 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
         "auroc": multiclass_auroc(logits.softmax(-1), labels, num_classes=num_classes, average="macro").item(),
         "loss": F.cross_entropy(logits, labels).item(),
     }
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module, dataset: ImageDataset, batch_size: int, ctx: distributed.Context, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of the whole dataset; each rank runs its shard, all ranks get everything."""
+    was_training = model.training
+    model.eval()
+    loader = BatchIterator(dataset, batch_size, seed=0, rank=ctx.rank, world_size=ctx.world_size, train=False)
+    logits, labels, index = [], [], []
+    for images, y, idx in loader.epoch_batches(0, with_indices=True):
+        with autocast(ctx.device, precision):
+            logits.append(model(normalize(images.to(ctx.device))).float())
+        labels.append(y.to(ctx.device))
+        index.append(idx.to(ctx.device))
+    model.train(was_training)
+    logits, labels, index = (distributed.all_gather_cat(torch.cat(t)) for t in (logits, labels, index))
+    # Scatter by example index: shards padded with repeats write the same values twice.
+    all_logits = logits.new_empty(len(dataset), logits.shape[1])
+    all_labels = labels.new_empty(len(dataset))
+    all_logits[index], all_labels[index] = logits, labels
+    return all_logits.cpu(), all_labels.cpu()
+
+
+def evaluate(model, dataset, batch_size, ctx, precision) -> dict[str, float]:
+    """Test metrics of `model` on `dataset` (acc@1, acc@5, AUROC, loss)."""
+    return classification_metrics(*predict(model, dataset, batch_size, ctx, precision))
+
+
+def evaluate_checkpoint(
+    path: str | Path, data_name: str | None = None, data_root: str | None = None, batch_size: int = 256, ema: bool = False
+) -> dict[str, float]:
+    """Rebuild a checkpoint's model and evaluate it on its run's test split (or another dataset)."""
+    model, config = load_checkpoint_model(path, ema)
+    data = config.data
+    if data_name:
+        data.name, data.root = data_name, data_root
+        data.validate()
+    splits = load_splits(data.name, data.root, data.image_size, data.download,
+                         num_train=data.num_train, num_test=data.num_test, seed=data.seed, **data.builtin)  # fmt: skip
+    if splits.test.num_classes != model.num_classes:
+        raise VitlabError(f"the checkpoint predicts {model.num_classes} classes but {data.name} has {splits.test.num_classes}")
+    ctx = distributed.Context(rank=0, world_size=1, device=distributed.pick_device(config.train.device))
+    return evaluate(model.to(ctx.device), splits.test, batch_size, ctx, resolve_precision(config.train.precision, ctx.device))

@@ -14,22 +14,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vitlab.config import AugmentConfig, OptimConfig, RunConfig, from_dict
+from vitlab.config import AugmentConfig, OptimConfig, RunConfig
 from vitlab.data import load_splits
 from vitlab.data.augment import mixup_cutmix, normalize, rand_augment, random_crop, random_flip
-from vitlab.data.dataset import ImageDataset
 from vitlab.data.loader import BatchIterator
 from vitlab.errors import VitlabError
-from vitlab.eval.classification import classification_metrics
-from vitlab.models.presets import create_model
-from vitlab.models.vit import VisionTransformer
+from vitlab.eval.classification import evaluate
+from vitlab.eval.runs import build_model
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed, sharding
-from vitlab.train.finetune import parameter_groups, prepare_model
+from vitlab.train.finetune import prepare_model
 from vitlab.train.monitors import StabilityMonitor
+from vitlab.train.optim import build_optimizer
 from vitlab.train.precision import autocast, resolve_precision
 from vitlab.train.run_log import plot_curves
-from vitlab.train.runs import Run, TrainingDiverged, step_seed  # noqa: F401 (TrainingDiverged: re-exported)
+from vitlab.train.runs import Run, step_seed
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:
@@ -62,14 +61,6 @@ def penalties(
     return terms
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD; no weight decay on biases, norms, position embedding and class token; layer-wise LR decay."""
-    groups = parameter_groups(model, cfg.weight_decay, cfg.layer_decay)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-
-
 def augment_batch(
     images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,71 +77,6 @@ def augment_batch(
         onehot = F.one_hot(labels, num_classes).float()
         return mixup_cutmix(x, onehot, gen, cfg.mixup_alpha, cfg.cutmix_alpha)
     return x, labels
-
-
-@torch.no_grad()
-def predict(
-    model: torch.nn.Module, dataset: ImageDataset, batch_size: int, ctx: distributed.Context, precision: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of the whole dataset; each rank runs its shard, all ranks get everything."""
-    was_training = model.training
-    model.eval()
-    loader = BatchIterator(dataset, batch_size, seed=0, rank=ctx.rank, world_size=ctx.world_size, train=False)
-    logits, labels, index = [], [], []
-    for images, y, idx in loader.epoch_batches(0, with_indices=True):
-        with autocast(ctx.device, precision):
-            logits.append(model(normalize(images.to(ctx.device))).float())
-        labels.append(y.to(ctx.device))
-        index.append(idx.to(ctx.device))
-    model.train(was_training)
-    logits, labels, index = (distributed.all_gather_cat(torch.cat(t)) for t in (logits, labels, index))
-    # Scatter by example index: shards padded with repeats write the same values twice.
-    all_logits = logits.new_empty(len(dataset), logits.shape[1])
-    all_labels = labels.new_empty(len(dataset))
-    all_logits[index], all_labels[index] = logits, labels
-    return all_logits.cpu(), all_labels.cpu()
-
-
-def evaluate(model, dataset, batch_size, ctx, precision) -> dict[str, float]:
-    """Test metrics of `model` on `dataset` (acc@1, acc@5, AUROC, loss)."""
-    return classification_metrics(*predict(model, dataset, batch_size, ctx, precision))
-
-
-def build_model(config: RunConfig, image_size: int, num_classes: int) -> VisionTransformer:
-    """The run's model from its config and the data's geometry."""
-    options = dict(config.model.options)
-    if config.train.grad_penalty and options.get("attn_impl", "auto") == "auto":
-        options["attn_impl"] = "matmul"  # the penalty differentiates twice; SDPA's CPU kernel cannot
-    return create_model(config.model.name, img_size=image_size, num_classes=num_classes, **options)
-
-
-def load_checkpoint_model(path: str | Path, ema: bool = False) -> tuple[VisionTransformer, RunConfig]:
-    """A run's model with the weights of its last checkpoint (or of a checkpoint folder), and the run's config."""
-    checkpoint = ckpt.find_checkpoint(path)
-    meta = ckpt.read_meta(checkpoint)
-    config = from_dict(RunConfig, meta["config"]).validate()
-    model = build_model(config, config.data.image_size, meta["num_classes"])
-    if ema and not (checkpoint / "ema.safetensors").is_file():
-        raise VitlabError(f"{checkpoint} holds no EMA weights (the run had train.ema_decay unset)")
-    ckpt.load_weights(checkpoint, model, "ema" if ema else "model")
-    return model, config
-
-
-def evaluate_checkpoint(
-    path: str | Path, data_name: str | None = None, data_root: str | None = None, batch_size: int = 256, ema: bool = False
-) -> dict[str, float]:
-    """Rebuild a checkpoint's model and evaluate it on its run's test split (or another dataset)."""
-    model, config = load_checkpoint_model(path, ema)
-    data = config.data
-    if data_name:
-        data.name, data.root = data_name, data_root
-        data.validate()
-    splits = load_splits(data.name, data.root, data.image_size, data.download,
-                         num_train=data.num_train, num_test=data.num_test, seed=data.seed, **data.builtin)  # fmt: skip
-    if splits.test.num_classes != model.num_classes:
-        raise VitlabError(f"the checkpoint predicts {model.num_classes} classes but {data.name} has {splits.test.num_classes}")
-    ctx = distributed.Context(rank=0, world_size=1, device=distributed.pick_device(config.train.device))
-    return evaluate(model.to(ctx.device), splits.test, batch_size, ctx, resolve_precision(config.train.precision, ctx.device))
 
 
 def train(config: RunConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict:

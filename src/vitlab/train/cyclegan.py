@@ -19,27 +19,24 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from vitlab.config import CycleLossConfig, FidConfig, GeneratorConfig, TranslateConfig, from_dict
+from vitlab.config import CycleLossConfig, TranslateConfig
 from vitlab.data.augment import normalize, random_flip
-from vitlab.data.unpaired import UnpairedData, image_files, load_pair, random_window, read_images, unpaired_batches
+from vitlab.data.unpaired import random_window, unpaired_batches
 from vitlab.errors import VitlabError
-from vitlab.eval.fid import distances, resolve_features
-from vitlab.models.gan import PatchDiscriminator, ResnetGenerator
-from vitlab.models.unet import create_unet
+from vitlab.eval.runs import build_generator
+from vitlab.eval.translation import DIRECTIONS, load_data, sample_grid, translate_test_sets, translation_metrics
+from vitlab.models.gan import PatchDiscriminator
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.distributed import Context, pick_device
 from vitlab.train.precision import autocast, resolve_precision
-from vitlab.train.run_log import plot_gan_curves, save_image_grid
+from vitlab.train.run_log import plot_gan_curves
 from vitlab.train.runs import Run, step_seed
 
 NETWORKS = ("g_a", "g_b", "d_a", "d_b")
-DIRECTIONS = ("AtoB", "BtoA")
 
 
 def lsgan_loss(prediction: torch.Tensor, real: bool) -> torch.Tensor:
@@ -93,13 +90,6 @@ class ImagePool:
         self.images = [image.to(device) for image in state["images"]]
 
 
-def build_generator(cfg: GeneratorConfig, image_size: int) -> nn.Module:
-    """CycleGAN's ResNet generator (`resnet`) or a ViTUnet with the named backbone preset."""
-    if cfg.name == "resnet":
-        return ResnetGenerator(**cfg.options)
-    return create_unet(cfg.name, img_size=image_size, **cfg.options)
-
-
 def build_networks(config: TranslateConfig) -> nn.ModuleDict:
     """The two generators and the two PatchGANs of a run."""
     d = config.discriminator
@@ -140,77 +130,6 @@ def training_batch(images: torch.Tensor, crop_size: int, hflip: bool, gen: torch
     if hflip:
         images = random_flip(images, gen)
     return normalize(images)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Generator output in [-1, 1] → uint8 images."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-@torch.no_grad()
-def translate_images(
-    generator: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, precision: str
-) -> torch.Tensor:
-    """uint8 images → the generator's uint8 translations."""
-    was_training = generator.training
-    generator.eval()
-    out = []
-    for batch in images.split(batch_size):
-        with autocast(device, precision):
-            out.append(to_uint8(generator(normalize(batch.to(device)))).cpu())
-    generator.train(was_training)
-    return torch.cat(out)
-
-
-def error_to_truth(output: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
-    """Mean absolute error (0..1 scale) and mean per-image PSNR (dB, peak 1) of uint8 images against the truth."""
-    diff = (output.float() - truth.float()) / 255
-    mse = diff.square().flatten(1).mean(1).clamp_min(1e-10)
-    return {"l1": diff.abs().mean().item(), "psnr": (-10 * mse.log10()).mean().item()}
-
-
-def translation_metrics(
-    data: UnpairedData, fake_b: torch.Tensor, fake_a: torch.Tensor, fid: FidConfig | None, device: torch.device
-) -> dict[str, dict[str, float]]:
-    """Per direction: L1/PSNR to the truth (built-in pair) and FID/KID against the real test images,
-    each beside the same number for the identity mapping; then their average over both directions."""
-    features = resolve_features(fid.features, fid.inception_weights) if fid else []
-    sides = {
-        "AtoB": (data.test_a, fake_b, data.test_b, data.truth_ab),
-        "BtoA": (data.test_b, fake_a, data.test_a, data.truth_ba),
-    }
-    results = {}
-    for direction, (source, fake, real, truth) in sides.items():
-        row = {}
-        for prefix, images in (("", fake), ("identity_", source)):
-            if truth is not None:
-                row.update({prefix + k: v for k, v in error_to_truth(images, truth).items()})
-            if features:
-                found = distances(real, images, features, fid.batch_size, fid.kid_subset_size, device)
-                row.update({f"{prefix}{k}_{name}": v for name, values in found.items() for k, v in values.items()})
-        results[direction] = row
-    results["average"] = {k: (results["AtoB"][k] + results["BtoA"][k]) / 2 for k in results["AtoB"]}
-    return results
-
-
-def sample_grid(
-    path: Path, nets: nn.ModuleDict, data: UnpairedData, rows: int, device: torch.device, precision: str
-) -> Path:
-    """Fig. 4's layout: A, A→B, B, B→A for the first `rows` test images of each domain."""
-    rows = min(rows, len(data.test_a), len(data.test_b))
-    a, b = data.test_a[:rows], data.test_b[:rows]
-    columns = {
-        "A": a, "A -> B": translate_images(nets["g_a"], a, rows, device, precision),
-        "B": b, "B -> A": translate_images(nets["g_b"], b, rows, device, precision),
-    }  # fmt: skip
-    return save_image_grid(path, columns)
-
-
-def load_data(config: TranslateConfig, with_train: bool = True) -> UnpairedData:
-    """The run's domain pair."""
-    d = config.data
-    builtin = dict(num_train=d.num_train, num_test=d.num_test, seed=d.seed, **d.builtin) if d.name == "builtin" else {}
-    return load_pair(d.name, d.root, d.load_size, d.crop_size, with_train=with_train, **builtin)
 
 
 def train_translation(config: TranslateConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
@@ -330,74 +249,3 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
         return results
 
 
-def translate_test_sets(
-    nets: nn.ModuleDict, data: UnpairedData, batch_size: int, device: torch.device, precision: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """G_A(test A) and G_B(test B) as uint8 images."""
-    fake_b = translate_images(nets["g_a"], data.test_a, batch_size, device, precision)
-    fake_a = translate_images(nets["g_b"], data.test_b, batch_size, device, precision)
-    return fake_b, fake_a
-
-
-def load_generators(
-    checkpoint: Path, config: TranslateConfig, device: torch.device, names: tuple[str, ...] = ("g_a", "g_b")
-) -> dict[str, nn.Module]:
-    """The named generators of a checkpoint, with their weights, in eval mode."""
-    generators = {}
-    for name in names:
-        generator = build_generator(config.generator, config.data.crop_size)
-        ckpt.load_weights(checkpoint, generator, name)
-        generators[name] = generator.to(device).eval()
-    return generators
-
-
-def checkpoint_config(path: str | Path) -> tuple[Path, TranslateConfig]:
-    """A translation checkpoint (from itself or its run directory) and its run's config."""
-    checkpoint = ckpt.find_checkpoint(path)
-    meta = ckpt.read_meta(checkpoint)
-    if "generator" not in meta.get("config", {}):
-        raise VitlabError(f"{checkpoint} is not an image-translation checkpoint (made by `vitlab translate-train`)")
-    return checkpoint, from_dict(TranslateConfig, meta["config"]).validate()
-
-
-def evaluate_run(
-    path: str | Path, features: str | None = None, inception_weights: str | None = None, batch_size: int = 50,
-    device: str = "auto",
-) -> dict:  # fmt: skip
-    """Translate a run's test sets with its last checkpoint; L1/PSNR to the truth (built-in pair), FID and KID."""
-    checkpoint, config = checkpoint_config(path)
-    fid = config.eval
-    fid.features = features or fid.features
-    fid.inception_weights = inception_weights or fid.inception_weights
-    fid.batch_size = batch_size
-    torch_device = pick_device(device)
-    precision = resolve_precision(config.train.precision, torch_device)
-    data = load_data(config, with_train=False)
-    nets = nn.ModuleDict(load_generators(checkpoint, config, torch_device))
-    fakes = translate_test_sets(nets, data, batch_size, torch_device, precision)
-    metrics = translation_metrics(data, *fakes, fid, torch_device)
-    return {"checkpoint": str(checkpoint), "step": ckpt.read_meta(checkpoint)["step"], "test": metrics}
-
-
-def translate_folder(
-    path: str | Path, in_dir: str | Path, out_dir: str | Path, direction: str = "AtoB", batch_size: int = 8,
-    device: str = "auto",
-) -> list[Path]:  # fmt: skip
-    """Translate every image of `in_dir` (resized to the model's size) into PNGs of the same names in `out_dir`."""
-    if direction not in DIRECTIONS:
-        raise VitlabError(f"direction={direction!r} is not supported; allowed: {', '.join(DIRECTIONS)}")
-    in_dir, out_dir = Path(in_dir), Path(out_dir)
-    if not in_dir.is_dir() or not (files := image_files(in_dir)):
-        raise VitlabError(f"{in_dir} is not a folder of .png/.jpg/.jpeg images")
-    checkpoint, config = checkpoint_config(path)
-    torch_device = pick_device(device)
-    name = "g_a" if direction == "AtoB" else "g_b"
-    generator = load_generators(checkpoint, config, torch_device, (name,))[name]
-    precision = resolve_precision(config.train.precision, torch_device)
-    outputs = translate_images(generator, read_images(files, config.data.crop_size), batch_size, torch_device, precision)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for file, image in zip(files, outputs):
-        written.append(out_dir / f"{file.stem}.png")
-        Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())).save(written[-1])
-    return written

@@ -1,0 +1,64 @@
+"""A trained run read back for evaluation and inference: its checkpoint, its config and its models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitlab.config import GeneratorConfig, RunConfig, TranslateConfig, from_dict
+from vitlab.errors import VitlabError
+from vitlab.models.gan import ResnetGenerator
+from vitlab.models.presets import create_model
+from vitlab.models.unet import create_unet
+from vitlab.models.vit import VisionTransformer
+from vitlab.train import checkpoint as ckpt
+
+
+def load_run(path: str | Path, cls: type = RunConfig) -> tuple[Path, RunConfig | TranslateConfig, dict]:
+    """A run's checkpoint (from itself or its run directory), its config of kind `cls`, and its metadata."""
+    checkpoint = ckpt.find_checkpoint(path)
+    meta = ckpt.read_meta(checkpoint)
+    translation = "generator" in meta.get("config", {})
+    if translation != (cls is TranslateConfig):
+        made_by = "`vitlab translate-train`" if translation else "`vitlab train`"
+        raise VitlabError(f"{checkpoint} is a checkpoint of another kind of run (made by {made_by})")
+    return checkpoint, from_dict(cls, meta["config"]).validate(), meta
+
+
+def build_model(config: RunConfig, image_size: int, num_classes: int) -> VisionTransformer:
+    """The run's model from its config and the data's geometry."""
+    options = dict(config.model.options)
+    if config.train.grad_penalty and options.get("attn_impl", "auto") == "auto":
+        options["attn_impl"] = "matmul"  # the penalty differentiates twice; SDPA's CPU kernel cannot
+    return create_model(config.model.name, img_size=image_size, num_classes=num_classes, **options)
+
+
+def load_checkpoint_model(path: str | Path, ema: bool = False) -> tuple[VisionTransformer, RunConfig]:
+    """A run's model with the weights of its last checkpoint (or of a checkpoint folder), and the run's config."""
+    checkpoint, config, meta = load_run(path)
+    model = build_model(config, config.data.image_size, meta["num_classes"])
+    if ema and not (checkpoint / "ema.safetensors").is_file():
+        raise VitlabError(f"{checkpoint} holds no EMA weights (the run had train.ema_decay unset)")
+    ckpt.load_weights(checkpoint, model, "ema" if ema else "model")
+    return model, config
+
+
+def build_generator(cfg: GeneratorConfig, image_size: int) -> nn.Module:
+    """CycleGAN's ResNet generator (`resnet`) or a ViTUnet with the named backbone preset."""
+    if cfg.name == "resnet":
+        return ResnetGenerator(**cfg.options)
+    return create_unet(cfg.name, img_size=image_size, **cfg.options)
+
+
+def load_generators(
+    checkpoint: Path, config: TranslateConfig, device: torch.device, names: tuple[str, ...] = ("g_a", "g_b")
+) -> dict[str, nn.Module]:
+    """The named generators of a checkpoint, with their weights, in eval mode."""
+    generators = {}
+    for name in names:
+        generator = build_generator(config.generator, config.data.crop_size)
+        ckpt.load_weights(checkpoint, generator, name)
+        generators[name] = generator.to(device).eval()
+    return generators
