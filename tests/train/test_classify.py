@@ -71,9 +71,17 @@ def read_losses(run_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
 
 
-def test_tiny_run_learns_and_writes_every_artefact(tmp_path):
+def test_tiny_run_learns_and_writes_every_artefact(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     results = train(tiny_config(tmp_path, "train.epochs=10", "train.eval_every_epochs=5"), progress=False)
     run_dir = Path(results["run_dir"])
+    out = capsys.readouterr().out
+    assert f"vitlab train: {run_dir} (new run)" in out and "160 (16 per epoch × 10 epochs) of batch 64" in out
+    assert "step 160/160  loss" in out and "ETA" in out  # a line per log_every_steps without the progress bar
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert "curves" in events.Tags()["images"] and "steps/loss" in events.Tags()["scalars"]
     assert results["test"]["acc1"] > 0.22  # 10 classes: chance 0.1 ± 0.02 on 256 images
     for name in ("config.yaml", "steps.csv", "epochs.csv", "curves.png", "results.json"):
         assert (run_dir / name).is_file(), name

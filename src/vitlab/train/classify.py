@@ -123,6 +123,15 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                 ckpt.load_weights(run.checkpoint, ema.module, "ema")
                 ema.n_averaged.fill_(run.step)  # non-zero: the next update averages instead of copying
 
+        run.announce({
+            "device": f"{ctx.device}, {ctx.world_size} process(es), strategy {tc.strategy if ctx.distributed else 'single'}",
+            "precision": f"{precision} (train.precision: {tc.precision})",
+            "model": f"{config.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters",
+            "data": f"{data.name}: {len(splits.train):,} training / {len(splits.test):,} test images, "
+                    f"{num_classes} classes, {data.image_size} px",
+            "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs:g} epochs) of batch {tc.batch_size}",
+        })  # fmt: skip
+
         def save(extra: dict | None = None) -> None:
             run.save(model, optimizer, {"num_classes": num_classes, **(extra or {})}, ema.module if ema else None)
 

@@ -169,6 +169,13 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
             for name, pool in pools.items():
                 pool.load_state_dict(ckpt.load_tensors(run.checkpoint, f"pool_{name}"), device)
         (run.dir / "samples").mkdir(exist_ok=True)
+        run.announce({
+            "device": str(device),
+            "precision": f"{precision} (train.precision: {tc.precision})",
+            "generators": f"{config.generator.name}: {sum(p.numel() for p in nets['g_a'].parameters()):,} parameters each",
+            "data": f"{config.data.name}: {n_a:,} A / {n_b:,} B training images, {config.data.crop_size} px crops",
+            "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs + tc.decay_epochs:g} epochs) of batch {tc.batch_size}",
+        })  # fmt: skip
 
         def save(extra: dict | None = None) -> None:
             tensors = {**{name: nets[name] for name in NETWORKS}, **{f"pool_{k}": p.state_dict() for k, p in pools.items()}}
@@ -229,7 +236,8 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
                         f"B→A {row['l1_ba']:.4f} (identity {row['identity_l1_ab']:.4f}, {row['identity_l1_ba']:.4f})"
                     )
                 if run.due(sample_every):
-                    sample_grid(run.dir / "samples" / f"step-{run.step:08d}.png", nets, data, tc.num_samples, device, precision)
+                    run.image("samples", sample_grid(run.dir / "samples" / f"step-{run.step:08d}.png", nets, data,
+                                                     tc.num_samples, device, precision))  # fmt: skip
                 run.end_step(save)
                 if run.step >= total_steps:
                     break

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -93,6 +94,12 @@ class RunLog:
         getattr(self, kind).write({"step": step, **values})
         for key, value in values.items():
             self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
+
+    def image(self, tag: str, path: Path, step: int) -> None:
+        """Show a PNG the run wrote (curves, a sample grid) in TensorBoard's Images tab too."""
+        with Image.open(path) as image:
+            pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+        self.tensorboard.add_image(tag, pixels, step, dataformats="HWC")
 
     def close(self) -> None:
         self.tensorboard.close()

@@ -145,6 +145,7 @@ class Run:
         if ctx.is_main:
             ckpt.write_text_atomic(self.dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
             self.log_file = RunLog(self.dir, resume_step=self.step if resuming else 0)
+        self.first_step = self.step
         self.progress = progress and ctx.is_main
         self.bar = tqdm(total=total_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
         self.bad_in_row = self.skipped = self.seen = 0
@@ -234,9 +235,26 @@ class Run:
             self.bar.set_postfix(postfix)
             if not self.progress and self.ctx.is_main and kind == "steps":
                 shown = "  ".join(f"{k} {v}" for k, v in postfix.items())
-                print(f"step {self.step}/{self.total_steps}  {shown}", flush=True)
+                done = self.step - self.first_step
+                eta = (self.total_steps - self.step) * self.elapsed() / max(done, 1)
+                print(f"step {self.step}/{self.total_steps}  {shown}  ETA {eta / 60:.1f} min", flush=True)
         if self.log_file is not None:
             self.log_file.log(kind, self.step if step is None else step, values)
+
+    def announce(self, facts: dict[str, str]) -> None:
+        """Print, once at the start, where the run goes and what it will do (main rank)."""
+        if not self.ctx.is_main:
+            return
+        state = f"resuming from step {self.step} ({self.checkpoint})" if self.checkpoint else "new run"
+        width = max(map(len, facts))
+        lines = [f"vitlab {self.command}: {self.dir} ({state})"]
+        lines += [f"  {key:<{width}}  {value}" for key, value in facts.items()]
+        self.write("\n".join(lines))
+
+    def image(self, tag: str, path: Path) -> None:
+        """Show a PNG the run wrote in TensorBoard at this step (main rank)."""
+        if self.log_file is not None:
+            self.log_file.image(tag, path, self.step)
 
     def write(self, line: str) -> None:
         """Print a line above the progress bar (main rank only)."""
@@ -290,6 +308,6 @@ class Run:
         if not self.ctx.is_main:
             return results
         ckpt.write_text_atomic(self.dir / "results.json", json.dumps(results, indent=2))
+        self.image("curves", plot(self.dir))
         self.log_file.close()
-        plot(self.dir)
         return {**results, "run_dir": str(self.dir)}
