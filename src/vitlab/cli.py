@@ -85,7 +85,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     model, config = load_checkpoint_model(args.checkpoint, args.ema)
     images = read_images(args.image, config.data.image_size) if args.image else dataset_images(config.data, args.num_images)
     out_dir = Path(args.out or Path(args.checkpoint) / "inspect")
-    written = inspect_model(model, images, out_dir, args.query)
+    written = inspect_model(model, images, out_dir, args.query, mean=config.data.mean, std=config.data.std)
     print(f"wrote {len(written)} PNGs to {out_dir}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 import inspect
 import types
@@ -46,9 +47,18 @@ class DataConfig:
     num_test: int = 2000  # builtin only
     seed: int = 0  # builtin only: which images are generated
     builtin: dict = field(default_factory=dict)  # builtin only: difficulty knobs (vitlab.data.builtin.BuiltinDifficulty)
+    # Per-channel normalisation on the [0, 1] scale, kept with the run for eval, inspect and predict.
+    # 0.5/0.5 maps to [-1, 1] (big_vision); ImageNet's is mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225].
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def validate(self) -> None:
         check_choice("data.name", self.name, ("builtin", "cifar10", "cifar100", "folder"))
+        for key, values in (("data.mean", self.mean), ("data.std", self.std)):
+            if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
+                raise VitlabError(f"data.{key[5:]}={list(values)} must be 1 or 3 finite numbers (per channel)")
+        if not all(v > 0 for v in self.std):
+            raise VitlabError(f"data.std={list(self.std)} must be positive")
         if self.name != "builtin" and not self.root:
             raise VitlabError(f"data.root is required for data.name={self.name!r}: the folder holding the dataset")
 
@@ -118,10 +128,13 @@ class TrainConfig:
     strategy: str = "ddp"  # single, ddp (DDP under torchrun), fsdp (FSDP2 shards; vitlab.train.sharding)
     cpu_offload: bool = False  # fsdp only: sharded parameters, gradients and optimizer state in host memory
     resume: str | None = None  # auto: continue out_dir/name if it has a checkpoint, else start it
+    accumulate_steps: int = 1  # micro-batches per step: batch_size stays the global batch the LR is set for
 
     def validate(self) -> None:
         check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
         check_choice("train.resume", self.resume, (None, "auto"))
+        if self.accumulate_steps < 1:
+            raise VitlabError(f"train.accumulate_steps={self.accumulate_steps} must be >= 1")
         check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
         check_choice("train.strategy", self.strategy, ("single", "ddp", "fsdp"))
         if self.epochs <= 0 or self.batch_size <= 0:

@@ -219,3 +219,26 @@ def test_a_model_changing_set_on_resume_is_one_line(tmp_path):
     assert proc.wait(timeout=120) == 2
     err = proc.stderr.read()
     assert "Traceback" not in err and "does not fit the model built from the config" in err
+
+
+def test_gradient_accumulation_gives_the_same_training(tmp_path):
+    whole = train(tiny_config(tmp_path / "one", "train.epochs=1"), progress=False)
+    accumulated = train(tiny_config(tmp_path / "four", "train.epochs=1", "train.accumulate_steps=4"), progress=False)
+    one, four = read_losses(Path(whole["run_dir"])), read_losses(Path(accumulated["run_dir"]))
+    assert list(one) == list(four) and max(abs(one[s] - four[s]) for s in one) < 1e-5
+    assert one[16] < one[1]  # and it trained: the same curve is not a flat one
+    with open(Path(whole["run_dir"]) / "epochs.csv") as f:
+        assert 0 <= float(next(csv.DictReader(f))["data_wait"]) < 1
+
+
+def test_accumulation_must_divide_the_batch(tmp_path):
+    from vitlab import VitlabError
+
+    with pytest.raises(VitlabError, match="train.accumulate_steps=3 must divide"):
+        train(tiny_config(tmp_path, "train.accumulate_steps=3"), progress=False)
+
+
+def test_the_run_s_normalisation_is_kept_for_eval(tmp_path):
+    imagenet = ["data.mean=[0.485, 0.456, 0.406]", "data.std=[0.229, 0.224, 0.225]"]
+    results = train(tiny_config(tmp_path, "train.epochs=1", *imagenet), progress=False)
+    assert evaluate_checkpoint(results["run_dir"])["loss"] == pytest.approx(results["test"]["loss"], rel=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,17 +33,18 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 
 
 @torch.no_grad()
-def predict(
-    model: torch.nn.Module, dataset: ImageDataset, batch_size: int, ctx: distributed.Context, precision: str
+def dataset_logits(
+    model: torch.nn.Module, dataset: ImageDataset, batch_size: int, ctx: distributed.Context, precision: str,
+    mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of the whole dataset; each rank runs its shard, all ranks get everything."""
+    """Logits and labels of the whole dataset (normalised by `mean`, `std`); each rank runs its shard, all ranks get everything."""
     was_training = model.training
     model.eval()
     loader = BatchIterator(dataset, batch_size, seed=0, rank=ctx.rank, world_size=ctx.world_size, train=False)
     logits, labels, index = [], [], []
     for images, y, idx in loader.epoch_batches(0, with_indices=True):
         with autocast(ctx.device, precision):
-            logits.append(model(normalize(images.to(ctx.device))).float())
+            logits.append(model(normalize(images.to(ctx.device), mean, std)).float())
         labels.append(y.to(ctx.device))
         index.append(idx.to(ctx.device))
     model.train(was_training)
@@ -54,9 +56,9 @@ def predict(
     return all_logits.cpu(), all_labels.cpu()
 
 
-def evaluate(model, dataset, batch_size, ctx, precision) -> dict[str, float]:
+def evaluate(model, dataset, batch_size, ctx, precision, mean=(0.5,), std=(0.5,)) -> dict[str, float]:
     """Test metrics of `model` on `dataset` (acc@1, acc@5, AUROC, loss)."""
-    return classification_metrics(*predict(model, dataset, batch_size, ctx, precision))
+    return classification_metrics(*dataset_logits(model, dataset, batch_size, ctx, precision, mean, std))
 
 
 def evaluate_checkpoint(
@@ -73,4 +75,5 @@ def evaluate_checkpoint(
     if splits.test.num_classes != model.num_classes:
         raise VitlabError(f"the checkpoint predicts {model.num_classes} classes but {data.name} has {splits.test.num_classes}")
     ctx = distributed.Context(rank=0, world_size=1, device=distributed.pick_device(config.train.device))
-    return evaluate(model.to(ctx.device), splits.test, batch_size, ctx, resolve_precision(config.train.precision, ctx.device))
+    precision = resolve_precision(config.train.precision, ctx.device)
+    return evaluate(model.to(ctx.device), splits.test, batch_size, ctx, precision, data.mean, data.std)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ def inspect_model(
     out_dir: str | Path,
     query: Query | None = None,
     components: int = 28,
+    mean: Sequence[float] = (0.5,),
+    std: Sequence[float] = (0.5,),
 ) -> dict[str, Path]:
     """Write the inspection PNGs of `model` on uint8 `images` (B, C, H, W) into `out_dir`; returns them by name.
 
@@ -31,7 +34,7 @@ def inspect_model(
     out_dir = Path(out_dir)
     query = default_query(model) if query is None else query
     device = next(model.parameters()).device
-    maps = attention_maps(model, normalize(images).to(device)).cpu()
+    maps = attention_maps(model, normalize(images, mean, std).to(device)).cpu()
     prefix, patch = model.num_prefix_tokens, model.patch_embed.patch_size
     per_head = query_attention(maps, prefix, query)
     written = {

@@ -9,6 +9,7 @@ is a pure function of the step, so the step is the whole scheduler state.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -62,7 +63,8 @@ def penalties(
 
 
 def augment_batch(
-    images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, num_classes: int
+    images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, num_classes: int,
+    mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 batch → normalised float images and targets (soft when Mixup/CutMix is on)."""
     if cfg.crop_padding:  # crops and flips on uint8: a quarter of the bytes of float32
@@ -72,7 +74,7 @@ def augment_batch(
     x = images.float() / 255.0
     if cfg.randaugment_ops:
         x = rand_augment(x, gen, num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
-    x = normalize(x)
+    x = normalize(x, mean, std)
     if cfg.mixup_alpha or cfg.cutmix_alpha:
         onehot = F.one_hot(labels, num_classes).float()
         return mixup_cutmix(x, onehot, gen, cfg.mixup_alpha, cfg.cutmix_alpha)
@@ -99,8 +101,12 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
     num_classes = splits.train.num_classes
     if tc.batch_size % ctx.world_size:
         raise VitlabError(f"train.batch_size={tc.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
-    loader = BatchIterator(splits.train, tc.batch_size // ctx.world_size, seed=tc.seed, rank=ctx.rank,
-                           world_size=ctx.world_size, train=True)  # fmt: skip
+    per_rank = tc.batch_size // ctx.world_size
+    if per_rank % tc.accumulate_steps:
+        raise VitlabError(f"train.batch_size={tc.batch_size} over {ctx.world_size} rank(s) is {per_rank} per rank, "
+                          f"which train.accumulate_steps={tc.accumulate_steps} must divide")  # fmt: skip
+    micro_batch = per_rank // tc.accumulate_steps
+    loader = BatchIterator(splits.train, per_rank, seed=tc.seed, rank=ctx.rank, world_size=ctx.world_size, train=True)
     steps_per_epoch = loader.steps_per_epoch
     if steps_per_epoch == 0:
         raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the {len(splits.train)} training images per rank")
@@ -138,22 +144,28 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
         net.train()
         while run.step < total_steps:
             epoch, start = divmod(run.step, steps_per_epoch)
-            for images, labels in loader.epoch_batches(epoch, start):
+            for images, labels in run.batches(loader.epoch_batches(epoch, start)):
                 step = run.step
                 gen = torch.Generator().manual_seed(step_seed(tc.seed, step, ctx.rank, 0))
                 torch.manual_seed(step_seed(tc.seed, step, ctx.rank, 1))
-                x, targets = augment_batch(images, labels, config.augment, gen, num_classes)
+                x, targets = augment_batch(images, labels, config.augment, gen, num_classes, data.mean, data.std)
                 x, targets = x.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
                 lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
                 run.set_lr(optimizer, lr)
 
                 logged = (step + 1) % tc.log_every_steps == 0 or step + 1 == total_steps
-                x.requires_grad_(tc.grad_penalty > 0)
-                with monitor.watch(logged), autocast(ctx.device, precision):
-                    logits = net(x)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=tc.label_smoothing)
-                extra = penalties(loss, logits, x, tc.z_loss, tc.grad_penalty)
-                (loss + sum(extra.values())).backward()
+                loss, extra = torch.zeros((), device=ctx.device), {}
+                for i, (xm, tm) in enumerate(zip(x.split(micro_batch), targets.split(micro_batch))):
+                    last = i == tc.accumulate_steps - 1
+                    xm.requires_grad_(tc.grad_penalty > 0)
+                    with sharding.gradient_sync(net, last), monitor.watch(logged and last):
+                        with autocast(ctx.device, precision):
+                            logits = net(xm)
+                        micro_loss = F.cross_entropy(logits.float(), tm, label_smoothing=tc.label_smoothing)
+                        micro_extra = penalties(micro_loss, logits, xm, tc.z_loss, tc.grad_penalty)
+                        ((micro_loss + sum(micro_extra.values())) / tc.accumulate_steps).backward()
+                    loss = loss + micro_loss.detach() / tc.accumulate_steps
+                    extra = {k: extra.get(k, 0) + v.detach() / tc.accumulate_steps for k, v in micro_extra.items()}
                 if oc.clip_grad_value is not None:
                     torch.nn.utils.clip_grad_value_(model.parameters(), oc.clip_grad_value)
                 grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm or float("inf")))
@@ -183,15 +195,18 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                                   **{k: v.item() for k, v in extra.items()}, **signals)  # fmt: skip
                     run.log("steps", values, postfix=dict(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}"))
                 if run.due(eval_every):
-                    metrics = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision)
-                    run.write(f"epoch {run.epoch:.2f}  step {run.step}  test acc@1 {100 * metrics['acc1']:.2f} %")
-                    run.log("epochs", {"epoch": run.epoch, **{f"test_{k}": v for k, v in metrics.items()}})
+                    wait = run.data_wait()  # of the training time since the last evaluation
+                    metrics = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision, data.mean, data.std)
+                    run.write(f"epoch {run.epoch:.2f}  step {run.step}  test acc@1 {100 * metrics['acc1']:.2f} %  "
+                              f"(data wait {100 * wait:.1f} % of the step time)")  # fmt: skip
+                    run.log("epochs", {"epoch": run.epoch, "data_wait": wait, **{f"test_{k}": v for k, v in metrics.items()}})
+                    run.data_wait()  # the evaluation is not training time
                 run.end_step(save)
                 if run.step >= total_steps:
                     break
 
         elapsed = run.elapsed()
-        final = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision)
+        final = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision, data.mean, data.std)
         results = {
             "test": final, "steps": run.step, "epochs": run.epoch, "skipped_steps": run.skipped,
             "train_seconds_this_session": elapsed, "train_images_per_s": run.seen / elapsed if run.seen else None,

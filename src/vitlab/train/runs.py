@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -152,7 +152,8 @@ class Run:
         self.save_pending = False
         self.signal = 0
         self.previous_handlers: dict[int, object] = {}
-        self.started = time.perf_counter()
+        self.started = self.wait_since = time.perf_counter()
+        self.wait_seconds = 0.0
 
     # -- life cycle ---------------------------------------------------------------------------------
     def __enter__(self) -> Run:
@@ -214,6 +215,25 @@ class Run:
             f"training diverged: {self.bad_in_row} steps in a row with a non-finite {what}, the last at step "
             f"{self.step} ({details}); last good checkpoint: {last}. {hint}"
         )
+
+    def batches(self, source: Iterable) -> Iterator:
+        """Iterate `source`, timing how long the loop waits for each batch (see `data_wait`)."""
+        iterator = iter(source)
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.wait_seconds += time.perf_counter() - started
+            yield batch
+
+    def data_wait(self) -> float:
+        """The fraction of the time since the last call that the loop spent waiting for data."""
+        now = time.perf_counter()
+        fraction = self.wait_seconds / max(now - self.wait_since, 1e-9)
+        self.wait_seconds, self.wait_since = 0.0, now
+        return fraction
 
     def advance(self, images: int) -> None:
         """One step done on `images` images (the global batch)."""

@@ -9,6 +9,7 @@ resumed on any number of ranks, and read or consolidated into one safetensors fi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -70,6 +71,19 @@ def wrap_model(
         buffer.data = buffer.data.to(ctx.device)
     init_sharded(model, blueprint)
     return model, model
+
+
+@contextlib.contextmanager
+def gradient_sync(net: nn.Module, enabled: bool) -> Iterator[None]:
+    """Reduce gradients across ranks in this backward pass only if `enabled` (off for all but the last micro-batch)."""
+    if isinstance(net, DistributedDataParallel) and not enabled:
+        with net.no_sync():
+            yield
+    elif isinstance(net, FSDPModule):
+        net.set_requires_gradient_sync(enabled)
+        yield
+    else:
+        yield
 
 
 @torch.no_grad()
