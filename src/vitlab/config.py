@@ -163,6 +163,14 @@ class FinetuneConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where a run's metrics go besides CSV and TensorBoard."""
+
+    wandb: bool = False  # also to Weights & Biases (pip install wandb; WANDB_MODE=offline works without an account)
+    wandb_project: str = "vitlab"
+
+
+@dataclass
 class RunConfig:
     """One experiment: everything needed to rerun it."""
 
@@ -174,6 +182,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig | None = None  # null: train from scratch
+    log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> RunConfig:
         for part in (self.model, self.data, self.optim, self.train, self.finetune):
@@ -422,6 +431,7 @@ class TranslateConfig:
     optim: GanOptimConfig = field(default_factory=GanOptimConfig)
     train: TranslateTrainConfig = field(default_factory=TranslateTrainConfig)
     eval: FidConfig = field(default_factory=FidConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> TranslateConfig:
         for part in (self.generator, self.discriminator, self.data, self.loss, self.optim, self.train, self.eval):

@@ -242,3 +242,15 @@ def test_the_run_s_normalisation_is_kept_for_eval(tmp_path):
     imagenet = ["data.mean=[0.485, 0.456, 0.406]", "data.std=[0.229, 0.224, 0.225]"]
     results = train(tiny_config(tmp_path, "train.epochs=1", *imagenet), progress=False)
     assert evaluate_checkpoint(results["run_dir"])["loss"] == pytest.approx(results["test"]["loss"], rel=1e-6)
+
+
+def test_metrics_also_go_to_weights_and_biases_when_asked(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    results = train(tiny_config(tmp_path, "train.epochs=0.5", "log.wandb=true"), progress=False)
+    run_dir = Path(results["run_dir"])
+    run_id = (run_dir / "wandb_id").read_text()
+    offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 1 and any(offline[0].glob("*.wandb"))
+    assert wandb.run is None  # finished with the run

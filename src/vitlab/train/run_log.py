@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import secrets
 import os
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from PIL import Image, ImageDraw
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from vitlab.errors import VitlabError  # noqa: E402
 
 
 class CsvLog:
@@ -78,9 +81,10 @@ def read_csv(path: Path) -> dict[str, list[float]]:
 
 
 class RunLog:
-    """steps.csv, epochs.csv and TensorBoard events in one run directory (main rank only)."""
+    """steps.csv, epochs.csv, TensorBoard events and (optionally) Weights & Biases for one run (main rank only)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, wandb_project: str | None = None,
+                 config: dict | None = None):  # fmt: skip
         self.run_dir = run_dir
         self.steps = CsvLog(run_dir / "steps.csv")
         self.epochs = CsvLog(run_dir / "epochs.csv")
@@ -88,21 +92,43 @@ class RunLog:
             self.steps.truncate_after(resume_step)
             self.epochs.truncate_after(resume_step)
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+        self.wandb = start_wandb(run_dir, wandb_project, config) if wandb_project else None
 
     def log(self, kind: str, step: int, values: dict[str, float]) -> None:
         """Record `values` at `step` under `kind` ('steps' or 'epochs')."""
         getattr(self, kind).write({"step": step, **values})
         for key, value in values.items():
             self.tensorboard.add_scalar(f"{kind}/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{key}": value for key, value in values.items()}, step=step)
 
     def image(self, tag: str, path: Path, step: int) -> None:
         """Show a PNG the run wrote (curves, a sample grid) in TensorBoard's Images tab too."""
         with Image.open(path) as image:
             pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
         self.tensorboard.add_image(tag, pixels, step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(str(path))}, step=step)
 
     def close(self) -> None:
         self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def start_wandb(run_dir: Path, project: str, config: dict | None):
+    """A Weights & Biases run for `run_dir`, resumed under the same id when the run is resumed (WANDB_MODE applies)."""
+    try:
+        import wandb
+    except ImportError:
+        raise VitlabError("log.wandb needs the wandb package: pip install wandb (or set log.wandb: false)") from None
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    id_file.write_text(run_id)
+    return wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow", dir=str(run_dir), config=config)
 
 
 def plot_curves(run_dir: Path) -> Path:
