@@ -164,3 +164,26 @@ def test_hf_checkpoints_that_do_not_fit_are_refused_with_the_reason(tmp_path):
         load_hf_checkpoint(tiny(), tmp_path)
     with pytest.raises(VitlabError, match="no config.json"):
         load_hf_checkpoint(tiny(), tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name, fmt", [("vit-ti/8", "hf"), ("vit22b-ti/8", "timm")])
+def test_vitlab_export_writes_a_runs_model_with_its_class_names(tmp_path, name, fmt):
+    from tests.eval.test_predict import saved_run
+    from vitlab.cli import main
+    from vitlab.data.builtin import BUILTIN_CLASSES
+    from vitlab.train.classify import load_checkpoint_model
+
+    run = saved_run(tmp_path, name)
+    assert main(["export", str(run), str(tmp_path / "out"), "--format", fmt]) == 0
+    model, _ = load_checkpoint_model(run)
+    fresh, _ = load_checkpoint_model(run)
+    if fmt == "hf":
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["id2label"]["0"] == BUILTIN_CLASSES[0]
+        load_hf_checkpoint(fresh, tmp_path / "out")
+    else:
+        assert json.loads((tmp_path / "out" / "class_names.json").read_text()) == list(BUILTIN_CLASSES)
+        torch.nn.init.zeros_(fresh.head.weight)
+        load_timm_checkpoint(fresh, tmp_path / "out" / "model.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
