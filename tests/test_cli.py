@@ -1,10 +1,14 @@
-"""The command line: output of `vitlab params` and one-line errors with a non-zero exit."""
+"""The command line: output of `vitlab params`, one-line errors with a non-zero exit, help, version and pipes."""
 
+import argparse
 import subprocess
 import sys
 
+import pytest
+
+import vitlab
 from vitlab import count_parameters
-from vitlab.cli import main
+from vitlab.cli import build_parser, main
 
 
 def test_params_prints_table_1_for_the_given_geometry(capsys):
@@ -24,3 +28,46 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2():
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not divisible by patch size 16" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vitlab.cli", *args], capture_output=True, text=True)
+
+
+def test_version_is_printed():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"vitlab {vitlab.__version__}"
+
+
+def test_every_option_with_a_value_shows_its_default_in_the_help():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # argparse keeps no public list of subparsers
+    assert {"predict", "export"} <= set(commands)
+    for name, command in commands.items():
+        text = " ".join(command.format_help().split())
+        for action in command._actions:
+            if action.option_strings and action.default not in (None, False, [], argparse.SUPPRESS):
+                assert f"(default: {action.default})" in text, (name, action.dest)
+            elif action.option_strings and action.default is None and action.nargs != 0:
+                assert "default" in (action.help or "") or action.required, (name, action.dest)
+
+
+def test_params_and_plan_share_their_defaults():
+    args = {name: build_parser().parse_args([name]) for name in ("params", "plan")}
+    for key in ("image_size", "patch_size", "num_classes"):
+        assert getattr(args["params"], key) == getattr(args["plan"], key)
+
+
+@pytest.mark.parametrize("option", [["--patch-size", "0"], ["--image-size", "0"], ["--num-classes", "-1"]])
+def test_impossible_geometry_is_a_one_line_error(option):
+    proc = run_cli("params", *option)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+    # `true` exits without reading, so every write of `vitlab params` meets a closed pipe.
+    proc = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {sys.executable} -m vitlab.cli params | true"], capture_output=True, text=True
+    )
+    assert proc.stderr == "" and proc.returncode == 141

@@ -35,7 +35,7 @@ def test_yaml_and_overrides_are_applied(tmp_path):
         ("optim:\n  lrr: 0.1\n", [], ["optim.lrr", "lr"]),
         ("trian:\n  epochs: 1\n", [], ["trian", "train"]),
         ("", ["optim.schedule=linear"], ["optim.schedule", "'cosine'"]),
-        ("", ["train.precision=fp16"], ["train.precision", "'bf16'"]),
+        ("", ["train.precision=fp8"], ["train.precision", "'bf16'"]),
         ("", ["train.batch_size=abc"], ["train.batch_size", "int"]),
         ("", ["augment.hflip=3"], ["augment.hflip", "true or false"]),
         ("", ["model.name=vit-x/4"], ["'x'"]),

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from vitlab import __version__
 from vitlab.errors import VitlabError
+
+DESCRIPTION = """Train, fine-tune, inspect and export Vision Transformers (the classic ViT and the ViT-22B-style
+parallel block) on a laptop CPU or on GPUs. `vitlab train` with no arguments trains a small model on
+built-in data in minutes; `vitlab COMMAND -h` explains each command."""
+# One geometry for `params` and `plan`: 224 px, patch 16 (the ViT paper's base patch, at which its parameter
+# counts are quoted) and ImageNet's 1000 classes. `vitlab plan vit22b-22b/14` names the ViT-22B patch.
+DEFAULT_IMAGE_SIZE, DEFAULT_PATCH_SIZE, DEFAULT_NUM_CLASSES = 224, 16, 1000
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -147,8 +156,41 @@ def cmd_stability(args: argparse.Namespace) -> None:
 
 RESUME_HELP = (
     "continue a run from its last checkpoint; `auto`: continue the config's run (out_dir/name) if it has a "
-    "checkpoint, else start it (for preemptible jobs and torchrun --max-restarts)"
+    "checkpoint, else start it (for preemptible jobs and torchrun --max-restarts) (default: start a new run)"
 )
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Write a run's model for timm or Hugging Face transformers."""
+    from vitlab.models.export import export_run
+
+    written = export_run(args.run, args.format, args.out, args.ema)
+    print(f"wrote {', '.join(p.name for p in written)} to {args.out}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    """Top-k classes of images under a run's model: a CSV and a labelled grid."""
+    from vitlab.eval.predict import predict_run
+
+    predictions, written = predict_run(args.run, args.images, args.top_k, args.out, args.ema, args.batch_size)
+    for file, indices, probs in zip(predictions.files, predictions.indices.tolist(), predictions.probabilities.tolist()):
+        print(f"{file}: " + ", ".join(f"{predictions.classes[i]} {100 * p:.1f} %" for i, p in zip(indices, probs)))
+    print(f"wrote {' and '.join(map(str, written))}")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except switches and options whose help says it (no value)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool) or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_geometry_options(parser: argparse.ArgumentParser) -> None:
+    """`--image-size`, `--num-classes` with the defaults that `params` and `plan` share."""
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="image side in pixels")
+    parser.add_argument("--num-classes", type=int, default=DEFAULT_NUM_CLASSES, help="classes of the head")
 
 
 def add_run_options(parser: argparse.ArgumentParser, what: str = "config") -> None:
@@ -159,44 +201,47 @@ def add_run_options(parser: argparse.ArgumentParser, what: str = "config") -> No
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="vitlab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="vitlab", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    params = sub.add_parser("params", help="parameter counts of every preset (Table 1 of the paper)")
-    params.add_argument("--image-size", type=int, default=224)
-    params.add_argument("--patch-size", type=int, default=16)
-    params.add_argument("--num-classes", type=int, default=1000)
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".", formatter_class=HelpFormatter)
+
+    params = command("params", "parameter counts of every preset (Table 1 of the paper)")
+    add_geometry_options(params)
+    params.add_argument("--patch-size", type=int, default=DEFAULT_PATCH_SIZE, help="patch side in pixels")
     params.set_defaults(func=cmd_params)
 
-    plan = sub.add_parser("plan", help="memory per device under DDP and FSDP, FLOPs per step, fewest devices (on paper)")
+    plan = command("plan", "memory per device under DDP and FSDP, FLOPs per step, fewest devices (on paper)")
     plan.add_argument("preset", nargs="?", help="e.g. vit22b-22b/14; without it: the fewest devices for every preset")
-    plan.add_argument("--devices", type=int, default=8, help="device count to show the memory for (default 8)")
-    plan.add_argument("--device-memory", type=float, default=80.0, metavar="GIB", help="memory per device (default 80)")
-    plan.add_argument("--batch", type=int, default=1024, help="global batch (default 1024)")
-    plan.add_argument("--image-size", type=int, default=224)
-    plan.add_argument("--num-classes", type=int, default=1000)
-    plan.add_argument("--patch-size", type=int, default=14, help="patch of every preset when no preset is named")
-    plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="compute precision (default bf16)")
+    plan.add_argument("--devices", type=int, default=8, help="device count to show the memory for")
+    plan.add_argument("--device-memory", type=float, default=80.0, metavar="GIB", help="memory per device in GiB")
+    plan.add_argument("--batch", type=int, default=1024, help="global batch")
+    add_geometry_options(plan)
+    plan.add_argument("--patch-size", type=int, default=DEFAULT_PATCH_SIZE, help="patch of every preset when no preset is named")
+    plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="compute precision")
     plan.set_defaults(func=cmd_plan)
 
-    consolidate = sub.add_parser("consolidate", help="merge a sharded (FSDP) checkpoint into one safetensors file")
+    consolidate = command("consolidate", "merge a sharded (FSDP) checkpoint into one safetensors file")
     consolidate.add_argument("checkpoint", help="run directory or checkpoint folder")
     consolidate.add_argument("--out", help="output file (default: CHECKPOINT/model.safetensors)")
     consolidate.set_defaults(func=cmd_consolidate)
 
-    train = sub.add_parser("train", help="train a classifier (no arguments: the default run on built-in data)")
+    train = command("train", "train a classifier (no arguments: the default run on built-in data)")
     train.add_argument("config", nargs="?", help="YAML config (see configs/); default: the built-in default run")
     add_run_options(train)
     train.add_argument("--resume", metavar="RUN_DIR|auto", help=RESUME_HELP)
-    train.add_argument("--strategy", choices=("single", "ddp", "fsdp"), help="train.strategy: one process, DDP or FSDP2")
+    train.add_argument("--strategy", choices=("single", "ddp", "fsdp"),
+                       help="train.strategy: one process, DDP or FSDP2 (default: the config's)")  # fmt: skip
     train.set_defaults(func=cmd_train)
 
-    finetune = sub.add_parser("finetune", help="fine-tune pretrained weights (a config with a finetune section)")
+    finetune = command("finetune", "fine-tune pretrained weights (a config with a finetune section)")
     finetune.add_argument("config", help="YAML config with a finetune section (finetune.checkpoint: PATH)")
     add_run_options(finetune)
     finetune.set_defaults(func=cmd_finetune, resume=None)
 
-    inspect = sub.add_parser("inspect", help="attention maps, rollout, attention distances and embedding PNGs of a run")
+    inspect = command("inspect", "attention maps, rollout, attention distances and embedding PNGs of a run")
     inspect.add_argument("checkpoint", help="run directory or checkpoint folder")
     inspect.add_argument("--image", nargs="+", metavar="PATH", help="images to look at (default: the run's test images)")
     inspect.add_argument("--num-images", type=int, default=4, help="test images to use without --image")
@@ -206,39 +251,56 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--ema", action="store_true", help="inspect the EMA weights")
     inspect.set_defaults(func=cmd_inspect)
 
-    stability = sub.add_parser("stability", help="train variants side by side and draw Fig. 1 (logits, gradients)")
+    stability = command("stability", "train variants side by side and draw Fig. 1 (logits, gradients)")
     stability.add_argument("config", help="stability study YAML (see configs/stability/)")
     add_run_options(stability, "study")
     stability.set_defaults(func=cmd_stability)
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on test data")
+    evaluate = command("eval", "evaluate a checkpoint on test data")
     evaluate.add_argument("checkpoint", help="run directory or checkpoint folder")
     evaluate.add_argument("--data", help="dataset name (builtin, cifar10, cifar100, folder); default: the run's")
     evaluate.add_argument("--data-root", help="dataset location; default: the run's")
-    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     evaluate.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     evaluate.set_defaults(func=cmd_eval)
 
-    translate_train = sub.add_parser("translate-train", help="train a CycleGAN: ViTUnet or the ResNet generator (paper §4)")
+    predict = command("predict", "top-k classes of image files under a run's model: a CSV and a labelled grid PNG")
+    predict.add_argument("run", help="run directory or checkpoint folder")
+    predict.add_argument("images", nargs="+", metavar="IMAGES_OR_FOLDER", help="image files and/or folders of images")
+    predict.add_argument("--top-k", type=int, default=5, help="classes listed per image")
+    predict.add_argument("--out", help="output folder (default: RUN/predictions)")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    predict.add_argument("--ema", action="store_true", help="predict with the EMA weights")
+    predict.set_defaults(func=cmd_predict)
+
+    export = command("export", "write a run's model for timm (safetensors + create_model arguments) or Hugging Face")
+    export.add_argument("run", help="run directory or checkpoint folder")
+    export.add_argument("out", help="output folder")
+    export.add_argument("--format", required=True, choices=("timm", "hf"),
+                        help="timm: model.safetensors + create_model.json; hf: a ViTForImageClassification folder")  # fmt: skip
+    export.add_argument("--ema", action="store_true", help="export the EMA weights")
+    export.set_defaults(func=cmd_export)
+
+    translate_train = command("translate-train", "train a CycleGAN: ViTUnet or the ResNet generator (paper §4)")
     translate_train.add_argument("config", nargs="?", help="YAML config, e.g. configs/translate-builtin.yaml")
     add_run_options(translate_train)
     translate_train.add_argument("--resume", metavar="RUN_DIR|auto", help=RESUME_HELP)
     translate_train.set_defaults(func=cmd_translate_train)
 
-    translate_eval = sub.add_parser("translate-eval", help="FID/KID (and L1/PSNR to the truth) of a translation run")
+    translate_eval = command("translate-eval", "FID/KID (and L1/PSNR to the truth) of a translation run")
     translate_eval.add_argument("run_dir", help="run directory or checkpoint folder")
     translate_eval.add_argument("--features", help="auto, inception, inception-2048, inception-64, randconv, FILE.pt "
                                 "or module:callable (default: the run's eval.features)")  # fmt: skip
-    translate_eval.add_argument("--inception-weights", help="torch-fidelity's Inception weights file")
-    translate_eval.add_argument("--batch-size", type=int, default=50)
+    translate_eval.add_argument("--inception-weights", help="torch-fidelity's Inception weights file (default: none)")
+    translate_eval.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
     translate_eval.set_defaults(func=cmd_translate_eval)
 
-    translate = sub.add_parser("translate", help="translate a folder of images with a trained generator")
+    translate = command("translate", "translate a folder of images with a trained generator")
     translate.add_argument("checkpoint", help="run directory or checkpoint folder")
     translate.add_argument("in_dir", help="folder of .png/.jpg/.jpeg images")
     translate.add_argument("out_dir", help="where the translated PNGs go (same names)")
-    translate.add_argument("--direction", default="AtoB", choices=("AtoB", "BtoA"))
-    translate.add_argument("--batch-size", type=int, default=8)
+    translate.add_argument("--direction", default="AtoB", choices=("AtoB", "BtoA"), help="which generator translates")
+    translate.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     translate.set_defaults(func=cmd_translate)
     return parser
 
@@ -262,5 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> int:
+    """The `vitlab` console script: `main`, ending quietly when the reader of its output goes away (`| head`)."""
+    try:
+        status = main()
+        sys.stdout.flush()  # inside the try: a closed pipe fails here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit-time flush must not fail again
+        return 128 + 13  # as a program killed by SIGPIPE, like `cat` or `yes` in a pipe
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

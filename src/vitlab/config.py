@@ -15,6 +15,8 @@ import yaml
 
 from vitlab.errors import VitlabError, check_choice
 from vitlab.models.presets import model_options, preset_config
+from vitlab.models.weights import WEIGHT_FORMATS
+from vitlab.train.precision import PRECISIONS
 
 
 @dataclass
@@ -111,7 +113,7 @@ class TrainConfig:
 
     epochs: float = 15
     batch_size: int = 128  # global: split evenly across torchrun ranks
-    precision: str = "auto"  # auto: bf16 autocast where it is faster than fp32 (GPUs, AVX512-BF16 CPUs)
+    precision: str = "auto"  # auto: bf16 on GPUs >= 8.0 and AVX512-BF16/AMX CPUs, fp16 on 7.x GPUs, else fp32
     compile: bool = False
     seed: int = 0
     label_smoothing: float = 0.0
@@ -131,7 +133,7 @@ class TrainConfig:
     accumulate_steps: int = 1  # micro-batches per step: batch_size stays the global batch the LR is set for
 
     def validate(self) -> None:
-        check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.resume", self.resume, (None, "auto"))
         if self.accumulate_steps < 1:
             raise VitlabError(f"train.accumulate_steps={self.accumulate_steps} must be >= 1")
@@ -143,6 +145,8 @@ class TrainConfig:
             raise VitlabError(f"train.ema_decay={self.ema_decay} must be in (0, 1)")
         if self.strategy == "fsdp" and (self.ema_decay is not None or self.compile):
             raise VitlabError("train.ema_decay and train.compile are not supported with train.strategy=fsdp yet; unset them")
+        if self.precision == "fp16" and self.strategy == "fsdp":
+            raise VitlabError("train.precision=fp16 is not supported with train.strategy=fsdp yet; use bf16 (or ddp)")
         if self.cpu_offload and self.strategy != "fsdp":
             raise VitlabError("train.cpu_offload needs train.strategy=fsdp")
 
@@ -152,14 +156,14 @@ class FinetuneConfig:
     """Start from pretrained weights (ViT lecture): the head is replaced, the position embedding resampled."""
 
     checkpoint: str = ""  # a vitlab run or checkpoint folder, a timm .safetensors/.pth, or a Google ViT .npz
-    format: str = "auto"  # auto: a folder is a vitlab run, .npz Google's, anything else timm's
+    format: str = "auto"  # auto: a folder whose config.json says model_type vit is hf, another folder a vitlab run, .npz Google's, else timm's
     keep_head: bool = False  # keep the pretrained head (same classes) instead of a new zero-initialised one
     freeze_backbone: bool = False  # train the head only: a linear probe of frozen features
 
     def validate(self) -> None:
         if not self.checkpoint:
             raise VitlabError("finetune.checkpoint is required: the pretrained weights to start from")
-        check_choice("finetune.format", self.format, ("auto", "vitlab", "timm", "npz"))
+        check_choice("finetune.format", self.format, WEIGHT_FORMATS)
 
 
 @dataclass
@@ -395,7 +399,7 @@ class TranslateTrainConfig:
     resume: str | None = None  # auto: continue out_dir/name if it has a checkpoint, else start it
 
     def validate(self) -> None:
-        check_choice("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.resume", self.resume, (None, "auto"))
         check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
         if self.epochs < 0 or self.decay_epochs < 0 or self.epochs + self.decay_epochs <= 0:

@@ -254,3 +254,24 @@ def test_metrics_also_go_to_weights_and_biases_when_asked(tmp_path, monkeypatch)
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1 and any(offline[0].glob("*.wandb"))
     assert wandb.run is None  # finished with the run
+
+
+def test_fp16_trains_with_a_loss_scaler_that_resumes_exactly(tmp_path):
+    import shutil
+
+    results = train(tiny_config(tmp_path, "train.epochs=1", "train.precision=fp16", "train.checkpoint_every_steps=5",
+                                "train.keep_checkpoints=5"), progress=False)  # fmt: skip
+    run_dir = Path(results["run_dir"])
+    losses = read_losses(run_dir)
+    assert results["precision"] == "fp16" and results["skipped_steps"] == 0 and losses[16] < losses[1]
+    assert ckpt.read_meta(run_dir / "checkpoints" / "step-00000005")["grad_scaler"]["scale"] == 2.0**16
+    # Resume from step 5, as if killed there: the same curve.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    for later in ("step-00000010", "step-00000015", "step-00000016"):
+        shutil.rmtree(resumed / "checkpoints" / later)
+    (resumed / "checkpoints" / "latest").write_text("step-00000005")
+    (resumed / "results.json").unlink()
+    train(load_run_config_with(resumed), resume_dir=resumed, progress=False)
+    assert read_losses(resumed) == losses
+    assert (run_dir / "confusion_matrix.png").is_file()

@@ -18,6 +18,7 @@ from vitlab import VitlabError, create_model
 from vitlab.cli import main
 from vitlab.config import FinetuneConfig, OptimConfig, load_config
 from vitlab.data.builtin import make_builtin
+from vitlab.models.export import export_model
 from vitlab.models.weights import resample_pos_embed
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.classify import train
@@ -75,6 +76,16 @@ def test_timm_and_google_files_are_found_by_their_suffix_and_fitted_alike(tmp_pa
     assert not google.head.weight.any()
     found = [checkpoint_format(p) for p in (tmp_path, tmp_path / "a.npz", tmp_path / "a.pth")]
     assert found == ["vitlab", "npz", "timm"]
+
+
+def test_a_hugging_face_vit_folder_is_found_by_its_config_and_fitted_like_the_others(tmp_path):
+    source = small_vit(32, 10)
+    export_model(source, "hf", tmp_path / "hf")  # the layout of google/vit-base-patch16-224: config.json + model.safetensors
+    assert checkpoint_format(tmp_path / "hf") == "hf"
+    tuned = prepare_model(small_vit(48, 3), FinetuneConfig(checkpoint=str(tmp_path / "hf")), load=True)
+    torch.testing.assert_close(tuned.pos_embed, resample_pos_embed(source.pos_embed, (6, 6), 1))
+    torch.testing.assert_close(tuned.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+    assert not tuned.head.weight.any()
 
 
 def test_keep_head_keeps_it_and_a_new_head_drops_the_pretrained_pre_logits(tmp_path):

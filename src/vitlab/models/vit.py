@@ -53,6 +53,11 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int):
         super().__init__()
+        if patch_size < 1 or img_size < patch_size:
+            raise VitlabError(
+                f"image size {img_size} and patch size {patch_size} make no patch; "
+                "use a positive patch size and an image size that is a multiple of it"
+            )
         if img_size % patch_size:
             raise VitlabError(
                 f"image size {img_size} is not divisible by patch size {patch_size}; "
@@ -108,6 +113,8 @@ class VisionTransformer(nn.Module):
         check_choice("pos_embed", pos_embed, POS_EMBEDS)
         check_choice("pool", pool, POOLS)
         check_choice("head", head, HEADS)
+        if num_classes < 0:
+            raise VitlabError(f"num_classes={num_classes} is negative; use 0 for no head or the number of classes")
         for name, p in (("dropout", dropout), ("attn_dropout", attn_dropout), ("drop_path", drop_path)):
             if not 0.0 <= p < 1.0:
                 raise VitlabError(f"{name}={p} must be in [0, 1)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -11,12 +12,17 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import load_file
+from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer
 
 # Wrappers that training scripts commonly put around a state dict in a .pth file.
 _WRAPPER_KEYS = ("state_dict", "model", "module")
+
+
+# The formats pretrained weights are read in (finetune.format); `auto` tells them apart by the path.
+WEIGHT_FORMATS = ("auto", "vitlab", "timm", "npz", "hf")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -60,16 +66,241 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
     model.load_state_dict(state_dict)
 
 
+def implied_tensors(model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """Tensors that timm and Hugging Face store but `model` computes: zero biases of its bias-free
+    LayerNorms, and its fixed sin-cos position table."""
+    implied = {
+        f"{name}.bias": torch.zeros_like(module.weight)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.LayerNorm) and module.weight is not None and module.bias is None
+    }
+    if not isinstance(model.pos_embed, nn.Parameter):
+        implied["pos_embed"] = model.pos_embed.detach().clone()
+    return implied
+
+
+def drop_implied(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """`state_dict` without the tensors `model` computes itself, where they hold exactly those values."""
+    implied = implied_tensors(model)
+    return {
+        k: v for k, v in state_dict.items()
+        if not (k in implied and v.shape == implied[k].shape and torch.allclose(v.float(), implied[k].float()))
+    }  # fmt: skip
+
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def split_blocks(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """The tensors outside `blocks.N.`, and each block's tensors under their names inside the block."""
+    rest: dict[str, torch.Tensor] = {}
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if match := _BLOCK_KEY.match(key):
+            blocks.setdefault(int(match[1]), {})[match[2]] = value
+        else:
+            rest[key] = value
+    return rest, blocks
+
+
+def join_blocks(rest: dict[str, torch.Tensor], blocks: dict[int, dict[str, torch.Tensor]], prefix: str = "blocks.") -> dict:
+    """`split_blocks` undone, with each block's tensors under `{prefix}N.`."""
+    return {**rest, **{f"{prefix}{i}.{k}": v for i, block in sorted(blocks.items()) for k, v in block.items()}}
+
+
+# timm's ParallelScalingBlock (timm/models/vision_transformer.py, the ViT-22B block, built with its default
+# fuse_out_proj=False): in_norm; in_proj with rows [mlp, q, k, v] (vitlab: [q, k, v, mlp]) and, when
+# qkv_bias, one bias over all of them, else mlp_bias alone; q_norm, k_norm; separate attn_out_proj and
+# mlp_out_proj, each with a bias (vitlab fuses them into out_proj with one bias, their sum).
+def parallel_block_to_timm(block: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One vitlab ParallelBlock's tensors under timm's ParallelScalingBlock names."""
+    b = dict(block)
+    out = {k: b.pop(k) for k in list(b) if k.startswith(("q_norm.", "k_norm."))}
+    out |= {f"in_{k}": b.pop(k) for k in list(b) if k.startswith("norm.")}
+    dim = b["out_proj.weight"].shape[0]
+    qkv, mlp = b.pop("in_proj.weight").split([3 * dim, b["mlp_bias"].shape[0]])
+    out["in_proj.weight"] = torch.cat([mlp, qkv])
+    mlp_bias, qkv_bias = b.pop("mlp_bias"), b.pop("qkv_bias", None)
+    if qkv_bias is None:
+        out["mlp_bias"] = mlp_bias
+    else:
+        out["in_proj.bias"] = torch.cat([mlp_bias, qkv_bias])
+    attn_w, mlp_w = b.pop("out_proj.weight").split([dim, mlp.shape[0]], dim=1)
+    out_bias = b.pop("out_proj.bias")
+    out |= {"attn_out_proj.weight": attn_w, "attn_out_proj.bias": out_bias,
+            "mlp_out_proj.weight": mlp_w, "mlp_out_proj.bias": torch.zeros_like(out_bias)}  # fmt: skip
+    return out | b  # anything left (a branch norm) keeps its name, so that timm lists it
+
+
+def timm_block_to_parallel(block: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One timm ParallelScalingBlock's tensors under vitlab's ParallelBlock names (`parallel_block_to_timm` undone)."""
+    b = dict(block)
+    out = {k: b.pop(k) for k in list(b) if k.startswith(("q_norm.", "k_norm."))}
+    out |= {k.removeprefix("in_"): b.pop(k) for k in list(b) if k.startswith("in_norm.")}
+    weight = b.pop("in_proj.weight")
+    dim = weight.shape[1]
+    mlp_dim = weight.shape[0] - 3 * dim
+    mlp, qkv = weight.split([mlp_dim, 3 * dim])
+    out["in_proj.weight"] = torch.cat([qkv, mlp])
+    if "in_proj.bias" in b:
+        out["mlp_bias"], out["qkv_bias"] = b.pop("in_proj.bias").split([mlp_dim, 3 * dim])
+    elif "mlp_bias" in b:
+        out["mlp_bias"] = b.pop("mlp_bias")
+    if "attn_out_proj.weight" in b:
+        out["out_proj.weight"] = torch.cat([b.pop("attn_out_proj.weight"), b.pop("mlp_out_proj.weight")], dim=1)
+        out["out_proj.bias"] = b.pop("attn_out_proj.bias") + b.pop("mlp_out_proj.bias")
+    return out | b  # a fused out_proj (fuse_out_proj=True) already has vitlab's names
+
+
+def to_timm(state_dict: dict[str, torch.Tensor], block: str) -> dict[str, torch.Tensor]:
+    """A vitlab state dict under timm's names: serial blocks already have them, parallel ones are renamed."""
+    if block == "serial":
+        return dict(state_dict)
+    rest, blocks = split_blocks(state_dict)
+    return join_blocks(rest, {i: parallel_block_to_timm(b) for i, b in blocks.items()})
+
+
+def filter_timm_vit(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """A timm VisionTransformer state dict (Block or ParallelScalingBlock) under `model`'s names (`to_timm` undone)."""
+    rest, blocks = split_blocks(state_dict)
+    held = {"serial" if "attn.qkv.weight" in b else "parallel" for b in blocks.values() if {"attn.qkv.weight", "in_proj.weight"} & set(b)}
+    if held and held != {model.config["block"]}:
+        found = " and ".join(sorted(held))
+        raise VitlabError(f"the checkpoint holds {found} ViT blocks; build the model with block='{found}', not '{model.config['block']}'")
+    # Parallel blocks named by timm (in_norm, …) are renamed; ones saved by vitlab (norm, …) are already ours.
+    blocks = {i: timm_block_to_parallel(b) if "in_norm.weight" in b else b for i, b in blocks.items()}
+    return drop_implied(join_blocks(rest, blocks), model)
+
+
 def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> VisionTransformer:
     """Load a timm-format ViT checkpoint (`.safetensors` or `.pth`) into `model`, strictly.
 
     vitlab's serial ViT uses timm's parameter names (cls_token, pos_embed, patch_embed.proj,
     blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm, head), so the tensors map
-    one to one; anything else (register tokens, fc_norm of timm's average-pool variant) is listed.
+    one to one; a parallel model reads timm's ParallelScalingBlock names (`filter_timm_vit`); anything
+    else (register tokens, fc_norm of timm's average-pool variant) is listed.
     """
+    load_state_dict_strict(model, filter_timm_vit(read_state_dict(path), model), str(path))
+    return model
+
+
+# Hugging Face transformers' ViT (ViTForImageClassification and ViTModel as save_pretrained writes them and
+# the Hub's google/vit-* checkpoints hold them), vitlab name → HF name. A block's fused qkv is split into
+# attention.attention.{query,key,value}; ViTModel's pooler (dense + tanh on the class token) is vitlab's
+# pre-logits layer.
+HF_NAMES = {
+    "cls_token": "vit.embeddings.cls_token",
+    "pos_embed": "vit.embeddings.position_embeddings",
+    "patch_embed.proj.weight": "vit.embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
+    "norm.weight": "vit.layernorm.weight",
+    "norm.bias": "vit.layernorm.bias",
+    "pre_logits.fc.weight": "vit.pooler.dense.weight",
+    "pre_logits.fc.bias": "vit.pooler.dense.bias",
+    "head.weight": "classifier.weight",
+    "head.bias": "classifier.bias",
+}
+HF_BLOCK_NAMES = {
+    "norm1": "layernorm_before",
+    "attn.proj": "attention.output.dense",
+    "norm2": "layernorm_after",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
+HF_QKV = ("query", "key", "value")
+HF_BLOCKS = "vit.encoder.layer."
+
+
+def to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A serial vitlab state dict under Hugging Face ViT names."""
+    rest, blocks = split_blocks(state_dict)
+    out = {HF_NAMES.get(k, k): v for k, v in rest.items()}
+    for i, block in blocks.items():
+        p = f"{HF_BLOCKS}{i}."
+        for key, value in block.items():
+            module, _, kind = key.rpartition(".")
+            if module == "attn.qkv":
+                out |= {f"{p}attention.attention.{n}.{kind}": t for n, t in zip(HF_QKV, value.chunk(3))}
+            else:
+                out[f"{p}{HF_BLOCK_NAMES.get(module, module)}.{kind}"] = value
+    return out
+
+
+def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Hugging Face ViT state dict (with or without the `vit.` prefix of the classifier) under vitlab's names."""
+    if not any(k.startswith("vit.") for k in state_dict):  # a ViTModel: no classifier around it
+        state_dict = {f"vit.{k}": v for k, v in state_dict.items()}
+    names = {hf: ours for ours, hf in HF_NAMES.items()}
+    block_names = {hf: ours for ours, hf in HF_BLOCK_NAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if not key.startswith(HF_BLOCKS):
+            out[names.get(key, key)] = value
+            continue
+        index, _, rest = key.removeprefix(HF_BLOCKS).partition(".")
+        module, _, kind = rest.rpartition(".")
+        if module.startswith("attention.attention.") and module.rpartition(".")[2] in HF_QKV:
+            qkv.setdefault((int(index), kind), {})[module.rpartition(".")[2]] = value
+        else:
+            out[f"blocks.{index}.{block_names.get(module, module)}.{kind}"] = value
+    for (index, kind), parts in qkv.items():
+        if set(parts) != set(HF_QKV):
+            raise VitlabError(f"layer {index} of the Hugging Face checkpoint lacks attention {kind}s of {sorted(set(HF_QKV) - set(parts))}")
+        out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([parts[n] for n in HF_QKV])
+    return out
+
+
+def is_hf_vit_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder with a Hugging Face config.json whose model_type is "vit"."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "vit"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def read_hf_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and the tensors of a Hugging Face model folder (model.safetensors, else pytorch_model.bin)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise VitlabError(f"{folder} is not a Hugging Face model folder: it has no config.json")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise VitlabError(f"cannot read {folder / 'config.json'} as JSON: {exc}") from exc
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return config, read_state_dict(folder / name)
+    if (folder / "model.safetensors.index.json").is_file():
+        raise VitlabError(f"{folder} holds a sharded checkpoint; merge it into one model.safetensors first")
+    raise VitlabError(f"{folder} has no model.safetensors or pytorch_model.bin")
+
+
+def filter_hf_vit(config: dict, state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """A Hugging Face ViT checkpoint under `model`'s names, after checking what the tensors cannot show."""
+    if config.get("model_type") != "vit":
+        raise VitlabError(f"the Hugging Face checkpoint is a {config.get('model_type')!r} model; vitlab reads model_type 'vit'")
     if model.config["block"] != "serial":
-        raise VitlabError("timm checkpoints hold serial ViT blocks; build the model with block='serial' (a vit-* preset)")
-    load_state_dict_strict(model, read_state_dict(path), str(path))
+        raise VitlabError("Hugging Face ViT checkpoints hold serial ViT blocks; build the model with block='serial' (vit-*)")
+    heads = config.get("num_attention_heads", model.config["num_heads"])
+    if heads != model.config["num_heads"]:
+        raise VitlabError(f"the checkpoint's attention has {heads} heads, the model {model.config['num_heads']}; set num_heads={heads}")
+    if config.get("hidden_act", "gelu") != "gelu":
+        raise VitlabError(f"the checkpoint's MLP uses {config['hidden_act']!r}; vitlab's uses the exact 'gelu'")
+    return drop_implied(from_hf(state_dict), model)
+
+
+def load_hf_checkpoint(model: VisionTransformer, path: str | Path) -> VisionTransformer:
+    """Load a Hugging Face ViT folder (google/vit-base-patch16-224's layout) into a serial `model`, strictly.
+
+    Hugging Face's ViT normalises with LayerNorm epsilon 1e-12 by default, vitlab with 1e-6; for activations
+    of unit scale this changes the output by about 1e-6 relative.
+    """
+    config, state_dict = read_hf_folder(path)
+    load_state_dict_strict(model, filter_hf_vit(config, state_dict, model), str(path))
     return model
 
 

@@ -20,14 +20,15 @@ from vitlab.data import load_splits
 from vitlab.data.augment import mixup_cutmix, normalize, rand_augment, random_crop, random_flip
 from vitlab.data.loader import BatchIterator
 from vitlab.errors import VitlabError
-from vitlab.eval.classification import evaluate
+from vitlab.eval.classification import classification_metrics, dataset_logits, evaluate
+from vitlab.eval.figures import save_confusion_matrix
 from vitlab.eval.runs import build_model
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed, sharding
 from vitlab.train.finetune import prepare_model
 from vitlab.train.monitors import StabilityMonitor
 from vitlab.train.optim import build_optimizer
-from vitlab.train.precision import autocast, resolve_precision
+from vitlab.train.precision import autocast, choose_precision, make_grad_scaler, scaler_backs_off
 from vitlab.train.run_log import plot_curves
 from vitlab.train.runs import Run, step_seed
 
@@ -92,7 +93,7 @@ def train(config: RunConfig, resume_dir: str | Path | None = None, progress: boo
 
 def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | None, progress: bool) -> dict:
     tc, oc = config.train, config.optim
-    precision = resolve_precision(tc.precision, ctx.device)
+    precision, precision_reason = choose_precision(tc.precision, ctx.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     data = config.data
@@ -123,15 +124,18 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
         monitor = StabilityMonitor(model)
         optimizer = build_optimizer(model, oc)
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay else None
+        scaler = make_grad_scaler(precision, ctx.device)
         if run.checkpoint is not None:
             sharding.load_checkpoint(run.checkpoint, model, optimizer)
+            if scaler.is_enabled() and "grad_scaler" in (meta := ckpt.read_meta(run.checkpoint)):
+                scaler.load_state_dict(meta["grad_scaler"])
             if ema is not None:
                 ckpt.load_weights(run.checkpoint, ema.module, "ema")
                 ema.n_averaged.fill_(run.step)  # non-zero: the next update averages instead of copying
 
         run.announce({
             "device": f"{ctx.device}, {ctx.world_size} process(es), strategy {tc.strategy if ctx.distributed else 'single'}",
-            "precision": f"{precision} (train.precision: {tc.precision})",
+            "precision": f"{precision} (train.precision: {tc.precision}: {precision_reason})",
             "model": f"{config.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters",
             "data": f"{data.name}: {len(splits.train):,} training / {len(splits.test):,} test images, "
                     f"{num_classes} classes, {data.image_size} px",
@@ -139,7 +143,10 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
         })  # fmt: skip
 
         def save(extra: dict | None = None) -> None:
-            run.save(model, optimizer, {"num_classes": num_classes, **(extra or {})}, ema.module if ema else None)
+            meta = {"num_classes": num_classes, "classes": splits.train.classes, **(extra or {})}
+            if scaler.is_enabled():
+                meta["grad_scaler"] = scaler.state_dict()
+            run.save(model, optimizer, meta, ema.module if ema else None)
 
         net.train()
         while run.step < total_steps:
@@ -163,21 +170,24 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                             logits = net(xm)
                         micro_loss = F.cross_entropy(logits.float(), tm, label_smoothing=tc.label_smoothing)
                         micro_extra = penalties(micro_loss, logits, xm, tc.z_loss, tc.grad_penalty)
-                        ((micro_loss + sum(micro_extra.values())) / tc.accumulate_steps).backward()
+                        scaler.scale((micro_loss + sum(micro_extra.values())) / tc.accumulate_steps).backward()
                     loss = loss + micro_loss.detach() / tc.accumulate_steps
                     extra = {k: extra.get(k, 0) + v.detach() / tc.accumulate_steps for k, v in micro_extra.items()}
+                scaler.unscale_(optimizer)  # clipping and the finiteness check see the true gradients
                 if oc.clip_grad_value is not None:
                     torch.nn.utils.clip_grad_value_(model.parameters(), oc.clip_grad_value)
                 grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm or float("inf")))
                 finite = distributed.all_reduce(torch.isfinite(loss.detach() + grad_norm).float(), "min").item() == 1.0
                 if logged or not finite:  # on every rank: the largest gradient of FSDP shards is a collective
                     signals = monitor.collect(logits, grad_norm)  # before zero_grad: it reads the gradients
+                overflow = not finite and math.isfinite(loss.item()) and scaler_backs_off(scaler)
                 if finite:
-                    optimizer.step()
+                    scaler.step(optimizer)
                     if ema is not None:
                         ema.update_parameters(model)
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                run.count(finite)
+                run.count(finite, overflow)
                 if run.diverged:
                     failing = dict(loss=loss.item(), lr=lr, images_per_s=0.0, skipped=run.skipped, **signals)
                     run.log("steps", failing, step=step + 1)  # the failing step goes into the curves too
@@ -206,7 +216,8 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                     break
 
         elapsed = run.elapsed()
-        final = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision, data.mean, data.std)
+        logits, labels = dataset_logits(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision, data.mean, data.std)
+        final = classification_metrics(logits, labels)
         results = {
             "test": final, "steps": run.step, "epochs": run.epoch, "skipped_steps": run.skipped,
             "train_seconds_this_session": elapsed, "train_images_per_s": run.seen / elapsed if run.seen else None,
@@ -214,4 +225,6 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
             "max_rank_param_difference": distributed.max_rank_difference(model), "precision": precision,
         }  # fmt: skip
         save({"test": final})
+        if ctx.is_main:
+            save_confusion_matrix(run.dir / "confusion_matrix.png", logits, labels, splits.test.classes)
         return run.finish(results, plot_curves)

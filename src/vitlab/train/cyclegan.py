@@ -32,7 +32,7 @@ from vitlab.eval.translation import DIRECTIONS, load_data, sample_grid, translat
 from vitlab.models.gan import PatchDiscriminator
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.distributed import Context, pick_device
-from vitlab.train.precision import autocast, resolve_precision
+from vitlab.train.precision import autocast, choose_precision, make_grad_scaler, scaler_backs_off
 from vitlab.train.run_log import plot_gan_curves
 from vitlab.train.runs import Run, step_seed
 
@@ -124,6 +124,20 @@ def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch
     return 0.5 * (lsgan_loss(discriminator(real), True) + lsgan_loss(discriminator(fake.detach()), False))
 
 
+def scaled_step(scaler: torch.amp.GradScaler, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
+    """Backward and step through the (fp16) loss scaler; False, with no step, when loss or gradients are not finite."""
+    if not torch.isfinite(loss).item():
+        scaler.unscale_(optimizer)  # records "nothing found" so that the scaler's update stays valid
+        return False
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not torch.isfinite(torch.nn.utils.get_total_norm(grads)).item():
+        return False
+    scaler.step(optimizer)
+    return True
+
+
 def training_batch(images: torch.Tensor, crop_size: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
     """uint8 images at load size → random crop, random flip, [-1, 1] floats."""
     images = random_window(images, crop_size, gen)
@@ -139,7 +153,7 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
     tc, lc = config.train, config.loss
     ctx = Context(rank=0, world_size=1, device=pick_device(tc.device))
     device = ctx.device
-    precision = resolve_precision(tc.precision, device)
+    precision, precision_reason = choose_precision(tc.precision, device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     data = load_data(config)
@@ -162,7 +176,10 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
             "d": torch.optim.Adam(discriminators, lr=config.optim.lr, betas=config.optim.betas),
         }
         pools = {"a": ImagePool(lc.pool_size), "b": ImagePool(lc.pool_size)}  # fake A images (for D_B), fake B (for D_A)
+        scaler = make_grad_scaler(precision, device)  # one loss scale for both optimizers
         if run.checkpoint is not None:
+            if scaler.is_enabled() and "grad_scaler" in (meta := ckpt.read_meta(run.checkpoint)):
+                scaler.load_state_dict(meta["grad_scaler"])
             for name in NETWORKS:
                 ckpt.load_weights(run.checkpoint, nets[name], name)
             ckpt.load_optimizer(run.checkpoint, optimizers)
@@ -171,7 +188,7 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
         (run.dir / "samples").mkdir(exist_ok=True)
         run.announce({
             "device": str(device),
-            "precision": f"{precision} (train.precision: {tc.precision})",
+            "precision": f"{precision} (train.precision: {tc.precision}: {precision_reason})",
             "generators": f"{config.generator.name}: {sum(p.numel() for p in nets['g_a'].parameters()):,} parameters each",
             "data": f"{config.data.name}: {n_a:,} A / {n_b:,} B training images, {config.data.crop_size} px crops",
             "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs + tc.decay_epochs:g} epochs) of batch {tc.batch_size}",
@@ -179,7 +196,7 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
 
         def save(extra: dict | None = None) -> None:
             tensors = {**{name: nets[name] for name in NETWORKS}, **{f"pool_{k}": p.state_dict() for k, p in pools.items()}}
-            run.save(tensors, optimizers, extra)
+            run.save(tensors, optimizers, {**({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {}), **(extra or {})})
 
         nets.train()
         while run.step < total_steps:
@@ -197,23 +214,19 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
                 nets["d_b"].requires_grad_(False)
                 with autocast(device, precision):
                     loss_g, parts, fake_a, fake_b = generator_loss(nets, real_a, real_b, lc)
-                bad = not torch.isfinite(loss_g).item()
+                bad = not scaled_step(scaler, loss_g, optimizers["g"])
                 if not bad:
-                    loss_g.backward()
-                    optimizers["g"].step()
                     nets["d_a"].requires_grad_(True)
                     nets["d_b"].requires_grad_(True)
                     with autocast(device, precision):
                         parts["d_a"] = discriminator_loss(nets["d_a"], real_b, pools["b"].query(fake_b, gen))
                         parts["d_b"] = discriminator_loss(nets["d_b"], real_a, pools["a"].query(fake_a, gen))
-                    loss_d = parts["d_a"] + parts["d_b"]
-                    bad = not torch.isfinite(loss_d).item()
-                    if not bad:
-                        loss_d.backward()
-                        optimizers["d"].step()
+                    bad = not scaled_step(scaler, parts["d_a"] + parts["d_b"], optimizers["d"])
+                overflow = bad and all(math.isfinite(v.item()) for v in parts.values()) and scaler_backs_off(scaler)
+                scaler.update()
                 for optimizer in optimizers.values():
                     optimizer.zero_grad(set_to_none=True)
-                run.count(not bad)
+                run.count(not bad, overflow)
                 if run.diverged:
                     raise run.divergence(
                         "loss", ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items()),

@@ -1,6 +1,7 @@
 """Fine-tuning (ViT lecture): start from pretrained weights, new zero head, resampled position embedding.
 
-The pretrained tensors come from a vitlab run, a timm-format file or a Google ViT `.npz`, each
+The pretrained tensors come from a vitlab run, a timm-format file, a Google ViT `.npz` or a Hugging Face
+ViT folder, each
 through its filter in `vitlab.models.weights`; they are made to fit the new model (image size,
 class count) here, and the training loop then runs as from scratch.
 """
@@ -15,18 +16,19 @@ from vitlab.config import FinetuneConfig
 from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer
 from vitlab.models.weights import (
-    filter_google_vit, load_state_dict_strict, read_npz, read_state_dict, resample_pos_embed,
+    filter_google_vit, filter_hf_vit, filter_timm_vit, is_hf_vit_folder, load_state_dict_strict, read_hf_folder,
+    read_npz, read_state_dict, resample_pos_embed,
 )  # fmt: skip
 from vitlab.train import checkpoint as ckpt
 
 
 def checkpoint_format(path: str | Path, kind: str = "auto") -> str:
-    """`vitlab`, `timm` or `npz`: the given format, or the one `path` looks like."""
+    """`vitlab`, `timm`, `npz` or `hf`: the given format, or the one `path` looks like."""
     if kind != "auto":
         return kind
     path = Path(path)
     if path.is_dir():
-        return "vitlab"
+        return "hf" if is_hf_vit_folder(path) else "vitlab"
     return "npz" if path.suffix == ".npz" else "timm"
 
 
@@ -39,7 +41,9 @@ def pretrained_state_dict(path: str | Path, kind: str, model: VisionTransformer)
         return ckpt.load_tensors(ckpt.find_checkpoint(path))
     if kind == "npz":
         return filter_google_vit(read_npz(path), model.config["num_heads"])
-    return read_state_dict(path)
+    if kind == "hf":
+        return filter_hf_vit(*read_hf_folder(path), model)
+    return filter_timm_vit(read_state_dict(path), model)
 
 
 def fit_to_model(

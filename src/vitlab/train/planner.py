@@ -67,8 +67,8 @@ def preset_shape(name: str, image_size: int = 224, num_classes: int = 1000) -> S
     """The shape of a preset (`vit22b-22b/14`, …) at an image size."""
     defaults = {k: p.default for k, p in inspect.signature(VisionTransformer).parameters.items()}
     cfg = {**defaults, **preset_config(name)}
-    if image_size % cfg["patch_size"]:
-        raise VitlabError(f"image size {image_size} is not a multiple of {name}'s patch size {cfg['patch_size']}")
+    if cfg["patch_size"] < 1 or image_size < cfg["patch_size"] or image_size % cfg["patch_size"]:
+        raise VitlabError(f"image size {image_size} is not a positive multiple of {name}'s patch size {cfg['patch_size']}")
     return Shape(
         depth=cfg["depth"], width=cfg["embed_dim"], mlp_dim=cfg["mlp_dim"], heads=cfg["num_heads"],
         patch=cfg["patch_size"], image_size=image_size, num_classes=num_classes, block=cfg["block"],

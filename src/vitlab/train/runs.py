@@ -200,9 +200,12 @@ class Run:
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
 
-    def count(self, finite: bool) -> None:
-        """Count a step as finite or not (a non-finite step is skipped by the loop)."""
-        self.bad_in_row = 0 if finite else self.bad_in_row + 1
+    def count(self, finite: bool, overflow: bool = False) -> None:
+        """Count a step as finite or not (a non-finite step is skipped by the loop).
+
+        An `overflow` (fp16 loss scaling finding its range) is skipped too, but is no sign of divergence.
+        """
+        self.bad_in_row = 0 if finite or overflow else self.bad_in_row + 1
         self.skipped += not finite
 
     @property

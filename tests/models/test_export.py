@@ -1,0 +1,189 @@
+"""Export for timm and Hugging Face: names, the arguments that rebuild the model, the same logits, refusals."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from vitlab import VitlabError, create_model
+from vitlab.models.export import export_model
+from vitlab.models.weights import load_hf_checkpoint, load_timm_checkpoint
+
+DIM, HEADS, DEPTH, MLP, PATCH, IMG, CLASSES = 48, 3, 2, 96, 8, 32, 5
+
+
+def tiny(family: str = "vit", **overrides):
+    options = dict(img_size=IMG, num_classes=CLASSES, embed_dim=DIM, num_heads=HEADS, depth=DEPTH, mlp_dim=MLP)
+    return create_model(f"{family}-ti/{PATCH}", **{**options, **overrides})
+
+
+def randomised(model):
+    """`model` with every parameter drawn at random, so that no zero or one hides a misplaced tensor."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def images(n: int = 3) -> torch.Tensor:
+    return torch.randn(n, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+
+
+def timm_parallel_logits(sd: dict, args: dict, x: torch.Tensor) -> torch.Tensor:
+    """timm's VisionTransformer with ParallelScalingBlock (fuse_out_proj=False), written functionally from
+    timm/models/vision_transformer.py: in_proj rows [mlp, q, k, v], separate attention and MLP out projections."""
+    ln = lambda t, name, d=DIM: F.layer_norm(t, (d,), sd[name + ".weight"], sd[name + ".bias"], eps=1e-6)  # noqa: E731
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=PATCH).flatten(2).transpose(1, 2)
+    if args["class_token"]:
+        t = torch.cat([sd["cls_token"].expand(len(t), -1, -1), t], dim=1)
+    t = t + sd["pos_embed"]
+    b, n, _ = t.shape
+    hidden = int(args["mlp_ratio"] * DIM)
+    for i in range(DEPTH):
+        p = f"blocks.{i}."
+        y = F.linear(ln(t, p + "in_norm"), sd[p + "in_proj.weight"], sd.get(p + "in_proj.bias"))
+        mlp, q, k, v = y.split([hidden, DIM, DIM, DIM], dim=-1)
+        if p + "mlp_bias" in sd:
+            mlp = mlp + sd[p + "mlp_bias"]
+        q, k, v = (z.view(b, n, HEADS, DIM // HEADS).transpose(1, 2) for z in (q, k, v))
+        if args["qk_norm"]:
+            q, k = ln(q, p + "q_norm", DIM // HEADS), ln(k, p + "k_norm", DIM // HEADS)
+        attn = ((q @ k.transpose(-2, -1)) / math.sqrt(DIM // HEADS)).softmax(-1) @ v
+        attn = attn.transpose(1, 2).reshape(b, n, DIM)
+        out = F.linear(attn, sd[p + "attn_out_proj.weight"], sd[p + "attn_out_proj.bias"])
+        t = t + out + F.linear(F.gelu(mlp), sd[p + "mlp_out_proj.weight"], sd[p + "mlp_out_proj.bias"])
+    t = ln(t, "norm")
+    pooled = t[:, 0] if args["global_pool"] == "token" else t.mean(dim=1)
+    return F.linear(pooled, sd["head.weight"], sd["head.bias"])
+
+
+@pytest.mark.parametrize(
+    "family, overrides",
+    [
+        ("vit", {}),
+        ("vit", dict(norm_bias=False, pos_embed="sincos", qkv_bias=False, qk_norm=True)),
+        ("vit22b", {}),  # QK norm, no QKV or LayerNorm biases
+        ("vit22b", dict(qkv_bias=True, pool="gap", pos_embed="sincos")),
+    ],
+)
+def test_timm_export_reimports_through_vitlabs_timm_loader_with_the_same_logits(tmp_path, family, overrides):
+    model = randomised(tiny(family, **overrides))
+    files = export_model(model, "timm", tmp_path, [f"shape {i}" for i in range(CLASSES)])
+    assert [f.name for f in files] == ["model.safetensors", "create_model.json", "class_names.json"]
+    args = json.loads((tmp_path / "create_model.json").read_text())
+    assert (args["embed_dim"], args["depth"], args["num_heads"], int(args["mlp_ratio"] * DIM)) == (DIM, DEPTH, HEADS, MLP)
+    rebuilt = load_timm_checkpoint(tiny(family, **overrides), tmp_path / "model.safetensors").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images()), model(images()), atol=1e-5, rtol=0)
+    if family == "vit22b":
+        sd = load_file(tmp_path / "model.safetensors")
+        assert {"blocks.0.in_norm.weight", "blocks.0.in_proj.weight", "blocks.0.attn_out_proj.weight",
+                "blocks.0.mlp_out_proj.weight", "blocks.0.q_norm.weight"} <= set(sd)  # fmt: skip
+        assert ("blocks.0.in_proj.bias" in sd) == args["qkv_bias"] != ("blocks.0.mlp_bias" in sd)
+        with torch.no_grad():
+            reference = timm_parallel_logits(sd, args, images())
+            torch.testing.assert_close(reference, model(images()), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "fmt, overrides, named",
+    [
+        ("timm", dict(head="mlp"), "head='mlp'"),
+        ("hf", dict(qk_norm=True), "qk_norm"),
+        ("hf", dict(pool="gap"), "pool='gap'"),
+        ("timm", dict(num_classes=0), "num_classes=0"),
+    ],
+)
+def test_options_without_an_equivalent_are_refused_by_name(tmp_path, fmt, overrides, named):
+    with pytest.raises(VitlabError, match=named):
+        export_model(tiny(**overrides), fmt, tmp_path)
+
+
+def test_parallel_blocks_with_a_branch_norm_or_for_hf_are_refused(tmp_path):
+    with pytest.raises(VitlabError, match="branch_norm='mlp'"):
+        export_model(tiny("vit22b", branch_norm="mlp"), "timm", tmp_path)
+    with pytest.raises(VitlabError, match="block='parallel'"):
+        export_model(tiny("vit22b"), "hf", tmp_path)
+    with pytest.raises(VitlabError, match="--format"):
+        export_model(tiny(), "onnx", tmp_path)
+
+
+def test_hf_export_reads_back_into_vitlab_with_the_same_logits(tmp_path):
+    model = randomised(tiny(norm_bias=False, qkv_bias=False))
+    export_model(model, "hf", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "vit" and config["qkv_bias"] is False and config["id2label"]["4"] == "class 4"
+    names = set(load_file(tmp_path / "model.safetensors"))
+    assert {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings", "classifier.weight",
+            "vit.encoder.layer.1.attention.attention.query.weight", "vit.layernorm.bias"} <= names  # fmt: skip
+    rebuilt = load_hf_checkpoint(tiny(norm_bias=False, qkv_bias=False), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images()), model(images()), atol=1e-5, rtol=0)
+
+
+def test_transformers_vit_computes_the_exported_models_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = randomised(tiny(norm_bias=False))
+    export_model(model, "hf", tmp_path, [f"shape {i}" for i in range(CLASSES)])
+    hf = transformers.ViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert hf.config.id2label[2] == "shape 2"
+    with torch.no_grad():
+        difference = (hf(pixel_values=images()).logits - model(images())).abs().max().item()
+    assert difference < 1e-4
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_a_transformers_vit_saved_with_save_pretrained_loads_with_equal_logits(tmp_path, weights_file):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=MLP,
+        image_size=IMG, patch_size=PATCH, num_labels=CLASSES,
+    )  # fmt: skip  (layer_norm_eps stays at transformers' 1e-12)
+    hf = randomised(transformers.ViTForImageClassification(config))
+    hf.save_pretrained(tmp_path)
+    if weights_file == "pytorch_model.bin":  # the older layout of the Hub's google/vit-* folders
+        torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / weights_file)
+        (tmp_path / "model.safetensors").unlink()
+    model = load_hf_checkpoint(tiny(), tmp_path).eval()
+    with torch.no_grad():
+        difference = (hf(pixel_values=images()).logits - model(images())).abs().max().item()
+    assert difference < 1e-4
+
+
+def test_hf_checkpoints_that_do_not_fit_are_refused_with_the_reason(tmp_path):
+    export_model(tiny(), "hf", tmp_path)
+    with pytest.raises(VitlabError, match="set num_heads=3"):
+        load_hf_checkpoint(tiny(num_heads=6), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"hidden_act": "gelu_new"}))
+    with pytest.raises(VitlabError, match="gelu_new"):
+        load_hf_checkpoint(tiny(), tmp_path)
+    with pytest.raises(VitlabError, match="no config.json"):
+        load_hf_checkpoint(tiny(), tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name, fmt", [("vit-ti/8", "hf"), ("vit22b-ti/8", "timm")])
+def test_vitlab_export_writes_a_runs_model_with_its_class_names(tmp_path, name, fmt):
+    from tests.eval.test_predict import saved_run
+    from vitlab.cli import main
+    from vitlab.data.builtin import BUILTIN_CLASSES
+    from vitlab.eval.runs import load_checkpoint_model
+
+    run = saved_run(tmp_path, name)
+    assert main(["export", str(run), str(tmp_path / "out"), "--format", fmt]) == 0
+    model, _ = load_checkpoint_model(run)
+    fresh, _ = load_checkpoint_model(run)
+    if fmt == "hf":
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["id2label"]["0"] == BUILTIN_CLASSES[0]
+        load_hf_checkpoint(fresh, tmp_path / "out")
+    else:
+        assert json.loads((tmp_path / "out" / "class_names.json").read_text()) == list(BUILTIN_CLASSES)
+        torch.nn.init.zeros_(fresh.head.weight)
+        load_timm_checkpoint(fresh, tmp_path / "out" / "model.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), model.eval()(x))
