@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from vitlab.inspect.figures import image_array, new_figure, save_figure
+from vitlab.figures import image_array, new_figure, save_figure
 
 _NAMED_TICKS = 30  # more classes than this: tick labels would overlap, so indices only
 _COUNTS_SHOWN = 12  # more classes than this: cells too small to print their counts in

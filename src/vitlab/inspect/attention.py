@@ -17,7 +17,7 @@ from einops import rearrange
 from matplotlib.patches import Rectangle
 
 from vitlab.errors import VitlabError
-from vitlab.inspect.figures import image_array, new_figure, save_figure, to_unit_range
+from vitlab.figures import image_array, new_figure, save_figure, to_unit_range
 from vitlab.models.blocks import watch_attention
 from vitlab.models.vit import VisionTransformer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vitlab.inspect.figures import new_figure, save_figure
+from vitlab.figures import new_figure, save_figure
 
 
 def patch_distances(side: int, patch_size: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from vitlab.inspect.figures import new_figure, save_figure, to_unit_range
+from vitlab.figures import new_figure, save_figure, to_unit_range
 from vitlab.models.vit import VisionTransformer
 
 

@@ -7,16 +7,14 @@ import secrets
 import os
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter
 
-from vitlab.errors import VitlabError  # noqa: E402
+from vitlab.errors import VitlabError
+from vitlab.figures import new_figure, save_figure
 
 
 class CsvLog:
@@ -135,7 +133,8 @@ def plot_curves(run_dir: Path) -> Path:
     """Draw training loss, learning rate and test accuracy against step into curves.png."""
     steps = read_csv(run_dir / "steps.csv")
     epochs = read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").is_file() else {}
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig = new_figure(14, 3.8)
+    axes = fig.subplots(1, 3)
     axes[0].plot(steps["step"], steps["loss"], lw=0.8)
     axes[0].set(title="training loss", xlabel="step", yscale="log")
     axes[1].plot(steps["step"], steps["lr"], lw=0.8)
@@ -144,16 +143,6 @@ def plot_curves(run_dir: Path) -> Path:
         axes[2].plot(epochs["step"], [100 * a for a in epochs["test_acc1"]], marker="o")
     axes[2].set(title="test accuracy (%)", xlabel="step")
     return save_figure(fig, run_dir / "curves.png", axes)
-
-
-def save_figure(fig: plt.Figure, path: Path, grid_axes=()) -> Path:
-    """Grid the given panels, lay the figure out, write it as PNG and close it."""
-    for ax in grid_axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def plot_gan_curves(run_dir: Path) -> Path:
@@ -166,7 +155,8 @@ def plot_gan_curves(run_dir: Path) -> Path:
         ("learning rate", steps, ["lr"]),
         ("L1 to the truth", epochs, ["l1_ab", "l1_ba"]),
     ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8))
+    fig = new_figure(4.6 * len(panels), 3.8)
+    axes = fig.subplots(1, len(panels))
     for ax, (title, table, columns) in zip(axes, panels):
         for column in columns:
             if column in table:

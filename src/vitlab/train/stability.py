@@ -6,16 +6,12 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from vitlab.config import StabilityConfig  # noqa: E402
-from vitlab.errors import VitlabError  # noqa: E402
-from vitlab.train.classify import train  # noqa: E402
-from vitlab.train.run_log import read_csv  # noqa: E402
-from vitlab.train.runs import TrainingDiverged  # noqa: E402
+from vitlab.config import StabilityConfig
+from vitlab.errors import VitlabError
+from vitlab.figures import new_figure, save_figure
+from vitlab.train.classify import train
+from vitlab.train.run_log import read_csv
+from vitlab.train.runs import TrainingDiverged
 
 
 def first_step(steps: list[float], flags: list[bool]) -> int | None:
@@ -68,7 +64,8 @@ def run_study(config: StabilityConfig, progress: bool = True) -> dict:
 
 def plot_study(root: Path, variants: list[str], threshold: float) -> Path:
     """Fig. 1: max logit and max |gradient| per iteration (clipped at the threshold), attention entropy."""
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig = new_figure(20, 4)
+    axes = fig.subplots(1, 4)
     clip = lambda values: [threshold if not math.isfinite(v) or v > threshold else v for v in values]  # noqa: E731
     for variant in variants:
         curves = read_csv(root / variant / "steps.csv")
@@ -85,12 +82,7 @@ def plot_study(root: Path, variants: list[str], threshold: float) -> Path:
               "max attention logit over layers", "lowest attention entropy over layers (nats)")  # fmt: skip
     for ax, title in zip(axes, titles):
         ax.set(title=title, xlabel="iteration")
-        ax.grid(alpha=0.3)
     for ax in axes[:3]:
         ax.set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = root / "stability.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, root / "stability.png", axes)

@@ -1,4 +1,4 @@
-"""What the inspection pictures share: figures drawn without pyplot (so no backend is touched), images as arrays."""
+"""Every figure vitlab draws goes through here: matplotlib Figures made without pyplot (no backend, no global state), saved as PNG."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def save_figure(fig: Figure, path: str | Path) -> Path:
-    """Write `fig` as a PNG (creating the folder) and return the path."""
+def save_figure(fig: Figure, path: str | Path, grid_axes=()) -> Path:
+    """Write `fig` as a PNG (creating the folder), with a light grid on `grid_axes`, and return the path."""
+    for ax in grid_axes:
+        ax.grid(alpha=0.3)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
