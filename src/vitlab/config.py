@@ -15,7 +15,9 @@ from typing import ClassVar
 
 import yaml
 
-from vitlab.errors import AT_LEAST_0, AT_LEAST_1, BELOW_1, FRACTION, POSITIVE, Range, VitlabError, brief, check_choice, check_range
+from vitlab.errors import (
+    AT_LEAST_0, AT_LEAST_1, BELOW_1, FRACTION, POSITIVE, Range, VitlabError, brief, check_choice, check_range,
+)  # fmt: skip
 from vitlab.models.presets import model_options, preset_config
 
 OPEN_UNIT = Range(0, 1, low_open=True, high_open=True)  # (0, 1)
@@ -94,8 +96,8 @@ class AugmentConfig:
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
 
-    RANGES: ClassVar[dict] = dict(crop_padding=AT_LEAST_0, randaugment_ops=AT_LEAST_0, randaugment_magnitude=Range(0, 10),
-                                  mixup_alpha=AT_LEAST_0, cutmix_alpha=AT_LEAST_0)  # fmt: skip
+    RANGES: ClassVar[dict] = dict(crop_padding=AT_LEAST_0, randaugment_ops=AT_LEAST_0, mixup_alpha=AT_LEAST_0,
+                                  cutmix_alpha=AT_LEAST_0, randaugment_magnitude=Range(0, 10))  # fmt: skip
 
     def validate(self) -> None:
         check_fields("augment", self)
@@ -272,7 +274,8 @@ def from_dict(cls, data, prefix: str = ""):
     unknown = sorted(set(data) - set(names), key=str)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise VitlabError(f"unknown config key(s) {', '.join(where + str(k) for k in unknown)[:200]}; allowed: {', '.join(names)}")
+        keys = ", ".join(where + str(k) for k in unknown)[:200]
+        raise VitlabError(f"unknown config key(s) {keys}; allowed: {', '.join(names)}")
     values = {k: coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
     return cls(**values)
 
@@ -316,14 +319,14 @@ def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -
 
 
 def _dict_default(cls: type, name: str, section: dict) -> dict:
-    """The default of dict field `name` of `cls` in `section`: the default run's model options go with its model only."""
+    """The default of dict field `name` of `cls` in `section`; default model options go with the default model only."""
     if cls is ModelConfig and section.get("name", ModelConfig.name) != ModelConfig.name:
         return {}  # another preset starts from its own sizes, not the default run's depth and width
     return next(f for f in dataclasses.fields(cls) if f.name == name).default_factory()
 
 
 def merge_defaults(cls: type, data: dict) -> dict:
-    """Fill the dict-valued fields of a mapping of `cls`: left out, the default; reached into by `--set`, merged over it."""
+    """Fill the dict fields of a mapping of `cls`: left out, the default; reached into by `--set`, merged over it."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         value = data.get(f.name)
@@ -343,7 +346,8 @@ class _YamlLoader(yaml.SafeLoader):
     def get_single_node(self) -> yaml.Node | None:
         node = super().get_single_node()
         if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
-            raise VitlabError(f"expands through its aliases (&name/*name) to more than {MAX_YAML_VALUES} values; write it out plainly")
+            raise VitlabError(f"expands through its aliases (&name/*name) to more than {MAX_YAML_VALUES} values; "
+                              "write it out plainly")  # fmt: skip
         return node
 
 
@@ -464,7 +468,8 @@ class PairDataConfig:
         if self.name == "folder" and not self.root:
             raise VitlabError("data.root is required for data.name='folder': the folder holding trainA, trainB, testA, testB")
         if self.crop_size > self.load_size:
-            raise VitlabError(f"data.crop_size={self.crop_size} must be at most data.load_size={self.load_size}; lower it")
+            raise VitlabError(f"data.crop_size={self.crop_size} must be at most data.load_size={self.load_size}; "
+                              "lower it")  # fmt: skip
 
 
 @dataclass
@@ -578,7 +583,8 @@ class StabilityConfig:
 
     def variant_config(self, variant: str) -> RunConfig:
         """The full train config of one variant, written under out_dir/name/variant."""
-        overrides = [*self.variants[variant], f"out_dir={Path(self.out_dir) / self.name}", f"name={json.dumps(str(variant))}"]
+        out_dir, name = Path(self.out_dir) / self.name, json.dumps(str(variant))  # JSON quotes: `name=1e3` stays a string
+        overrides = [*self.variants[variant], f"out_dir={out_dir}", f"name={name}"]
         try:
             data = merge_defaults(RunConfig, apply_overrides(copy.deepcopy(self.base), overrides, RunConfig))
             return from_dict(RunConfig, data).validate()
