@@ -1,5 +1,6 @@
 """Configs: YAML into dataclasses, with errors that name the key at load time."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,129 @@ def test_paper_configs_cover_figure_2():
         for family in ("vit", "vit22b"):
             for size in ("ti", "s", "b", "l"):
                 assert f"{data}-{family}-{size}" in names
+
+
+BAD_RUN_VALUES = [
+    ("optim.clip_grad_norm", "-1"), ("optim.clip_grad_norm", "0"), ("optim.clip_grad_value", "-1"),
+    ("optim.lr", "0"), ("optim.lr", ".nan"), ("optim.lr", ".inf"), ("optim.weight_decay", "-0.1"),
+    ("optim.warmup_epochs", "-1"), ("optim.min_lr_ratio", "5"), ("optim.gamma", "0"), ("optim.momentum", "1"),
+    ("optim.betas", "[0.9, 1.0]"), ("optim.betas", "[-0.1, 0.9]"), ("optim.layer_decay", "1.5"),
+    ("train.epochs", ".nan"), ("train.epochs", ".inf"), ("train.epochs", "0"), ("train.batch_size", "0"),
+    ("train.log_every_steps", "0"), ("train.checkpoint_every_steps", "0"), ("train.max_bad_steps", "0"),
+    ("train.label_smoothing", "2"), ("train.label_smoothing", "-0.5"), ("train.label_smoothing", "1"),
+    ("train.z_loss", "-1"), ("train.grad_penalty", "-1"), ("train.eval_every_epochs", "0"), ("train.threads", "-1"),
+    ("train.keep_checkpoints", "-1"), ("train.keep_checkpoints", "0"), ("train.ema_decay", "1"), ("train.seed", "-1"),
+    ("augment.randaugment_magnitude", "1000"), ("augment.randaugment_ops", "-1"), ("augment.mixup_alpha", "-1"),
+    ("augment.cutmix_alpha", "-0.5"), ("augment.crop_padding", "-2"), ("data.image_size", "0"),
+    ("data.num_train", "0"), ("data.num_test", "0"), ("data.seed", "-3"),
+]  # fmt: skip
+BAD_TRANSLATE_VALUES = [
+    ("optim.lr", "-1"), ("optim.betas", "[0.5, 2]"), ("train.epochs", "-1"), ("train.decay_epochs", ".nan"),
+    ("train.batch_size", "0"), ("train.log_every_steps", "0"), ("train.checkpoint_every_steps", "0"),
+    ("train.keep_checkpoints", "0"), ("train.eval_every_epochs", "0"), ("train.sample_every_epochs", "0"),
+    ("train.num_samples", "0"), ("train.max_bad_steps", "0"), ("train.threads", "0"), ("train.seed", "-1"),
+    ("loss.lambda_cycle", "-1"), ("loss.pool_size", "-1"), ("data.load_size", "0"), ("data.num_train", "0"),
+    ("discriminator.num_layers", "0"), ("eval.kid_subset_size", "1"), ("eval.batch_size", "0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cls,key,value", [(RunConfig, *kv) for kv in BAD_RUN_VALUES]
+                         + [(TranslateConfig, *kv) for kv in BAD_TRANSLATE_VALUES])  # fmt: skip
+def test_out_of_range_values_are_refused_at_load_naming_key_value_and_range(cls, key, value):
+    with pytest.raises(VitlabError) as info:
+        load_config(None, [f"{key}={value}"], cls)
+    message = str(info.value)
+    assert key in message and ("must be in" in message or "must be >" in message), message
+    assert "\n" not in message
+
+
+def test_null_turns_gradient_clipping_off():
+    config = load_config(None, ["optim.clip_grad_norm=null", "optim.clip_grad_value=0.5", "train.threads=null"])
+    assert config.optim.clip_grad_norm is None and config.optim.clip_grad_value == 0.5 and config.train.threads is None
+
+
+@pytest.mark.parametrize("raw,value", [("5e-4", 5e-4), ("1e4", 1e4), ("1E-3", 1e-3), (".5", 0.5), ("2.5e+1", 25.0),
+                                       ("1.0e-4", 1e-4), ("3", 3.0)])  # fmt: skip
+def test_numbers_are_read_as_people_write_them(tmp_path, raw, value):
+    assert load_config(None, [f"optim.lr={raw}"]).optim.lr == value
+    assert load_config(write(tmp_path, f"optim:\n  lr: {raw}\n")).optim.lr == value
+
+
+def test_ints_stay_ints_and_whole_floats_count_as_ints():
+    config = load_config(None, ["train.batch_size=64", "train.checkpoint_every_steps=1e4"])
+    assert config.train.batch_size == 64 and type(config.train.checkpoint_every_steps) is int
+    with pytest.raises(VitlabError, match="train.batch_size must be int"):
+        load_config(None, ["train.batch_size=1.5"])
+
+
+def test_set_inside_an_options_dict_merges_into_the_defaults():
+    default = load_config().model.options
+    assert load_config(None, ["model.options.depth=2"]).model.options == {**default, "depth": 2}
+    assert load_config(None, ["model.options={depth: 2}"]).model.options == {"depth": 2}, "a whole dict replaces"
+
+
+def test_set_inside_options_merges_into_the_files_options(tmp_path):
+    path = write(tmp_path, "model:\n  name: vit-s/4\n  options: {drop_path: 0.1}\n")
+    assert load_config(path, ["model.options.depth=2"]).model.options == {"drop_path": 0.1, "depth": 2}
+
+
+def test_another_model_does_not_inherit_the_default_runs_sizes(tmp_path):
+    assert load_config(None, ["model.name=vit-s/4", "model.options.drop_path=0.1"]).model.options == {"drop_path": 0.1}
+    assert load_config(write(tmp_path, "model:\n  name: vit-s/4\n")).model.options == {}
+
+
+def test_set_inside_a_stability_variant_merges_too():
+    study = load_config(None, ["variants={a: [model.options.depth=2]}"], StabilityConfig)
+    assert study.variant_config("a").model.options == {**load_config().model.options, "depth": 2}
+
+
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "a/b", "..", "", "a\\b"])
+@pytest.mark.parametrize("cls", [RunConfig, TranslateConfig, StabilityConfig])
+def test_names_that_leave_out_dir_are_refused(name, cls):
+    extra = ["variants={a: []}"] if cls is StabilityConfig else []
+    with pytest.raises(VitlabError, match="one plain folder name"):
+        load_config(None, [f"name='{name}'", *extra], cls)
+
+
+def test_variant_names_that_leave_out_dir_are_refused():
+    with pytest.raises(VitlabError, match="one plain folder name"):
+        load_config(None, ["variants={'../up': []}"], StabilityConfig)
+
+
+def _alias_bomb(levels: int) -> str:
+    """A billion-laughs document: 9**levels values from a few hundred bytes."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "{" + ", ".join(lines) + "}"
+
+
+@pytest.mark.parametrize("where", ["file", "set"])
+def test_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path, where):
+    bomb = _alias_bomb(10)
+    assert len(bomb) < 600
+    started = time.perf_counter()
+    with pytest.raises(VitlabError) as info:
+        if where == "file":
+            load_config(write(tmp_path, f"train:\n  epochs: {bomb}\n"))
+        else:
+            load_config(None, [f"train.epochs={bomb}"])
+    assert time.perf_counter() - started < 2
+    assert len(str(info.value)) < 300 and "aliases" in str(info.value)
+
+
+def test_long_wrong_values_are_cut_short_in_messages():
+    with pytest.raises(VitlabError) as info:
+        load_config(None, [f"train.epochs=[{', '.join(['x' * 1000] * 1000)}]"])
+    assert len(str(info.value)) < 300 and "train.epochs must be float" in str(info.value)
+
+
+def test_non_utf8_config_is_one_sentence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(VitlabError, match=r"not UTF-8 text \(byte 0xe9 at offset 9\); save it as UTF-8"):
+        load_config(path)
+
+
+def test_a_config_that_is_not_a_mapping_is_named(tmp_path):
+    with pytest.raises(VitlabError, match="must be a mapping of sections"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))

@@ -3,20 +3,47 @@
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
 import inspect
+import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
-from vitlab.errors import VitlabError, check_choice
+from vitlab.errors import (
+    AT_LEAST_0, AT_LEAST_1, BELOW_1, FRACTION, POSITIVE, Range, VitlabError, brief, check_choice, check_range,
+)  # fmt: skip
 from vitlab.models.presets import model_options, preset_config
 from vitlab.models.weights import WEIGHT_FORMATS
 from vitlab.train.precision import PRECISIONS
+
+OPEN_UNIT = Range(0, 1, low_open=True, high_open=True)  # (0, 1)
+DECAY = Range(0, 1, low_open=True)  # (0, 1]
+
+
+def check_fields(section: str, config: object) -> None:
+    """Check each number named in `config.RANGES` (each entry of a tuple); null, where a field allows it, is off."""
+    for key, allowed in config.RANGES.items():
+        allowed, hint = allowed if isinstance(allowed, tuple) else (allowed, "")
+        value = getattr(config, key)
+        if config.__dataclass_fields__[key].default is None:
+            hint = hint or f"set {section}.{key} in that range, or to null"
+        if value is None:
+            continue
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, item in items:
+            check_range(f"{section}.{key}" + ("" if i is None else f"[{i}]"), item, allowed, hint)
+
+
+def check_name(key: str, name: str) -> None:
+    """Refuse a run name that is not one plain folder name (`../x` or `/x` would write outside out_dir)."""
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise VitlabError(f"{key} {brief(name)} must be one plain folder name (no /, \\ or ..); rename it, e.g. my-run")
 
 
 @dataclass
@@ -54,13 +81,14 @@ class DataConfig:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
+    RANGES: ClassVar[dict] = dict(image_size=AT_LEAST_1, num_train=AT_LEAST_1, num_test=AT_LEAST_1, seed=AT_LEAST_0,
+                                  mean=Range(), std=POSITIVE)  # fmt: skip
+
     def validate(self) -> None:
         check_choice("data.name", self.name, ("builtin", "cifar10", "cifar100", "folder"))
-        for key, values in (("data.mean", self.mean), ("data.std", self.std)):
-            if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
-                raise VitlabError(f"data.{key[5:]}={list(values)} must be 1 or 3 finite numbers (per channel)")
-        if not all(v > 0 for v in self.std):
-            raise VitlabError(f"data.std={list(self.std)} must be positive")
+        check_fields("data", self)
+        if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean):
+            raise VitlabError(f"data.mean={list(self.mean)} and data.std={list(self.std)} must both have 1 or 3 entries (per channel)")
         if self.name != "builtin" and not self.root:
             raise VitlabError(f"data.root is required for data.name={self.name!r}: the folder holding the dataset")
 
@@ -76,6 +104,12 @@ class AugmentConfig:
     randaugment_magnitude: int = 9
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+
+    RANGES: ClassVar[dict] = dict(crop_padding=AT_LEAST_0, randaugment_ops=AT_LEAST_0, mixup_alpha=AT_LEAST_0,
+                                  cutmix_alpha=AT_LEAST_0, randaugment_magnitude=Range(0, 10))  # fmt: skip
+
+    def validate(self) -> None:
+        check_fields("augment", self)
 
 
 @dataclass
@@ -96,15 +130,16 @@ class OptimConfig:
     clip_grad_value: float | None = None
     layer_decay: float | None = None  # layer-wise LR decay for fine-tuning (BEiT): layer l of L gets lr·decay^(L+1-l)
 
+    RANGES: ClassVar[dict] = dict(
+        lr=POSITIVE, weight_decay=AT_LEAST_0, betas=BELOW_1, momentum=BELOW_1, warmup_epochs=AT_LEAST_0,
+        milestones=(OPEN_UNIT, "milestones are fractions of training, e.g. [0.3, 0.6, 0.9]"), gamma=DECAY,
+        min_lr_ratio=FRACTION, clip_grad_norm=POSITIVE, clip_grad_value=POSITIVE, layer_decay=DECAY,
+    )  # fmt: skip
+
     def validate(self) -> None:
         check_choice("optim.name", self.name, ("adamw", "sgd"))
         check_choice("optim.schedule", self.schedule, ("cosine", "multistep", "constant"))
-        if self.lr <= 0:
-            raise VitlabError(f"optim.lr={self.lr} must be positive")
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise VitlabError(f"optim.layer_decay={self.layer_decay} must be in (0, 1], or null for none")
-        if not all(0 < m < 1 for m in self.milestones):
-            raise VitlabError(f"optim.milestones={list(self.milestones)} must be fractions of training in (0, 1)")
+        check_fields("optim", self)
 
 
 @dataclass
@@ -132,17 +167,19 @@ class TrainConfig:
     resume: str | None = None  # auto: continue out_dir/name if it has a checkpoint, else start it
     accumulate_steps: int = 1  # micro-batches per step: batch_size stays the global batch the LR is set for
 
+    RANGES: ClassVar[dict] = dict(
+        epochs=POSITIVE, batch_size=AT_LEAST_1, seed=AT_LEAST_0, label_smoothing=BELOW_1, ema_decay=OPEN_UNIT,
+        eval_every_epochs=POSITIVE, checkpoint_every_steps=AT_LEAST_1, keep_checkpoints=AT_LEAST_1,
+        log_every_steps=AT_LEAST_1, max_bad_steps=AT_LEAST_1, z_loss=AT_LEAST_0, grad_penalty=AT_LEAST_0,
+        threads=AT_LEAST_1, accumulate_steps=AT_LEAST_1,
+    )  # fmt: skip
+
     def validate(self) -> None:
         check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.resume", self.resume, (None, "auto"))
-        if self.accumulate_steps < 1:
-            raise VitlabError(f"train.accumulate_steps={self.accumulate_steps} must be >= 1")
         check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
         check_choice("train.strategy", self.strategy, ("single", "ddp", "fsdp"))
-        if self.epochs <= 0 or self.batch_size <= 0:
-            raise VitlabError("train.epochs and train.batch_size must be positive")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise VitlabError(f"train.ema_decay={self.ema_decay} must be in (0, 1)")
+        check_fields("train", self)
         if self.strategy == "fsdp" and (self.ema_decay is not None or self.compile):
             raise VitlabError("train.ema_decay and train.compile are not supported with train.strategy=fsdp yet; unset them")
         if self.precision == "fp16" and self.strategy == "fsdp":
@@ -189,7 +226,8 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> RunConfig:
-        for part in (self.model, self.data, self.optim, self.train, self.finetune):
+        check_name("name", self.name)
+        for part in (self.model, self.data, self.augment, self.optim, self.train, self.finetune):
             if part is not None:
                 part.validate()
         if self.finetune is not None and self.train.strategy == "fsdp":
@@ -229,67 +267,165 @@ def coerce(key: str, value, hint):
         return from_dict(hint, value, key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise VitlabError(f"{key} must be a list, got {value!r}")
+            raise VitlabError(f"{key} must be a list, got {brief(value)}")
         args = typing.get_args(hint)
         item = args[0]
         if len(args) == 2 and args[1] is not Ellipsis and len(value) != 2:
-            raise VitlabError(f"{key} must have 2 entries, got {value!r}")
+            raise VitlabError(f"{key} must have 2 entries, got {brief(value)}")
         return tuple(coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise VitlabError(f"{key} must be a mapping, got {value!r}")
+            raise VitlabError(f"{key} must be a mapping, got {brief(value)}")
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # 1e4 steps
     if hint is bool and not isinstance(value, bool):
-        raise VitlabError(f"{key} must be true or false, got {value!r}")
+        raise VitlabError(f"{key} must be true or false, got {brief(value)}")
     if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool)):
-        raise VitlabError(f"{key} must be {hint.__name__}, got {value!r}")
+        raise VitlabError(f"{key} must be {hint.__name__}, got {brief(value)}")
     return value
 
 
 def from_dict(cls, data, prefix: str = ""):
     """Build dataclass `cls` from a mapping; an unknown key or a wrong type names the key."""
     if not isinstance(data, dict):
-        raise VitlabError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+        raise VitlabError(f"{prefix or 'config'} must be a mapping, got {brief(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise VitlabError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; allowed: {', '.join(names)}")
+        keys = ", ".join(where + str(k) for k in unknown)[:200]
+        raise VitlabError(f"unknown config key(s) {keys}; allowed: {', '.join(names)}")
     values = {k: coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
     return cls(**values)
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `key.sub=value` strings (values parsed as YAML) onto a nested mapping."""
+class _OverDefaults(dict):
+    """A dict-valued field that `--set` reached into while the config left it out: merged over its default."""
+
+
+def _field_hint(cls: type | None, name: str) -> object:
+    """The type hint of field `name` of dataclass `cls`, or None when there is no such field."""
+    return typing.get_type_hints(cls).get(name) if cls is not None and dataclasses.is_dataclass(cls) else None
+
+
+def _dataclass_of(hint: object) -> type | None:
+    """The dataclass a hint names, directly or as `X | None`."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    return next((option for option in options if dataclasses.is_dataclass(option)), None)
+
+
+def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -> dict:
+    """Apply `key.sub=value` strings (values parsed as YAML) onto a nested mapping of dataclass `cls`.
+
+    Reaching into a dict-valued field the mapping leaves out (`model.options.depth=2`) marks it to be
+    merged over the field's default by `merge_defaults`; setting the field whole replaces it.
+    """
     for item in overrides:
         if "=" not in item:
-            raise VitlabError(f"--set {item!r} must look like key.sub=value, e.g. train.epochs=5")
+            raise VitlabError(f"--set {brief(item)} must look like key.sub=value, e.g. train.epochs=5")
         key, raw = item.split("=", 1)
         *parents, leaf = key.strip().split(".")
-        node = data
+        node, kind = data, cls
         for part in parents:
-            node = node.setdefault(part, {})
+            hint = _field_hint(kind, part)
+            if part not in node:
+                node[part] = _OverDefaults() if hint is dict else {}
+            node, kind = node[part], _dataclass_of(hint)
             if not isinstance(node, dict):
                 raise VitlabError(f"--set {key}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        node[leaf] = parse_yaml(raw, f"--set {key}")
     return data
+
+
+def _dict_default(cls: type, name: str, section: dict) -> dict:
+    """The default of dict field `name` of `cls` in `section`; default model options go with the default model only."""
+    if cls is ModelConfig and section.get("name", ModelConfig.name) != ModelConfig.name:
+        return {}  # another preset starts from its own sizes, not the default run's depth and width
+    return next(f for f in dataclasses.fields(cls) if f.name == name).default_factory()
+
+
+def merge_defaults(cls: type, data: dict) -> dict:
+    """Fill the dict fields of a mapping of `cls`: left out, the default; reached into by `--set`, merged over it."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        value = data.get(f.name)
+        if hints[f.name] is dict and (f.name not in data or isinstance(value, _OverDefaults)):
+            data[f.name] = {**_dict_default(cls, f.name, data), **(value or {})}
+        elif isinstance(value, dict) and _dataclass_of(hints[f.name]):
+            merge_defaults(_dataclass_of(hints[f.name]), value)
+    return data
+
+
+MAX_YAML_VALUES = 100_000  # values a YAML document may expand to through its aliases (a billion-laughs guard)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with numbers as people write them and aliases bounded."""
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise VitlabError(f"expands through its aliases (&name/*name) to more than {MAX_YAML_VALUES} values; "
+                              "write it out plainly")  # fmt: skip
+        return node
+
+
+# YAML 1.1 wants a dot and a signed exponent (1.0e-4); YAML 1.2 and people also write 5e-4, 1e4, 1E-3.
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` becomes once its aliases are expanded; a node reached again costs its size again."""
+    if id(node) not in sizes:
+        sizes[id(node)] = MAX_YAML_VALUES + 1  # a node that contains itself is refused too
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        sizes[id(node)] = min(1 + sum(_expanded_size(child, sizes) for child in children), MAX_YAML_VALUES + 1)
+    return sizes[id(node)]
+
+
+def parse_yaml(text: str, where: str) -> object:
+    """One YAML document as plain data; a syntax error or an alias bomb is a VitlabError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise VitlabError(f"{where} is not valid YAML: {exc.problem or exc.context}{at}") from exc
+    except yaml.YAMLError as exc:
+        raise VitlabError(f"{where} is not valid YAML: {' '.join(str(exc).split())[:200]}") from exc
+    except RecursionError as exc:
+        raise VitlabError(f"{where} is nested too deeply to be a config; flatten it") from exc
+    except VitlabError as exc:
+        raise VitlabError(f"{where} {exc}") from exc
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = RunConfig):
     """Read a YAML config (or the defaults) of kind `cls`, apply `--set` overrides, validate."""
-    data: dict = {}
+    data: object = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise VitlabError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise VitlabError(f"{path} is not valid YAML: {exc}") from exc
-    return from_dict(cls, apply_overrides(data, list(overrides))).validate()
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise VitlabError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                              f"{exc.start}); save it as UTF-8") from exc  # fmt: skip
+        data = parse_yaml(text, str(path)) or {}
+        if not isinstance(data, dict):
+            raise VitlabError(f"config file {path} must be a mapping of sections (key: value), got {brief(data)}")
+    return from_dict(cls, merge_defaults(cls, apply_overrides(data, list(overrides), cls))).validate()
 
 
 # Image translation (paper §4): CycleGAN training of ViTUnet or the ResNet generator against a PatchGAN.
@@ -325,10 +461,11 @@ class DiscriminatorConfig:
     num_layers: int = 3
     norm: str = "instance"
 
+    RANGES: ClassVar[dict] = dict(base_channels=AT_LEAST_1, num_layers=AT_LEAST_1)
+
     def validate(self) -> None:
         check_choice("discriminator.norm", self.norm, ("instance", "none"))
-        if self.base_channels < 1 or self.num_layers < 1:
-            raise VitlabError("discriminator.base_channels and discriminator.num_layers must be >= 1")
+        check_fields("discriminator", self)
 
 
 @dataclass
@@ -345,12 +482,17 @@ class PairDataConfig:
     seed: int = 0  # builtin only
     builtin: dict = field(default_factory=dict)  # builtin only: vitlab.data.builtin.BuiltinDifficulty knobs
 
+    RANGES: ClassVar[dict] = dict(load_size=AT_LEAST_1, crop_size=AT_LEAST_1, num_train=AT_LEAST_1, num_test=AT_LEAST_1,
+                                  seed=AT_LEAST_0)  # fmt: skip
+
     def validate(self) -> None:
         check_choice("data.name", self.name, ("builtin", "folder"))
+        check_fields("data", self)
         if self.name == "folder" and not self.root:
             raise VitlabError("data.root is required for data.name='folder': the folder holding trainA, trainB, testA, testB")
-        if not 0 < self.crop_size <= self.load_size:
-            raise VitlabError(f"data.crop_size={self.crop_size} must be positive and at most data.load_size={self.load_size}")
+        if self.crop_size > self.load_size:
+            raise VitlabError(f"data.crop_size={self.crop_size} must be at most data.load_size={self.load_size}; "
+                              "lower it")  # fmt: skip
 
 
 @dataclass
@@ -361,9 +503,10 @@ class CycleLossConfig:
     lambda_identity: float = 0.5  # a fraction of lambda_cycle; 0 turns the identity loss off
     pool_size: int = 50
 
+    RANGES: ClassVar[dict] = dict(lambda_cycle=AT_LEAST_0, lambda_identity=AT_LEAST_0, pool_size=AT_LEAST_0)
+
     def validate(self) -> None:
-        if self.lambda_cycle < 0 or self.lambda_identity < 0 or self.pool_size < 0:
-            raise VitlabError("loss.lambda_cycle, loss.lambda_identity and loss.pool_size must be >= 0")
+        check_fields("loss", self)
 
 
 @dataclass
@@ -373,9 +516,10 @@ class GanOptimConfig:
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
 
+    RANGES: ClassVar[dict] = dict(lr=POSITIVE, betas=BELOW_1)
+
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise VitlabError(f"optim.lr={self.lr} must be positive")
+        check_fields("optim", self)
 
 
 @dataclass
@@ -398,14 +542,19 @@ class TranslateTrainConfig:
     device: str = "auto"
     resume: str | None = None  # auto: continue out_dir/name if it has a checkpoint, else start it
 
+    RANGES: ClassVar[dict] = dict(
+        epochs=AT_LEAST_0, decay_epochs=AT_LEAST_0, batch_size=AT_LEAST_1, seed=AT_LEAST_0, log_every_steps=AT_LEAST_1,
+        checkpoint_every_steps=AT_LEAST_1, keep_checkpoints=AT_LEAST_1, eval_every_epochs=POSITIVE,
+        sample_every_epochs=POSITIVE, num_samples=AT_LEAST_1, max_bad_steps=AT_LEAST_1, threads=AT_LEAST_1,
+    )  # fmt: skip
+
     def validate(self) -> None:
         check_choice("train.precision", self.precision, PRECISIONS)
         check_choice("train.resume", self.resume, (None, "auto"))
         check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
-        if self.epochs < 0 or self.decay_epochs < 0 or self.epochs + self.decay_epochs <= 0:
-            raise VitlabError("train.epochs and train.decay_epochs must be >= 0, and not both 0")
-        if self.batch_size <= 0 or self.eval_every_epochs <= 0 or self.sample_every_epochs <= 0:
-            raise VitlabError("train.batch_size, train.eval_every_epochs and train.sample_every_epochs must be positive")
+        check_fields("train", self)
+        if self.epochs + self.decay_epochs == 0:
+            raise VitlabError("train.epochs=0 and train.decay_epochs=0 leave nothing to train; set one of them above 0")
 
 
 @dataclass
@@ -417,9 +566,10 @@ class FidConfig:
     kid_subset_size: int = 1000  # capped at the number of test images
     batch_size: int = 50
 
+    RANGES: ClassVar[dict] = dict(kid_subset_size=Range(2), batch_size=AT_LEAST_1)
+
     def validate(self) -> None:
-        if self.kid_subset_size < 2 or self.batch_size < 1:
-            raise VitlabError("eval.kid_subset_size must be >= 2 and eval.batch_size >= 1")
+        check_fields("eval", self)
 
 
 @dataclass
@@ -438,6 +588,7 @@ class TranslateConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> TranslateConfig:
+        check_name("name", self.name)
         for part in (self.generator, self.discriminator, self.data, self.loss, self.optim, self.train, self.eval):
             part.validate()
         return self
@@ -458,16 +609,21 @@ class StabilityConfig:
 
     def variant_config(self, variant: str) -> RunConfig:
         """The full train config of one variant, written under out_dir/name/variant."""
-        overrides = [*self.variants[variant], f"out_dir={Path(self.out_dir) / self.name}", f"name={variant}"]
+        out_dir, name = Path(self.out_dir) / self.name, json.dumps(str(variant))  # JSON quotes: `name=1e3` stays a string
+        overrides = [*self.variants[variant], f"out_dir={out_dir}", f"name={name}"]
         try:
-            return from_dict(RunConfig, apply_overrides(copy.deepcopy(self.base), overrides)).validate()
+            data = merge_defaults(RunConfig, apply_overrides(copy.deepcopy(self.base), overrides, RunConfig))
+            return from_dict(RunConfig, data).validate()
         except VitlabError as exc:
             raise VitlabError(f"variants.{variant}: {exc}") from exc
 
     def validate(self) -> StabilityConfig:
+        check_name("name", self.name)
+        check_range("threshold", self.threshold, POSITIVE)
         if not self.variants:
             raise VitlabError("variants is empty: name at least one variant, e.g. `plain: []`")
         for variant, overrides in self.variants.items():
+            check_name("variant name", str(variant))
             if not isinstance(overrides, list):
                 raise VitlabError(f"variants.{variant} must be a list of key.sub=value strings")
             self.variant_config(variant)

@@ -1,4 +1,4 @@
-"""Image-folder loading: layout checks, decoding, resizing and the unreadable-file policy."""
+"""Image-folder loading: layout checks, decoding, resizing, skipping unusable files (unreadable, too big, links out)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from vitlab.data import folders
 from vitlab.data.folders import folder_splits
+from vitlab.data.unpaired import FOLDERS, folder_pair
 from vitlab.errors import VitlabError
+from vitlab.inspect.images import read_images
 
 
 def _save(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (12, 10), mode: str = "RGB") -> None:
@@ -60,7 +63,7 @@ def test_truncated_and_corrupt_files_are_skipped_with_one_warning(tmp_path: Path
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
     (tmp_path / "train" / "red" / "truncated.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     (tmp_path / "test" / "blue" / "corrupt.jpg").write_bytes(b"\xff\xd8 definitely not a jpeg")
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\).*truncated.png.*corrupt.jpg") as record:
+    with pytest.warns(UserWarning, match=r"skipped 2 unusable image\(s\).*truncated.png.*corrupt.jpg") as record:
         splits = folder_splits(tmp_path, image_size=8)
     assert len(record) == 1
     assert len(splits.train) == 7 and len(splits.test) == 5
@@ -70,7 +73,7 @@ def test_class_with_only_unreadable_files_is_an_error(tmp_path: Path) -> None:
     _make_tree(tmp_path)
     for path in (tmp_path / "test" / "red").iterdir():
         path.write_bytes(b"garbage")
-    with pytest.raises(VitlabError, match=r"every image in .*test/red.* is unreadable"):
+    with pytest.raises(VitlabError, match=r"every image in .*test/red.* is unusable"):
         folder_splits(tmp_path, image_size=8)
 
 
@@ -96,3 +99,96 @@ def test_different_train_and_test_classes_are_an_error(tmp_path: Path) -> None:
     _save(tmp_path / "train" / "green" / "0.png", (0, 255, 0))
     with pytest.raises(VitlabError, match=r"only in train \['green'\], only in test \[\]"):
         folder_splits(tmp_path, image_size=8)
+
+
+def _sixteen_bit_tree(root: Path) -> np.ndarray:
+    """One class whose images are a 16-bit greyscale ramp over the whole 0..65535 range."""
+    ramp = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+        Image.fromarray(ramp).save(root / split / "a" / "ramp.png")
+    assert Image.open(root / "train" / "a" / "ramp.png").mode in ("I;16", "I")
+    return ramp
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+    ramp = _sixteen_bit_tree(tmp_path)
+    image = folder_splits(tmp_path, image_size=16).train.images[0]
+    expected = torch.from_numpy((ramp >> 8).astype(np.uint8))
+    assert all(torch.equal(channel, expected) for channel in image)
+    assert (image == 255).float().mean() < 0.01
+
+
+def test_links_leading_outside_the_root_are_skipped(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "secret"
+    _make_tree(root)
+    _save(outside / "private.png", (7, 7, 7))
+    (root / "train" / "red" / "leak.png").symlink_to(outside / "private.png")
+    (root / "train" / "red" / "inside.png").symlink_to(root / "train" / "red" / "0.png")
+    with pytest.warns(UserWarning, match=r"skipped 1 unusable image\(s\).*leak.png \(a link to .*private.png, outside"):
+        splits = folder_splits(root, image_size=8)
+    assert len(splits.train) == 8, "the link inside the root is kept"
+
+
+def test_a_class_folder_linked_outside_the_root_is_unusable(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _make_tree(root)
+    _save(tmp_path / "elsewhere" / "0.png", (0, 255, 0))
+    for split in ("train", "test"):
+        (root / split / "green").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(VitlabError, match=r"every image in .*green.* is unusable"):
+        folder_splits(root, image_size=8)
+
+
+def test_images_over_the_pixel_cap_are_skipped_without_decoding(tmp_path: Path) -> None:
+    _make_tree(tmp_path)
+    _save(tmp_path / "train" / "red" / "wide.png", (255, 0, 0), size=(30, 10))
+    with pytest.warns(UserWarning, match=r"skipped 1 unusable image\(s\).*wide.png \(30x10 pixels, over the cap of 200"):
+        splits = folder_splits(tmp_path, image_size=8, max_pixels=200)
+    assert len(splits.train) == 7
+
+
+def test_default_pixel_cap_skips_a_67_megapixel_png(tmp_path: Path) -> None:
+    _make_tree(tmp_path)
+    Image.new("1", (8200, 8200)).save(tmp_path / "train" / "red" / "huge.png")  # 8 kB on disk, 67 MP decoded
+    with pytest.warns(UserWarning, match=r"huge.png \(8200x8200 pixels, over the cap of 64000000; downscale it\)"):
+        splits = folder_splits(tmp_path, image_size=8)
+    assert len(splits.train) == 7
+
+
+def test_decoding_uses_torchs_thread_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _make_tree(tmp_path)
+    workers = []
+    real = folders.ThreadPoolExecutor
+
+    def record(max_workers: int) -> object:
+        workers.append(max_workers)
+        return real(max_workers)
+
+    monkeypatch.setattr(folders, "ThreadPoolExecutor", record)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what train.threads=1 does before the data is loaded
+        folder_splits(tmp_path, image_size=8)
+    finally:
+        torch.set_num_threads(threads)
+    assert workers == [1, 1]
+
+
+def test_unpaired_folders_refuse_links_outside_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "pair"
+    for name in FOLDERS:
+        _save(root / name / "0.png", (1, 2, 3))
+    _save(tmp_path / "secret.png", (9, 9, 9))
+    (root / "testA" / "leak.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(VitlabError, match=r"cannot read 1 image\(s\): .*leak.png \(a link to .*secret.png, outside"):
+        folder_pair(root, load_size=8, crop_size=8)
+
+
+def test_inspect_reader_scales_sixteen_bit_and_names_an_oversized_file(tmp_path: Path) -> None:
+    ramp = _sixteen_bit_tree(tmp_path)
+    image = read_images([tmp_path / "train" / "a" / "ramp.png"], image_size=16)[0]
+    assert torch.equal(image[0], torch.from_numpy((ramp >> 8).astype(np.uint8)))
+    Image.new("1", (8200, 8200)).save(tmp_path / "huge.png")
+    with pytest.raises(VitlabError, match=r"cannot use .*huge.png \(8200x8200 pixels, over the cap"):
+        read_images([tmp_path / "huge.png"], image_size=16)

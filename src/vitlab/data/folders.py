@@ -4,14 +4,15 @@ Every image is decoded with Pillow, converted to RGB and resized to a square `im
 with bicubic resampling. Classes are the sub-folder names, sorted; train and test must list
 the same ones.
 
-Unreadable images (corrupt, truncated, or not an image at all): each is skipped, and one
-warning per `folder_splits` call says how many were skipped and names the first few. A class
-folder with no image files, or whose every image is unreadable, is an error.
+Unusable images are skipped: unreadable ones (corrupt, truncated, not an image at all), ones over
+`max_pixels` (a decompression-bomb guard), and links that lead outside `root`. One warning per
+`folder_splits` call says how many were skipped and names the first few with the reason. A class
+folder with no image files, or whose every image is unusable, is an error. 16-bit greyscale PNGs
+are scaled to 8 bits. Decoding runs on torch's thread count, which `train.threads` sets.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,12 @@ from vitlab.data.dataset import DataSplits, ImageDataset
 from vitlab.errors import VitlabError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_SHOWN = 5  # unreadable files named in the warning
+MAX_PIXELS = 64_000_000  # per image, 8K × 8K; Pillow itself only warns below 179 MP (537 MB decoded as RGB)
+_SHOWN = 5  # skipped files named in the warning
+
+
+class UnusableImage(VitlabError):
+    """An image file that cannot be used; the message names the file and why."""
 
 
 def _layout(root: Path) -> str:
@@ -34,16 +40,48 @@ def _layout(root: Path) -> str:
     )
 
 
-def decode_image(path: Path, image_size: int) -> np.ndarray | None:
-    """The image as (image_size, image_size, 3) uint8, or None if Pillow cannot read it."""
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit greyscale (mode I;16, or I in older Pillow) is scaled by its bit depth, not clipped."""
+    if image.mode.startswith("I"):
+        image = Image.fromarray((np.asarray(image).clip(0, 65535).astype(np.uint16) >> 8).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def decode_image(path: Path, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """The image as (image_size, image_size, 3) uint8; raises UnusableImage when it cannot be used."""
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")  # decodes fully, so a truncated file fails here
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
+            size = image.size
+            rgb = _to_rgb(image) if size[0] * size[1] <= max_pixels else None  # decodes fully: truncation fails here
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnusableImage(f"{path} (unreadable)") from exc
+    if rgb is None:
+        raise UnusableImage(f"{path} ({size[0]}x{size[1]} pixels, over the cap of {max_pixels}; downscale it)")
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(rgb)
+
+
+def _attempt(path: Path, image_size: int, max_pixels: int) -> np.ndarray | UnusableImage:
+    try:
+        return decode_image(path, image_size, max_pixels)
+    except UnusableImage as exc:
+        return exc
+
+
+def decode_images(files: list[Path], image_size: int, max_pixels: int = MAX_PIXELS) -> list[np.ndarray | UnusableImage]:
+    """Decode files in parallel on torch's thread count; each entry is the image or why it is unusable."""
+    with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:  # Pillow decodes without the GIL
+        return list(pool.map(lambda path: _attempt(path, image_size, max_pixels), files))
+
+
+def listed_images(folder: Path, root: Path) -> tuple[list[Path], list[str]]:
+    """The image files of `folder`, sorted, and a skip note for each that is a link leading outside `root`."""
+    inside, outside = [], []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            (inside if path.resolve().is_relative_to(root.resolve()) else outside).append(path)
+    return inside, [f"{path} (a link to {path.resolve()}, outside {root}; copy the file in)" for path in outside]
 
 
 def _class_names(split: Path) -> list[str]:
@@ -53,30 +91,31 @@ def _class_names(split: Path) -> list[str]:
     return names
 
 
-def _load_split(split: Path, classes: list[str], image_size: int, skipped: list[Path]) -> ImageDataset:
-    """Decode one split; unreadable files are appended to skipped."""
+def _load_split(split: Path, classes: list[str], image_size: int, max_pixels: int, skipped: list[str]) -> ImageDataset:
+    """Decode one split; a note for each unusable file is appended to skipped."""
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (split / name).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
+        found, outside = listed_images(split / name, split.parent)
+        if not found and not outside:
             raise VitlabError(
                 f"class folder {split / name} holds no {'/'.join(IMAGE_SUFFIXES)} images; add some or remove it"
             )
         files += found
         labels += [label] * len(found)
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # Pillow decodes without the GIL
-        decoded = list(pool.map(lambda path: decode_image(path, image_size), files))
-    readable = [i for i, array in enumerate(decoded) if array is not None]
-    skipped += [files[i] for i, array in enumerate(decoded) if array is None]
-    kept_labels = torch.tensor([labels[i] for i in readable], dtype=torch.int64)
+        skipped += outside
+    decoded = decode_images(files, image_size, max_pixels)
+    usable = [i for i, array in enumerate(decoded) if isinstance(array, np.ndarray)]
+    skipped += [str(array) for array in decoded if isinstance(array, UnusableImage)]
+    kept_labels = torch.tensor([labels[i] for i in usable], dtype=torch.int64)
     empty = [name for label, name in enumerate(classes) if not (kept_labels == label).any()]
     if empty:
-        raise VitlabError(f"every image in {[str(split / name) for name in empty]} is unreadable; replace the files")
-    images = torch.from_numpy(np.stack([decoded[i] for i in readable])).permute(0, 3, 1, 2).contiguous()
+        raise VitlabError(f"every image in {[str(split / name) for name in empty]} is unusable (unreadable, over "
+                          f"{max_pixels} pixels, or a link outside the root); replace the files")  # fmt: skip
+    images = torch.from_numpy(np.stack([decoded[i] for i in usable])).permute(0, 3, 1, 2).contiguous()
     return ImageDataset(images=images, labels=kept_labels, classes=classes)
 
 
-def folder_splits(root: str | Path, image_size: int) -> DataSplits:
+def folder_splits(root: str | Path, image_size: int, max_pixels: int = MAX_PIXELS) -> DataSplits:
     """Train and test splits read from `root/train/<class>/` and `root/test/<class>/`."""
     root = Path(root)
     if image_size < 1:
@@ -90,12 +129,12 @@ def folder_splits(root: str | Path, image_size: int) -> DataSplits:
             f"train and test class folders differ: only in train {sorted(set(train_classes) - set(test_classes))}, "
             f"only in test {sorted(set(test_classes) - set(train_classes))}; {_layout(root)}"
         )
-    skipped: list[Path] = []
+    skipped: list[str] = []
     splits = DataSplits(
-        train=_load_split(root / "train", train_classes, image_size, skipped),
-        test=_load_split(root / "test", test_classes, image_size, skipped),
+        train=_load_split(root / "train", train_classes, image_size, max_pixels, skipped),
+        test=_load_split(root / "test", test_classes, image_size, max_pixels, skipped),
     )
     if skipped:
-        shown = ", ".join(str(p) for p in skipped[:_SHOWN]) + (", ..." if len(skipped) > _SHOWN else "")
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) under {root}: {shown}", stacklevel=2)
+        shown = ", ".join(skipped[:_SHOWN]) + (", ..." if len(skipped) > _SHOWN else "")
+        warnings.warn(f"skipped {len(skipped)} unusable image(s) under {root}: {shown}", stacklevel=2)
     return splits

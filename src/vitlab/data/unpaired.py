@@ -14,8 +14,6 @@ onto that of B while keeping the scene.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 
 from vitlab.data.builtin import BuiltinDifficulty, make_builtin
-from vitlab.data.folders import IMAGE_SUFFIXES, decode_image
+from vitlab.data.folders import UnusableImage, decode_images, listed_images
 from vitlab.errors import VitlabError
 
 FOLDERS = ("trainA", "trainB", "testA", "testB")
@@ -111,18 +109,24 @@ def builtin_pair(
 
 
 def read_images(files: list[Path], image_size: int) -> torch.Tensor:
-    """Decode image files, resized to a square `image_size`, as uint8 (N, 3, H, W); unreadable ones are an error."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # Pillow decodes without the GIL
-        decoded = list(pool.map(lambda path: decode_image(path, image_size), files))
-    bad = [str(path) for path, array in zip(files, decoded) if array is None]
-    if bad:
-        raise VitlabError(f"cannot read {len(bad)} image(s): {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}")
+    """Decode image files, resized to a square `image_size`, as uint8 (N, 3, H, W); an unusable one is an error."""
+    decoded = decode_images(files, image_size)
+    _refuse([str(array) for array in decoded if isinstance(array, UnusableImage)])
     return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The image files of a folder, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+def _refuse(unusable: list[str]) -> None:
+    """Raise a VitlabError naming the first few unusable files, if any."""
+    if unusable:
+        shown = ", ".join(unusable[:5]) + (", ..." if len(unusable) > 5 else "")
+        raise VitlabError(f"cannot read {len(unusable)} image(s): {shown}")
+
+
+def image_files(folder: Path, root: Path | None = None) -> list[Path]:
+    """The image files of a folder, sorted by name; a link leading outside `root` (default: the folder) is an error."""
+    found, outside = listed_images(folder, root or folder)
+    _refuse(outside)
+    return found
 
 
 def folder_pair(root: str | Path, load_size: int = 286, crop_size: int = 256, with_train: bool = True) -> UnpairedData:
@@ -133,7 +137,7 @@ def folder_pair(root: str | Path, load_size: int = 286, crop_size: int = 256, wi
     missing = [name for name in wanted if not (root / name).is_dir()]
     if missing:
         raise VitlabError(f"missing folder(s) {', '.join(missing)} under {root}; {layout}")
-    files = {name: image_files(root / name) for name in wanted}
+    files = {name: image_files(root / name, root) for name in wanted}
     empty = [name for name, found in files.items() if not found]
     if empty:
         raise VitlabError(f"no images in {', '.join(str(root / name) for name in empty)}; {layout}")
