@@ -208,3 +208,33 @@ def test_non_utf8_config_is_one_sentence(tmp_path):
 def test_a_config_that_is_not_a_mapping_is_named(tmp_path):
     with pytest.raises(VitlabError, match="must be a mapping of sections"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_model_options_are_checked_by_building_the_model_on_the_meta_device():
+    import time
+
+    started = time.perf_counter()
+    load_config(None, ["model.name=vit22b-22b/14", "data.image_size=224", "model.options={}"])  # 22 B parameters, no memory
+    assert time.perf_counter() - started < 5
+    with pytest.raises(VitlabError, match="model.options: embed_dim=128 is not divisible by num_heads=5"):
+        load_config(None, ["model.options.num_heads=5"])
+
+
+def test_a_bad_fourth_variant_fails_before_the_first_variant_trains(tmp_path):
+    from vitlab.config import StabilityConfig
+
+    study = {"out_dir": str(tmp_path), "base": {"train": {"epochs": 1}},
+             "variants": {"a": [], "b": [], "c": [], "d": ["model.options.num_heads=3"]}}  # fmt: skip
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(VitlabError, match=r"variants.d: model.options: .*num_heads=3"):
+        load_config(path, cls=StabilityConfig)
+    assert not any(tmp_path.glob("stability*"))
+
+
+def test_the_loops_share_one_base_for_their_run_settings():
+    from vitlab.config import RunSettings, TrainConfig, TranslateTrainConfig
+
+    assert issubclass(TrainConfig, RunSettings) and issubclass(TranslateTrainConfig, RunSettings)
+    with pytest.raises(VitlabError, match="train.keep_checkpoints=0 must be >= 1"):
+        load_config(None, ["train.keep_checkpoints=0"], TranslateConfig)

@@ -201,6 +201,8 @@ def add_run_options(parser: argparse.ArgumentParser, what: str = "config") -> No
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
+    from vitlab.train.distributed import STRATEGIES
+
     parser = argparse.ArgumentParser(prog="vitlab", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -232,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config (see configs/); default: the built-in default run")
     add_run_options(train)
     train.add_argument("--resume", metavar="RUN_DIR|auto", help=RESUME_HELP)
-    train.add_argument("--strategy", choices=("single", "ddp", "fsdp"),
+    train.add_argument("--strategy", choices=STRATEGIES,
                        help="train.strategy: one process, DDP or FSDP2 (default: the config's)")  # fmt: skip
     train.set_defaults(func=cmd_train)
 

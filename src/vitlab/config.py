@@ -18,8 +18,12 @@ import yaml
 from vitlab.errors import (
     AT_LEAST_0, AT_LEAST_1, BELOW_1, FRACTION, POSITIVE, Range, VitlabError, brief, check_choice, check_range,
 )  # fmt: skip
-from vitlab.models.presets import model_options, preset_config
+from vitlab.data import DATASETS
+from vitlab.data.unpaired import PAIR_DATASETS
+from vitlab.models.gan import NORMS
+from vitlab.models.presets import create_model, model_options, preset_config
 from vitlab.models.weights import WEIGHT_FORMATS
+from vitlab.train.distributed import DEVICES, STRATEGIES
 from vitlab.train.precision import PRECISIONS
 
 OPEN_UNIT = Range(0, 1, low_open=True, high_open=True)  # (0, 1)
@@ -38,6 +42,22 @@ def check_fields(section: str, config: object) -> None:
         items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
         for i, item in items:
             check_range(f"{section}.{key}" + ("" if i is None else f"[{i}]"), item, allowed, hint)
+
+
+AUTO_RESUME = "auto"
+
+
+def check_buildable(section: str, build) -> None:
+    """Build a model on the meta device (instant, even for 22B): a bad option fails at load, not mid-study."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            build()
+    except VitlabError as exc:
+        raise VitlabError(f"{section}.options: {exc}") from None
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise VitlabError(f"{section}.options do not build a model: {brief(str(exc))}") from None
 
 
 def check_name(key: str, name: str) -> None:
@@ -85,7 +105,7 @@ class DataConfig:
                                   mean=Range(), std=POSITIVE)  # fmt: skip
 
     def validate(self) -> None:
-        check_choice("data.name", self.name, ("builtin", "cifar10", "cifar100", "folder"))
+        check_choice("data.name", self.name, DATASETS)
         check_fields("data", self)
         if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean):
             raise VitlabError(f"data.mean={list(self.mean)} and data.std={list(self.std)} must both have 1 or 3 entries (per channel)")
@@ -143,43 +163,56 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Length, batch, precision and bookkeeping of a run."""
+class RunSettings:
+    """What the `train` section of every training loop has: length, batch, precision, device, seed, cadence, checkpoints."""
 
     epochs: float = 15
     batch_size: int = 128  # global: split evenly across torchrun ranks
     precision: str = "auto"  # auto: bf16 on GPUs >= 8.0 and AVX512-BF16/AMX CPUs, fp16 on 7.x GPUs, else fp32
-    compile: bool = False
     seed: int = 0
-    label_smoothing: float = 0.0
-    ema_decay: float | None = None
     eval_every_epochs: float = 1.0
     checkpoint_every_steps: int = 200
     keep_checkpoints: int = 2
     log_every_steps: int = 10
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
-    z_loss: float = 0.0  # weight of PaLM's z-loss on the logits (1e-4 in PaLM)
-    grad_penalty: float = 0.0  # weight of the squared input-gradient norm (double backpropagation)
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     device: str = "auto"
-    strategy: str = "ddp"  # single, ddp (DDP under torchrun), fsdp (FSDP2 shards; vitlab.train.sharding)
-    cpu_offload: bool = False  # fsdp only: sharded parameters, gradients and optimizer state in host memory
     resume: str | None = None  # auto: continue out_dir/name if it has a checkpoint, else start it
-    accumulate_steps: int = 1  # micro-batches per step: batch_size stays the global batch the LR is set for
 
     RANGES: ClassVar[dict] = dict(
-        epochs=POSITIVE, batch_size=AT_LEAST_1, seed=AT_LEAST_0, label_smoothing=BELOW_1, ema_decay=OPEN_UNIT,
-        eval_every_epochs=POSITIVE, checkpoint_every_steps=AT_LEAST_1, keep_checkpoints=AT_LEAST_1,
-        log_every_steps=AT_LEAST_1, max_bad_steps=AT_LEAST_1, z_loss=AT_LEAST_0, grad_penalty=AT_LEAST_0,
-        threads=AT_LEAST_1, accumulate_steps=AT_LEAST_1,
+        epochs=POSITIVE, batch_size=AT_LEAST_1, seed=AT_LEAST_0, eval_every_epochs=POSITIVE,
+        checkpoint_every_steps=AT_LEAST_1, keep_checkpoints=AT_LEAST_1, log_every_steps=AT_LEAST_1,
+        max_bad_steps=AT_LEAST_1, threads=AT_LEAST_1,
     )  # fmt: skip
 
     def validate(self) -> None:
         check_choice("train.precision", self.precision, PRECISIONS)
-        check_choice("train.resume", self.resume, (None, "auto"))
-        check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
-        check_choice("train.strategy", self.strategy, ("single", "ddp", "fsdp"))
+        check_choice("train.resume", self.resume, (None, AUTO_RESUME))
+        check_choice("train.device", self.device.split(":")[0], DEVICES)
         check_fields("train", self)
+
+
+@dataclass
+class TrainConfig(RunSettings):
+    """Length, batch, precision and bookkeeping of a classification run, and its stabilisers and strategy."""
+
+    compile: bool = False
+    label_smoothing: float = 0.0
+    ema_decay: float | None = None
+    z_loss: float = 0.0  # weight of PaLM's z-loss on the logits (1e-4 in PaLM)
+    grad_penalty: float = 0.0  # weight of the squared input-gradient norm (double backpropagation)
+    strategy: str = "ddp"  # single, ddp (DDP under torchrun), fsdp (FSDP2 shards; vitlab.train.sharding)
+    cpu_offload: bool = False  # fsdp only: sharded parameters, gradients and optimizer state in host memory
+    accumulate_steps: int = 1  # micro-batches per step: batch_size stays the global batch the LR is set for
+
+    RANGES: ClassVar[dict] = dict(
+        RunSettings.RANGES, label_smoothing=BELOW_1, ema_decay=OPEN_UNIT, z_loss=AT_LEAST_0, grad_penalty=AT_LEAST_0,
+        accumulate_steps=AT_LEAST_1,
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("train.strategy", self.strategy, STRATEGIES)
         if self.strategy == "fsdp" and (self.ema_decay is not None or self.compile):
             raise VitlabError("train.ema_decay and train.compile are not supported with train.strategy=fsdp yet; unset them")
         if self.precision == "fp16" and self.strategy == "fsdp":
@@ -212,11 +245,28 @@ class LogConfig:
 
 
 @dataclass
-class RunConfig:
-    """One experiment: everything needed to rerun it."""
+class Experiment:
+    """What every experiment config has: a name, where its runs go, and its sections, each validated on load."""
 
     name: str = "default"
     out_dir: str = "runs"
+
+    def validate(self):
+        check_name("name", self.name)
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return to_plain(dataclasses.asdict(self))
+
+
+@dataclass
+class RunConfig(Experiment):
+    """One classification experiment: everything needed to rerun it."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -226,16 +276,11 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> RunConfig:
-        check_name("name", self.name)
-        for part in (self.model, self.data, self.augment, self.optim, self.train, self.finetune):
-            if part is not None:
-                part.validate()
+        super().validate()
         if self.finetune is not None and self.train.strategy == "fsdp":
             raise VitlabError("fine-tuning (a finetune section) with train.strategy=fsdp is not supported yet; use ddp or single")
+        check_buildable("model", lambda: create_model(self.model.name, img_size=self.data.image_size, **self.model.options))
         return self
-
-    def to_dict(self) -> dict:
-        return to_plain(dataclasses.asdict(self))
 
 
 def to_plain(value):
@@ -464,7 +509,7 @@ class DiscriminatorConfig:
     RANGES: ClassVar[dict] = dict(base_channels=AT_LEAST_1, num_layers=AT_LEAST_1)
 
     def validate(self) -> None:
-        check_choice("discriminator.norm", self.norm, ("instance", "none"))
+        check_choice("discriminator.norm", self.norm, NORMS)
         check_fields("discriminator", self)
 
 
@@ -486,7 +531,7 @@ class PairDataConfig:
                                   seed=AT_LEAST_0)  # fmt: skip
 
     def validate(self) -> None:
-        check_choice("data.name", self.name, ("builtin", "folder"))
+        check_choice("data.name", self.name, PAIR_DATASETS)
         check_fields("data", self)
         if self.name == "folder" and not self.root:
             raise VitlabError("data.root is required for data.name='folder': the folder holding trainA, trainB, testA, testB")
@@ -523,36 +568,24 @@ class GanOptimConfig:
 
 
 @dataclass
-class TranslateTrainConfig:
-    """Length (constant LR, then linear decay to zero), batch, precision and bookkeeping."""
+class TranslateTrainConfig(RunSettings):
+    """Length (constant LR, then linear decay to zero), batch, precision and bookkeeping of a CycleGAN run."""
 
     epochs: float = 100  # at constant LR
-    decay_epochs: float = 100  # then linear decay to zero
     batch_size: int = 1
-    precision: str = "auto"
-    seed: int = 0
     log_every_steps: int = 100
     checkpoint_every_steps: int = 1000
-    keep_checkpoints: int = 2
     eval_every_epochs: float = 10  # translation error against the truth (built-in pair only)
+    decay_epochs: float = 100  # then linear decay to zero
     sample_every_epochs: float = 10  # sample grid PNG
     num_samples: int = 4  # rows of the sample grid
-    max_bad_steps: int = 3
-    threads: int | None = None
-    device: str = "auto"
-    resume: str | None = None  # auto: continue out_dir/name if it has a checkpoint, else start it
 
     RANGES: ClassVar[dict] = dict(
-        epochs=AT_LEAST_0, decay_epochs=AT_LEAST_0, batch_size=AT_LEAST_1, seed=AT_LEAST_0, log_every_steps=AT_LEAST_1,
-        checkpoint_every_steps=AT_LEAST_1, keep_checkpoints=AT_LEAST_1, eval_every_epochs=POSITIVE,
-        sample_every_epochs=POSITIVE, num_samples=AT_LEAST_1, max_bad_steps=AT_LEAST_1, threads=AT_LEAST_1,
+        RunSettings.RANGES, epochs=AT_LEAST_0, decay_epochs=AT_LEAST_0, sample_every_epochs=POSITIVE, num_samples=AT_LEAST_1
     )  # fmt: skip
 
     def validate(self) -> None:
-        check_choice("train.precision", self.precision, PRECISIONS)
-        check_choice("train.resume", self.resume, (None, "auto"))
-        check_choice("train.device", self.device.split(":")[0], ("auto", "cpu", "cuda"))
-        check_fields("train", self)
+        super().validate()
         if self.epochs + self.decay_epochs == 0:
             raise VitlabError("train.epochs=0 and train.decay_epochs=0 leave nothing to train; set one of them above 0")
 
@@ -573,11 +606,10 @@ class FidConfig:
 
 
 @dataclass
-class TranslateConfig:
+class TranslateConfig(Experiment):
     """One image-translation experiment: everything needed to rerun it."""
 
     name: str = "translate"
-    out_dir: str = "runs"
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     data: PairDataConfig = field(default_factory=PairDataConfig)
@@ -588,21 +620,19 @@ class TranslateConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> TranslateConfig:
-        check_name("name", self.name)
-        for part in (self.generator, self.discriminator, self.data, self.loss, self.optim, self.train, self.eval):
-            part.validate()
-        return self
+        super().validate()
+        if self.generator.name != "resnet":
+            from vitlab.models.unet import create_unet
 
-    def to_dict(self) -> dict:
-        return to_plain(dataclasses.asdict(self))
+            check_buildable("generator", lambda: create_unet(self.generator.name, img_size=self.data.crop_size, **self.generator.options))
+        return self
 
 
 @dataclass
-class StabilityConfig:
+class StabilityConfig(Experiment):
     """A stability study: one base train config, run once per variant with the same data and seed."""
 
     name: str = "stability"
-    out_dir: str = "runs"
     threshold: float = 4000.0  # logits above this count as blown up and are drawn at it (paper Fig. 1)
     base: dict = field(default_factory=dict)  # a train config (the keys of RunConfig)
     variants: dict = field(default_factory=dict)  # variant name → list of `key.sub=value` overrides of base

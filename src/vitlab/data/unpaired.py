@@ -25,6 +25,7 @@ from vitlab.data.folders import UnusableImage, decode_images, listed_images
 from vitlab.errors import VitlabError
 
 FOLDERS = ("trainA", "trainB", "testA", "testB")
+PAIR_DATASETS = ("builtin", "folder")
 
 # Tone curves of the built-in domains: RGB colours at grey levels 0, 1/2 and 1, linear in between.
 SEPIA = ((0.10, 0.03, 0.00), (0.78, 0.42, 0.16), (1.00, 0.94, 0.78))
@@ -156,8 +157,8 @@ def load_pair(
         raise VitlabError(f"load_size={load_size} must be at least crop_size={crop_size}")
     if name == "builtin":
         return builtin_pair(load_size=load_size, crop_size=crop_size, with_train=with_train, **builtin)
-    if name != "folder":
-        raise VitlabError(f"unknown domain pair {name!r}; allowed: 'builtin', 'folder'")
+    if name not in PAIR_DATASETS:
+        raise VitlabError(f"unknown domain pair {name!r}; allowed: {', '.join(map(repr, PAIR_DATASETS))}")
     if root is None:
         raise VitlabError("the folder pair needs a root: the folder holding trainA, trainB, testA, testB")
     return folder_pair(root, load_size, crop_size, with_train)

@@ -30,6 +30,10 @@ class Context:
         return self.world_size > 1
 
 
+DEVICES = ("auto", "cpu", "cuda")  # `cuda:N` names one GPU
+STRATEGIES = ("single", "ddp", "fsdp")  # one process, DDP replicas, FSDP2 shards (vitlab.train.sharding)
+
+
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     """`auto` → this rank's CUDA device if there is one, else the CPU."""
     if preference == "auto":
