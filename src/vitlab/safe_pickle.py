@@ -37,6 +37,7 @@ DCP_METADATA: frozenset[tuple[str, str]] = frozenset(
         ("torch", "Size"),
         *(("torch", name) for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)),
         ("pathlib", "PosixPath"),
+        ("pathlib._local", "PosixPath"),  # where Python 3.13 (only) pickles it from
     }
 )
 

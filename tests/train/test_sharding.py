@@ -100,6 +100,19 @@ def test_cli_reports_planted_metadata_in_one_line(
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_or_missing_metadata_is_a_clear_error(runs: dict[str, Path], tmp_path: Path, damage: str) -> None:
+    run, checkpoint = copy_run(runs["fsdp"], tmp_path)
+    metadata = checkpoint / ckpt.SHARDED / ".metadata"
+    if damage == "truncate":
+        metadata.write_bytes(metadata.read_bytes()[:100])
+    else:
+        metadata.unlink()
+    for reader in ("load_tensors", "resume"):
+        with pytest.raises(VitlabError, match=r"\.metadata is not readable DCP metadata.*use another checkpoint"):
+            READERS[reader](run)
+
+
 def test_planted_value_in_a_shard_file_is_refused_on_resume(runs: dict[str, Path], tmp_path: Path) -> None:
     run, checkpoint = copy_run(runs["fsdp"], tmp_path)
     sharded = checkpoint / ckpt.SHARDED

@@ -172,7 +172,8 @@ def load_sharded(state: dict, folder: Path, local: bool) -> None:
             raise
 
 
-_NOT_OURS = "vitlab did not write this checkpoint: delete its step-N folder, or use another checkpoint"
+_USE_ANOTHER = "delete its step-N folder, or use another checkpoint"
+_NOT_OURS = f"vitlab did not write this checkpoint: {_USE_ANOTHER}"
 
 
 class SafeReader(dcp.FileSystemReader):
@@ -181,8 +182,13 @@ class SafeReader(dcp.FileSystemReader):
     def read_metadata(self, *args: object, **kwargs: object) -> Metadata:
         """The checkpoint's Metadata, as FileSystemReader.read_metadata gives it, without running foreign code."""
         path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as file:
-            metadata = safe_pickle.load(file, safe_pickle.DCP_METADATA, path, _NOT_OURS)
+        try:
+            with self.fs.create_stream(path, "rb") as file:
+                metadata = safe_pickle.load(file, safe_pickle.DCP_METADATA, path, _NOT_OURS)
+        except VitlabError:
+            raise
+        except Exception as err:  # a missing or damaged pickle can fail in almost any way
+            raise VitlabError(f"{path} is not readable DCP metadata ({err}); {_USE_ANOTHER}") from err
         if not isinstance(metadata, Metadata):
             raise VitlabError(f"{path} holds a {type(metadata).__name__}, not DCP metadata; {_NOT_OURS}")
         if metadata.storage_meta is None:
