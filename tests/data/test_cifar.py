@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_safe_pickle import planted
 from vitlab.data.cifar import CIFAR_FORMATS, cifar_splits, download_cifar
 from vitlab.errors import VitlabError
 
@@ -92,9 +93,16 @@ def test_pixel_layout_is_chw_from_row_major_planes(tmp_path: Path) -> None:
     assert torch.equal(image[2, 5, 7], row[2048 + 5 * 32 + 7])  # row-major inside a plane
 
 
+def register_md5(monkeypatch: pytest.MonkeyPatch, name: str, archive: Path) -> None:
+    """Make `archive` the one whose MD5 counts as official for `name` (the real MD5 is of the real archive)."""
+    fmt = dataclasses.replace(CIFAR_FORMATS[name], md5=hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setitem(CIFAR_FORMATS, name, fmt)
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_loads_from_archive_and_from_its_directory(tmp_path: Path, name: str) -> None:
+def test_loads_from_archive_and_from_its_directory(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     archive = write_cifar_archive(tmp_path / "a", name)
+    register_md5(monkeypatch, name, archive)
     from_archive = cifar_splits(name, archive)
     assert (archive.parent / CIFAR_FORMATS[name].folder).is_dir()
     assert not list(archive.parent.glob(".extract-*")), "the staging folder must be removed"
@@ -138,8 +146,9 @@ def test_random_tar_and_non_tar_are_refused(tmp_path: Path) -> None:
         cifar_splits("cifar10", archive)
 
 
-def test_path_traversal_member_is_refused(tmp_path: Path) -> None:
+def test_path_traversal_member_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archive = write_cifar_archive(tmp_path / "in", "cifar10", extra={"../evil": b"owned"})
+    register_md5(monkeypatch, "cifar10", archive)
     with pytest.raises(VitlabError, match="unsafe member"):
         cifar_splits("cifar10", archive)
     assert not (tmp_path / "evil").exists()
@@ -151,6 +160,54 @@ def test_damaged_batch_file_is_reported(tmp_path: Path) -> None:
     (folder / "data_batch_3").write_bytes(b"\x80\x02garbage")
     with pytest.raises(VitlabError, match="data_batch_3"):
         cifar_splits("cifar10", folder)
+
+
+@pytest.mark.parametrize("name,file", [("cifar10", "batches.meta"), ("cifar10", "data_batch_1"), ("cifar100", "meta")])
+def test_planted_pickle_in_extracted_folder_is_refused_and_never_runs(tmp_path: Path, name: str, file: str) -> None:
+    folder = write_cifar_folder(tmp_path, name)
+    marker = tmp_path / "ran"
+    (folder / file).write_bytes(planted(marker, protocol=2))
+    for _ in range(2):  # and again on the next run
+        with pytest.raises(VitlabError, match=f"{file} refers to io.open.*refusing to unpickle.*extract the official archive"):
+            cifar_splits(name, tmp_path)
+    assert not marker.exists()
+
+
+def test_planted_os_system_batch_is_refused_and_never_runs(tmp_path: Path) -> None:
+    folder = write_cifar_folder(tmp_path, "cifar10")
+    marker = tmp_path / "ran"
+    (folder / "test_batch").write_bytes(planted(marker, protocol=2, shell=True))
+    with pytest.raises(VitlabError, match="test_batch refers to posix.system"):
+        cifar_splits("cifar10", folder)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("file", ["batches.meta", "data_batch_1"])
+def test_local_archive_with_planted_pickle_is_refused_by_its_md5(tmp_path: Path, file: str) -> None:
+    marker = tmp_path / "ran"
+    archive = write_cifar_archive(tmp_path, "cifar10", extra={f"cifar-10-batches-py/{file}": planted(marker, 2)})
+    found = hashlib.md5(archive.read_bytes()).hexdigest()
+    expected = CIFAR_FORMATS["cifar10"].md5
+    with pytest.raises(VitlabError, match=f"{archive} has MD5 {found}, but .* has {expected}.*delete it and download it again"):
+        cifar_splits("cifar10", archive)
+    assert not marker.exists()
+    assert not (tmp_path / "cifar-10-batches-py").exists(), "nothing extracted"
+
+
+def test_planted_pickle_in_archive_with_trusted_md5_is_still_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "ran"
+    archive = write_cifar_archive(tmp_path, "cifar10", extra={"cifar-10-batches-py/batches.meta": planted(marker, 2)})
+    register_md5(monkeypatch, "cifar10", archive)
+    with pytest.raises(VitlabError, match="batches.meta refers to io.open"):
+        cifar_splits("cifar10", archive)
+    assert not marker.exists()
+
+
+def test_local_archive_with_wrong_md5_is_refused_naming_both(tmp_path: Path) -> None:
+    archive = write_cifar_archive(tmp_path, "cifar100")
+    found = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.raises(VitlabError, match=f"has MD5 {found}, but the official CIFAR-100 archive has eb9058c3a382ffc7106e4002c42a8d85"):
+        cifar_splits("cifar100", tmp_path)
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -176,9 +233,12 @@ def loopback(tmp_path: Path) -> Iterator[tuple[Path, str]]:
         thread.join()
 
 
-def test_download_verifies_checksum_then_loads(loopback: tuple[Path, str], tmp_path: Path) -> None:
+def test_download_verifies_checksum_then_loads(
+    loopback: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     served, base = loopback
     archive = write_cifar_archive(served, "cifar10")
+    register_md5(monkeypatch, "cifar10", archive)
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     dest = tmp_path / "downloads"
     got = download_cifar("cifar10", dest, url=f"{base}/{archive.name}", md5=md5)

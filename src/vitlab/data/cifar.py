@@ -3,14 +3,15 @@
 `root` may be the `.tar.gz` itself, the extracted folder (`cifar-10-batches-py` or
 `cifar-100-python`), or a directory holding either. An archive is extracted next to itself,
 through a temporary folder that is renamed into place only when extraction has finished, with
-tarfile's "data" filter (no absolute paths, no `..`, no links leaving the folder).
+tarfile's "data" filter (no absolute paths, no `..`, no links leaving the folder), and only when its
+MD5 is the official one. The batch files are pickles: they are read with an unpickler that admits
+only dicts, lists, bytes, strings, numbers and numpy arrays (vitlab.safe_pickle), never running code.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import shutil
 import tarfile
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitlab import safe_pickle
 from vitlab.data.dataset import DataSplits, ImageDataset
 from vitlab.errors import VitlabError
 
@@ -120,6 +122,12 @@ def _extract(archive: Path, fmt: CifarFormat) -> Path:
                     f"{', '.join(fmt.files)}, but holds {sorted(names)[:5]}"
                     f"{_hint(fmt, {n.split('/')[0] for n in names} | {archive.name})}"
                 )
+            md5 = _md5(archive)
+            if md5 != fmt.md5:
+                raise VitlabError(
+                    f"{archive} has MD5 {md5}, but the official {fmt.title} archive has {fmt.md5}; it is damaged or "
+                    f"not the official archive: delete it and download it again (download=True, or from {fmt.url})"
+                )
             staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=archive.parent))
             try:
                 tar.extractall(staging, filter="data")
@@ -137,13 +145,18 @@ def _extract(archive: Path, fmt: CifarFormat) -> Path:
 
 
 def _unpickle(path: Path) -> dict:
-    # The official CIFAR files are Python pickles; unpickling runs code, so they must come
-    # from a trusted source (the official archive, checked against its MD5).
+    """One CIFAR batch file, unpickled admitting only what the official files hold."""
+    fix = "delete the folder and extract the official archive again"
     try:
         with path.open("rb") as f:
-            return pickle.load(f, encoding="bytes")
+            batch = safe_pickle.load(f, safe_pickle.CIFAR_BATCH, path, fix, encoding="bytes")
+    except VitlabError:
+        raise
     except Exception as err:  # unpickling a damaged file can fail in almost any way
-        raise VitlabError(f"{path} is not a readable CIFAR pickle ({err}); extract the archive again") from err
+        raise VitlabError(f"{path} is not a readable CIFAR pickle ({err}); {fix}") from err
+    if not isinstance(batch, dict):
+        raise VitlabError(f"{path} holds a {type(batch).__name__}, not a CIFAR batch dict; {fix}")
+    return batch
 
 
 def _field(batch: dict, key: bytes, path: Path, fmt: CifarFormat) -> object:

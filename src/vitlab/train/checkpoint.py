@@ -7,7 +7,9 @@ A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNNNN/` holding
   optimizer.pt        the optimizer's state dict, or a dict of them by name (read back with weights_only=True),
   meta.json           step, epoch, config and metrics.
 A run trained with FSDP holds `sharded/` instead of the first two: every rank's shards of the model and
-optimizer, written by torch.distributed.checkpoint (see vitlab.train.sharding).
+optimizer, written by torch.distributed.checkpoint (see vitlab.train.sharding). `sharded/` is read only
+when meta.json's config says `train.strategy: fsdp`, and its pickles only through allow-lists
+(vitlab.safe_pickle for `.metadata`, weights_only=True for the rest).
 It is written under a temporary name and renamed into place, then `checkpoints/latest` is
 replaced atomically, so a run killed at any moment leaves the previous checkpoint intact. A step that
 is already saved is never deleted to be saved again (its tensors are a function of the step; only its
@@ -17,8 +19,10 @@ when `latest` names none.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from collections.abc import Mapping
@@ -27,8 +31,13 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import ReadItem
 
+from vitlab import safe_pickle
 from vitlab.errors import VitlabError
 
 LATEST = "latest"
@@ -157,10 +166,17 @@ def older_checkpoint_hint(checkpoint: Path) -> str:
     return f"the previous intact checkpoint is {older[-1]}: delete {checkpoint} to resume from it"
 
 
+def is_sharded(checkpoint: Path) -> bool:
+    """Whether a checkpoint is an `fsdp` run's (its meta.json's config says so) and holds `sharded/`."""
+    config = read_meta(checkpoint).get("config")
+    train = config.get("train") if isinstance(config, dict) else None
+    return isinstance(train, dict) and train.get("strategy") == "fsdp" and (checkpoint / SHARDED).is_dir()
+
+
 def load_tensors(checkpoint: Path, name: str = "model") -> dict[str, torch.Tensor]:
-    """The tensors of `NAME.safetensors` in a checkpoint folder."""
+    """The tensors of `NAME.safetensors` in a checkpoint folder (an `fsdp` run's model: of `sharded/`)."""
     path = checkpoint / f"{name}.safetensors"
-    if not path.is_file() and name == "model" and (checkpoint / SHARDED).is_dir():
+    if not path.is_file() and name == "model" and is_sharded(checkpoint):
         return read_sharded(checkpoint / SHARDED, "model")
     if not path.is_file():
         raise VitlabError(f"{checkpoint} holds no {path.name}; is it a checkpoint of another kind of run?")
@@ -172,7 +188,7 @@ def load_tensors(checkpoint: Path, name: str = "model") -> dict[str, torch.Tenso
 
 def read_sharded(folder: Path, key: str) -> dict[str, torch.Tensor]:
     """The full tensors under `key` of a torch.distributed.checkpoint folder, read by this process alone."""
-    metadata = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    metadata = SafeReader(folder).read_metadata().state_dict_metadata
     prefix = f"{key}."
     tensors = {
         name[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -187,7 +203,61 @@ def load_sharded(state: dict, folder: Path, local: bool) -> None:
     """Fill `state` in place from a torch.distributed.checkpoint folder; `local`: by this process alone."""
     with warnings.catch_warnings():  # dcp warns when it loads without collectives, which `local` asks for
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=folder, no_dist=local)
+        SafeReader(folder).read_metadata()  # dcp.load hides a failure here behind a fallback: fail first, by name
+        try:
+            dcp.load(state, storage_reader=SafeReader(folder), planner=SafeLoadPlanner(folder), no_dist=local)
+        except CheckpointException as err:  # dcp wraps every rank's exception; show ours as they are
+            refused = [exc for exc, _ in err.failures.values() if isinstance(exc, VitlabError)]
+            if refused:
+                raise refused[0] from None
+            raise
+
+
+_USE_ANOTHER = "delete its step-N folder, or use another checkpoint"
+_NOT_OURS = f"vitlab did not write this checkpoint: {_USE_ANOTHER}"
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader, with `.metadata` unpickled through the allow-list of DCP's own metadata classes."""
+
+    def read_metadata(self, *args: object, **kwargs: object) -> Metadata:
+        """The checkpoint's Metadata, as FileSystemReader.read_metadata gives it, without running foreign code."""
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as file:
+                metadata = safe_pickle.load(file, safe_pickle.DCP_METADATA, path, _NOT_OURS)
+        except VitlabError:
+            raise
+        except Exception as err:  # a missing or damaged pickle can fail in almost any way
+            raise VitlabError(f"{path} is not readable DCP metadata ({err}); {_USE_ANOTHER}") from err
+        if not isinstance(metadata, Metadata):
+            raise VitlabError(f"{path} holds a {type(metadata).__name__}, not DCP metadata; {_NOT_OURS}")
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, with non-tensor values (numbers, strings, containers) read with weights_only=True."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        """Put one non-tensor value in place, refusing pickled objects other than plain data and tensors."""
+        try:
+            obj = torch.load(value, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise VitlabError(
+                f"{read_item.dest_index.fqn} in {self.folder} holds pickled objects other than numbers, strings, "
+                f"containers and tensors; refusing to load it (it could run code); {_NOT_OURS}"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def load_weights(checkpoint: Path, model: torch.nn.Module, name: str = "model") -> None:

@@ -186,8 +186,8 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module, optimize
 
 
 def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Restore model and optimizer: from a sharded checkpoint (into any strategy and number of ranks) or a plain one."""
-    if (checkpoint / ckpt.SHARDED).is_dir():
+    """Restore model and optimizer: from an `fsdp` run's sharded checkpoint (into any strategy and number of ranks) or a plain one."""
+    if ckpt.is_sharded(checkpoint):
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         ckpt.load_sharded(state, checkpoint / ckpt.SHARDED, local=not dist.is_initialized())
@@ -205,8 +205,10 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.O
 def consolidate(path: str | Path, out: str | Path | None = None) -> Path:
     """Merge a sharded checkpoint's model into one safetensors file (default: CHECKPOINT/model.safetensors)."""
     checkpoint = ckpt.find_checkpoint(path)
-    if not (checkpoint / ckpt.SHARDED).is_dir():
-        raise VitlabError(f"{checkpoint} is not sharded (no {ckpt.SHARDED}/ folder); its model.safetensors is the whole model")
+    if not ckpt.is_sharded(checkpoint):
+        raise VitlabError(
+            f"{checkpoint} is not sharded (not an fsdp run's, with a {ckpt.SHARDED}/ folder); its model.safetensors is the whole model"
+        )
     out = Path(out) if out else checkpoint / "model.safetensors"
     save_file(ckpt.weights(ckpt.read_sharded(checkpoint / ckpt.SHARDED, "model")), out)
     return out
