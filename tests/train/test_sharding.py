@@ -20,7 +20,9 @@ from vitlab.cli import main
 from vitlab.config import OptimConfig
 from vitlab.errors import VitlabError
 from vitlab.train import checkpoint as ckpt
-from vitlab.train.classify import build_model, build_optimizer, load_checkpoint_model, train
+from vitlab.eval.runs import build_model, load_checkpoint_model
+from vitlab.train.classify import train
+from vitlab.train.optim import build_optimizer
 from vitlab.train.finetune import pretrained_state_dict
 from vitlab.train.runs import load_run_config
 from vitlab.train.sharding import consolidate, load_checkpoint
@@ -95,6 +97,8 @@ def test_cli_reports_planted_metadata_in_one_line(
     run, checkpoint = copy_run(runs["fsdp"], tmp_path)
     marker = tmp_path / "ran"
     (checkpoint / ckpt.SHARDED / ".metadata").write_bytes(planted(marker, shell=True))
+    if command[0] == "train":
+        (run / "results.json").unlink(missing_ok=True)  # as if killed before the end: a finished run is not resumed
     assert main([*command, str(run), *(["--no-progress"] if command[0] == "train" else [])]) == 2
     assert "metadata refers to posix.system" in capsys.readouterr().err
     assert not marker.exists()
@@ -155,5 +159,6 @@ def test_non_fsdp_run_with_planted_sharded_folder_evaluates_and_resumes_from_the
     (checkpoint / ckpt.SHARDED).mkdir()
     (checkpoint / ckpt.SHARDED / ".metadata").write_bytes(planted(marker, shell=True))
     assert main(["eval", str(run)]) == 0
+    (run / "results.json").unlink(missing_ok=True)  # as if killed before the end: a finished run is not resumed
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert not marker.exists()
