@@ -208,3 +208,11 @@ def test_non_utf8_config_is_one_sentence(tmp_path):
 def test_a_config_that_is_not_a_mapping_is_named(tmp_path):
     with pytest.raises(VitlabError, match="must be a mapping of sections"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+@pytest.mark.parametrize("raw,words", [("9" * 5000, ["--set train.epochs", "cannot read"]),
+                                       ("1" + "0" * 400, ["train.epochs", "too large"])])  # fmt: skip
+def test_numbers_python_cannot_hold_are_one_sentence(raw, words):
+    with pytest.raises(VitlabError) as info:
+        load_config(None, [f"train.epochs={raw}"])
+    assert all(word in str(info.value) for word in words) and len(str(info.value)) < 300
