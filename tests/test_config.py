@@ -238,3 +238,11 @@ def test_the_loops_share_one_base_for_their_run_settings():
     assert issubclass(TrainConfig, RunSettings) and issubclass(TranslateTrainConfig, RunSettings)
     with pytest.raises(VitlabError, match="train.keep_checkpoints=0 must be >= 1"):
         load_config(None, ["train.keep_checkpoints=0"], TranslateConfig)
+
+
+@pytest.mark.parametrize("raw,words", [("9" * 5000, ["--set train.epochs", "cannot read"]),
+                                       ("1" + "0" * 400, ["train.epochs", "too large"])])  # fmt: skip
+def test_numbers_python_cannot_hold_are_one_sentence(raw, words):
+    with pytest.raises(VitlabError) as info:
+        load_config(None, [f"train.epochs={raw}"])
+    assert all(word in str(info.value) for word in words) and len(str(info.value)) < 300

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -307,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DISK_FIXES = {  # errors of the disk, not of vitlab: each names its fix
+    errno.EACCES: "fix its permissions, or write elsewhere (--set out_dir=...)",
+    errno.EPERM: "fix its permissions, or write elsewhere (--set out_dir=...)",
+    errno.EROFS: "the file system is read-only; choose another folder (--set out_dir=...)",
+    errno.ENOSPC: "the disk is full; free space or choose another folder (--set out_dir=...)",
+    errno.EDQUOT: "the disk quota is used up; free space or choose another folder (--set out_dir=...)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vitlab` console script."""
     args = build_parser().parse_args(argv)
@@ -323,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vitlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        fix = _DISK_FIXES.get(exc.errno)
+        if exc.filename is None or fix is None:
+            raise  # not a full disk or a forbidden path: a bug to see whole
+        print(f"vitlab {args.command}: error: {exc.filename}: {exc.strerror}; {fix}", file=sys.stderr)
+        return 2
     return 0
 
 

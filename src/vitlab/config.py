@@ -323,6 +323,8 @@ def coerce(key: str, value, hint):
             raise VitlabError(f"{key} must be a mapping, got {brief(value)}")
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 1e308:
+            raise VitlabError(f"{key} is an integer too large for a float; use a number below 1e308")
         return float(value)
     if hint is int and isinstance(value, float) and value.is_integer():
         return int(value)  # 1e4 steps
@@ -453,6 +455,8 @@ def parse_yaml(text: str, where: str) -> object:
         raise VitlabError(f"{where} is nested too deeply to be a config; flatten it") from exc
     except VitlabError as exc:
         raise VitlabError(f"{where} {exc}") from exc
+    except ValueError as exc:  # a scalar Python cannot hold, e.g. an int of more than 4300 digits
+        raise VitlabError(f"{where} holds a value Python cannot read ({brief(str(exc))}); shorten it") from exc
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: type = RunConfig):
