@@ -88,7 +88,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     """Write the inspection PNGs of a run's model: attention maps, rollout, distances, embeddings."""
-    from vitlab.inspect.images import dataset_images, read_images
+    from vitlab.data.images import read_images
+    from vitlab.inspect.images import dataset_images
     from vitlab.inspect.report import inspect_model
     from vitlab.eval.runs import load_checkpoint_model
 

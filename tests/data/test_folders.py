@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlab.data import folders
+from vitlab.data import images
 from vitlab.data.folders import folder_splits
 from vitlab.data.unpaired import FOLDERS, folder_pair
 from vitlab.errors import VitlabError
-from vitlab.inspect.images import read_images
+from vitlab.data.images import read_images
 
 
 def _save(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (12, 10), mode: str = "RGB") -> None:
@@ -159,13 +159,13 @@ def test_default_pixel_cap_skips_a_67_megapixel_png(tmp_path: Path) -> None:
 def test_decoding_uses_torchs_thread_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _make_tree(tmp_path)
     workers = []
-    real = folders.ThreadPoolExecutor
+    real = images.ThreadPoolExecutor
 
     def record(max_workers: int) -> object:
         workers.append(max_workers)
         return real(max_workers)
 
-    monkeypatch.setattr(folders, "ThreadPoolExecutor", record)
+    monkeypatch.setattr(images, "ThreadPoolExecutor", record)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)  # what train.threads=1 does before the data is loaded
@@ -190,5 +190,5 @@ def test_inspect_reader_scales_sixteen_bit_and_names_an_oversized_file(tmp_path:
     image = read_images([tmp_path / "train" / "a" / "ramp.png"], image_size=16)[0]
     assert torch.equal(image[0], torch.from_numpy((ramp >> 8).astype(np.uint8)))
     Image.new("1", (8200, 8200)).save(tmp_path / "huge.png")
-    with pytest.raises(VitlabError, match=r"cannot use .*huge.png \(8200x8200 pixels, over the cap"):
+    with pytest.raises(VitlabError, match=r"cannot read 1 image\(s\): .*huge.png \(8200x8200 pixels, over the cap"):
         read_images([tmp_path / "huge.png"], image_size=16)

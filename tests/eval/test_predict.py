@@ -13,7 +13,7 @@ from vitlab.config import load_config
 from vitlab.data.augment import normalize
 from vitlab.data.builtin import BUILTIN_CLASSES, make_builtin
 from vitlab.eval.predict import image_files, predict_run
-from vitlab.inspect.images import read_images
+from vitlab.data.images import read_images
 from vitlab.train import checkpoint as ckpt
 from vitlab.eval.runs import build_model
 
@@ -69,7 +69,8 @@ def test_bad_inputs_are_named(tmp_path):
     run, folder = saved_run(tmp_path), image_folder(tmp_path, count=1)
     with pytest.raises(VitlabError, match="neither an image file nor a folder"):
         image_files([tmp_path / "missing.png"])
+    assert image_files([run]) == []  # a folder without images: predict names it
     with pytest.raises(VitlabError, match="no .png"):
-        image_files([run])
+        predict_run(run, [run])
     with pytest.raises(VitlabError, match="--top-k 0"):
         predict_run(run, [folder], top_k=0)

@@ -17,11 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from vitlab.data.builtin import BuiltinDifficulty, make_builtin
-from vitlab.data.folders import UnusableImage, decode_images, listed_images
+from vitlab.data.images import image_files, read_images
 from vitlab.errors import VitlabError
 
 FOLDERS = ("trainA", "trainB", "testA", "testB")
@@ -109,27 +108,6 @@ def builtin_pair(
     )  # fmt: skip
 
 
-def read_images(files: list[Path], image_size: int) -> torch.Tensor:
-    """Decode image files, resized to a square `image_size`, as uint8 (N, 3, H, W); an unusable one is an error."""
-    decoded = decode_images(files, image_size)
-    _refuse([str(array) for array in decoded if isinstance(array, UnusableImage)])
-    return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
-
-
-def _refuse(unusable: list[str]) -> None:
-    """Raise a VitlabError naming the first few unusable files, if any."""
-    if unusable:
-        shown = ", ".join(unusable[:5]) + (", ..." if len(unusable) > 5 else "")
-        raise VitlabError(f"cannot read {len(unusable)} image(s): {shown}")
-
-
-def image_files(folder: Path, root: Path | None = None) -> list[Path]:
-    """The image files of a folder, sorted by name; a link leading outside `root` (default: the folder) is an error."""
-    found, outside = listed_images(folder, root or folder)
-    _refuse(outside)
-    return found
-
-
 def folder_pair(root: str | Path, load_size: int = 286, crop_size: int = 256, with_train: bool = True) -> UnpairedData:
     """A CycleGAN dataset folder: training images at `load_size` (unless not wanted), test images at `crop_size`."""
     root = Path(root)
@@ -138,7 +116,7 @@ def folder_pair(root: str | Path, load_size: int = 286, crop_size: int = 256, wi
     missing = [name for name in wanted if not (root / name).is_dir()]
     if missing:
         raise VitlabError(f"missing folder(s) {', '.join(missing)} under {root}; {layout}")
-    files = {name: image_files(root / name, root) for name in wanted}
+    files = {name: image_files(root / name) for name in wanted}
     empty = [name for name, found in files.items() if not found]
     if empty:
         raise VitlabError(f"no images in {', '.join(str(root / name) for name in empty)}; {layout}")

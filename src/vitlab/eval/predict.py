@@ -10,10 +10,9 @@ from pathlib import Path
 import torch
 
 from vitlab.data.augment import normalize
-from vitlab.data.folders import IMAGE_SUFFIXES
+from vitlab.data.images import IMAGE_SUFFIXES, image_files, read_images
 from vitlab.errors import VitlabError
 from vitlab.eval.figures import save_prediction_grid
-from vitlab.inspect.images import read_images
 from vitlab.train.precision import autocast
 
 GRID_IMAGES = 64  # images drawn in the grid at most; the CSV lists all
@@ -27,21 +26,6 @@ class Predictions:
     indices: torch.Tensor
     probabilities: torch.Tensor
     classes: list[str]
-
-
-def image_files(inputs: list[str | Path]) -> list[Path]:
-    """Image files named directly, or found in named folders (sorted, not recursive)."""
-    files: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise VitlabError(f"{item} is neither an image file nor a folder")
-    if not files:
-        raise VitlabError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {', '.join(map(str, inputs))}")
-    return files
 
 
 @torch.no_grad()
@@ -88,6 +72,8 @@ def predict_run(
     if batch_size < 1:
         raise VitlabError(f"--batch-size {batch_size} must be at least 1")
     files = image_files(inputs)
+    if not files:
+        raise VitlabError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {', '.join(map(str, inputs))}")
     model, config = load_checkpoint_model(run, ema)
     classes = class_names(config.data, model.num_classes, ckpt.read_meta(ckpt.find_checkpoint(run)).get("classes"))
     device = pick_device(config.train.device)

@@ -11,7 +11,8 @@ from torch import nn
 
 from vitlab.config import FidConfig, TranslateConfig
 from vitlab.data.augment import normalize
-from vitlab.data.unpaired import UnpairedData, image_files, load_pair, read_images
+from vitlab.data.images import image_files, read_images
+from vitlab.data.unpaired import UnpairedData, load_pair
 from vitlab.errors import VitlabError
 from vitlab.eval.fid import distances, resolve_features
 from vitlab.eval.runs import load_generators, load_run
