@@ -23,13 +23,16 @@ on data. Prints a markdown table and, with `--readme`, puts it in that file's "I
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import platform
 import random
 import re
+import resource
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from vitlab.data.stream_loader import DataWait, make_loader
 from vitlab.data.streaming import stream_splits
@@ -134,24 +137,38 @@ class Reference(Dataset):
         return tensor.float().div(255), self.labels[i]
 
 
-def _rate(batches, batch: int, count: int) -> float:
-    """Images/s over `count` batches after the first two."""
-    iterator = iter(batches)
-    for _ in range(2):
-        next(iterator)
-    start = time.perf_counter()
-    for _ in range(count):
-        next(iterator)
-    return count * batch / (time.perf_counter() - start)
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its reaped children (finished DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _pipelines(root: Path, batch: int, workers: int, seed: int):
-    """The three pipelines as zero-argument makers of an epoch's batch iterator."""
+def _measure(make_batches, batch: int) -> tuple[float, float]:
+    """(images/s after the first two batches, CPU ms per image over the whole run) of one epoch drained to the end."""
+    cpu, count, timed = _cpu_seconds(), 0, 0
+    batches = make_batches()
+    for step, _ in enumerate(batches):
+        count += batch
+        if step == 1:
+            start = time.perf_counter()
+        elif step > 1:
+            timed += batch
+    elapsed = time.perf_counter() - start
+    del batches
+    gc.collect()  # shuts the workers down, so that their CPU time is counted
+    return timed / elapsed, 1e3 * (_cpu_seconds() - cpu) / count
+
+
+def _pipelines(root: Path, batch: int, batches: int, workers: int, seed: int):
+    """The three pipelines, over the first (batches + 2) x batch images, as makers of an epoch's batch iterator."""
+    subset = list(range((batches + 2) * batch))
+
     def plain(dataset: Dataset):
-        return lambda: iter(DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
+        return lambda: iter(DataLoader(Subset(dataset, subset), batch_size=batch, shuffle=True, num_workers=workers,
                                        prefetch_factor=2, drop_last=True))  # fmt: skip
 
     train = stream_splits(root, 224, seed=seed).train
+    train.table = train.table.subset(np.array(subset))
     loader = make_loader(train, batch, seed=seed, workers=workers, pin_memory=False)
     epochs = iter(range(10**6))
     return {"(a) decode only": plain(DecodeOnly(root)), "(b) reference": plain(Reference(root)),
@@ -169,14 +186,14 @@ def _pss_mib() -> float:
 
 
 def _memory(root: Path, batch: int, batches: int) -> float:
-    """PSS of the vitlab pipeline (2 workers) after `batches` batches."""
-    loader = make_loader(stream_splits(root, 224).train, batch, workers=2, pin_memory=False)
-    iterator = loader.epoch(0)
-    for _ in range(batches):
-        next(iterator)
-    pss = _pss_mib()
-    del iterator
-    return pss
+    """PSS of the vitlab pipeline (2 workers) after `batches` batches, measured in a fresh process."""
+    script = (f"from benchmarks.bench_input import _pss_mib; from pathlib import Path; "
+              f"from vitlab.data.stream_loader import make_loader; from vitlab.data.streaming import stream_splits; "
+              f"it = make_loader(stream_splits(Path({str(root)!r}), 224).train, {batch}, workers=2, pin_memory=False).epoch(0); "
+              f"[next(it) for _ in range({batches})]; print(_pss_mib())")  # fmt: skip
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)])}
+    return float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout)
 
 
 def _vit_wait(root: Path, steps: int) -> tuple[float, float]:
@@ -212,44 +229,50 @@ def main() -> None:
     parser.add_argument("--readme", type=Path)
     args = parser.parse_args()
     began = time.perf_counter()
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = re.search(r"Model name:\s*(.+)", cpu)
-    kind = "AVX512-BF16" if "avx512_bf16" in cpu else ("AVX-512" if "avx512f" in cpu else "AVX2")
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = re.search(r"Model name:\s*(.+)", lscpu)
+    kind = "AVX512-BF16" if "avx512_bf16" in lscpu else ("AVX-512" if "avx512f" in lscpu else "AVX2")
     with tempfile.TemporaryDirectory() as tmp:
         root, big = Path(tmp) / "small", Path(tmp) / "big"
         write_folder(root, args.images)
         link_folder(root, big, args.big)
         sizes = [p.stat().st_size for p in (root / "train").rglob("*.JPEG")]
         rates: dict[tuple[str, int], list[float]] = {}
+        cpu: dict[tuple[str, int], list[float]] = {}
         for _ in range(args.rounds):
             for workers in (1, 2):
-                for name, epoch in _pipelines(root, args.batch, workers, seed=0).items():
-                    rates.setdefault((name, workers), []).append(_rate(epoch(), args.batch, args.batches))
+                for name, epoch in _pipelines(root, args.batch, args.batches, workers, seed=0).items():
+                    rate, ms = _measure(epoch, args.batch)
+                    rates.setdefault((name, workers), []).append(rate)
+                    cpu.setdefault((name, workers), []).append(ms)
         memory = {n: _memory(folder, args.batch, args.batches) for n, folder in ((args.images, root), (args.big, big))}
         vit = _vit_wait(root, args.vit_steps) if args.vit_steps else None
-    median = {key: statistics.median(values) for key, values in rates.items()}
+    names = ("(a) decode only", "(b) reference", "(c) vitlab")
     lines = [
         f"Machine: {model.group(1) if model else platform.processor()} ({kind}), {os.cpu_count()} cores, "
         f"torch {torch.__version__}, Pillow {Image.__version__}; load average at the end "
         f"{os.getloadavg()[0]:.1f}; total {time.perf_counter() - began:.0f} s.",
         f"Data: {args.images} JPEGs 500x375 (median {statistics.median(sizes) / 1e3:.0f} kB), 224 px crops, "
-        f"batch {args.batch}, {args.batches} batches per measurement, median of {args.rounds} rounds [min-max].",
-        "",
-        "| pipeline | 1 worker (img/s) | 2 workers (img/s) | x (b), 1 worker | x (b), 2 workers |",
-        "|---|---:|---:|---:|---:|",
+        f"batch {args.batch}, {args.batches + 2} batches per measurement, median of {args.rounds} rounds [min-max].",
     ]
-    for name in ("(a) decode only", "(b) reference", "(c) vitlab"):
-        cells = [f"{median[name, w]:.0f} [{min(rates[name, w]):.0f}-{max(rates[name, w]):.0f}]" for w in (1, 2)]
-        ratios = [f"{median[name, w] / median['(b) reference', w]:.2f}x" for w in (1, 2)]
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratios[0]} | {ratios[1]} |")
-    per_round = [c / b for c, b in zip(rates["(c) vitlab", 2], rates["(b) reference", 2])]
-    lines += [
-        "",
-        f"(c)/(b) per round, 2 workers: {', '.join(f'{r:.2f}' for r in per_round)}.",
-        f"Resident memory of (c) with 2 workers (PSS of the process and its workers, after {args.batches} batches): "
-        f"{memory[args.images]:.0f} MiB for {args.images} images, {memory[args.big]:.0f} MiB for {args.big} "
-        f"({100 * (memory[args.big] / memory[args.images] - 1):+.1f} %).",
-    ]
+    for title, values, unit, better in (("Wall clock, after the first two batches", rates, "img/s", 1),
+                                        ("CPU time of the process and its workers, whole epoch", cpu, "CPU ms/img", -1)):  # fmt: skip
+        median = {key: statistics.median(v) for key, v in values.items()}
+        lines += ["", f"{title}:", "", f"| pipeline | 1 worker ({unit}) | 2 workers ({unit}) | x (b), 1 worker | x (b), 2 workers |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for name in names:
+            cells = [f"{median[name, w]:.{0 if better > 0 else 2}f} [{min(values[name, w]):.{0 if better > 0 else 2}f}-"
+                     f"{max(values[name, w]):.{0 if better > 0 else 2}f}]" for w in (1, 2)]  # fmt: skip
+            ratios = [f"{(median[name, w] / median['(b) reference', w]) ** better:.2f}x" for w in (1, 2)]
+            lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratios[0]} | {ratios[1]} |")
+    for w in (1, 2):
+        per_round = [c / b for c, b in zip(rates["(c) vitlab", w], rates["(b) reference", w])]
+        lines.append(f"\n(c)/(b) img/s round by round, {w} worker(s): {', '.join(f'{r:.2f}' for r in per_round)}.")
+    lines.append(
+        f"\nResident memory of (c) with 2 workers (PSS of the process and its workers, fresh process, after "
+        f"{args.batches} batches): {memory[args.images]:.0f} MiB for {args.images} images, {memory[args.big]:.0f} MiB "
+        f"for {args.big} ({100 * (memory[args.big] / memory[args.images] - 1):+.1f} %)."
+    )
     if vit:
         lines.append(f"ViT-S/16 at 224 px (fp32, AdamW, batch 32, {args.vit_steps} steps) on (c) with one worker: "
                      f"{vit[0]:.1f} img/s, waiting on data {100 * vit[1]:.1f} % of the time.")  # fmt: skip
