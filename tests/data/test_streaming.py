@@ -71,8 +71,8 @@ def test_eval_crop_matches_a_full_decode_resize_and_centre_crop() -> None:
 
 def test_draft_decodes_a_large_jpeg_at_reduced_size_only_when_the_crop_allows(monkeypatch: pytest.MonkeyPatch) -> None:
     sizes = []
-    original = Image.Image.convert
-    monkeypatch.setattr(Image.Image, "convert", lambda self, *a, **k: sizes.append(self.size) or original(self, *a, **k))
+    original = Image.Image.crop
+    monkeypatch.setattr(Image.Image, "crop", lambda self, *a, **k: sizes.append(self.size) or original(self, *a, **k))
     data = _jpeg(_photo(2, (1600, 1200)))
     CropDecoder(224, train=False)(io.BytesIO(data))  # centre box 1050 px: >= 4 x 224, so a 1/4-size decode
     CropDecoder(600, train=False)(io.BytesIO(data))  # 1050 < 2 x 600: full size

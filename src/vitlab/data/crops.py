@@ -103,9 +103,9 @@ class CropDecoder:
                 box = centre_box(*image.size, self.crop_fraction)
             if image.format == "JPEG":
                 box = _draft(image, box, self.size)
-            pixels = np.array(image.convert("RGB"))  # decodes; a truncated file raises OSError here
-        left, top, right, bottom = box
-        region = torch.from_numpy(pixels).permute(2, 0, 1)[None, :, top:bottom, left:right]
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            pixels = np.array(rgb.crop(box))  # decodes (a truncated file raises OSError here), copies the box
+        region = torch.from_numpy(pixels).permute(2, 0, 1)[None]
         if region.shape[-2:] != (self.size, self.size):
             region = F.interpolate(region.contiguous(memory_format=torch.channels_last), size=(self.size, self.size),
                                    mode="bilinear", antialias=True)  # fmt: skip
