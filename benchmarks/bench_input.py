@@ -186,11 +186,11 @@ def _pss_mib() -> float:
 
 
 def _memory(root: Path, batch: int, batches: int) -> float:
-    """PSS of the vitlab pipeline (2 workers) after `batches` batches, measured in a fresh process."""
-    script = (f"from benchmarks.bench_input import _pss_mib; from pathlib import Path; "
+    """PSS of the vitlab pipeline (2 workers) after `batches` batches and a second for the prefetch to fill, in a fresh process."""
+    script = (f"import time; from benchmarks.bench_input import _pss_mib; from pathlib import Path; "
               f"from vitlab.data.stream_loader import make_loader; from vitlab.data.streaming import stream_splits; "
               f"it = make_loader(stream_splits(Path({str(root)!r}), 224).train, {batch}, workers=2, pin_memory=False).epoch(0); "
-              f"[next(it) for _ in range({batches})]; print(_pss_mib())")  # fmt: skip
+              f"[next(it) for _ in range({batches})]; time.sleep(1); print(_pss_mib())")  # fmt: skip
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)])}
     return float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout)
@@ -245,7 +245,10 @@ def main() -> None:
                     rate, ms = _measure(epoch, args.batch)
                     rates.setdefault((name, workers), []).append(rate)
                     cpu.setdefault((name, workers), []).append(ms)
-        memory = {n: _memory(folder, args.batch, args.batches) for n, folder in ((args.images, root), (args.big, big))}
+        memory: dict[int, list[float]] = {}
+        for _ in range(args.rounds):
+            for n, folder in ((args.images, root), (args.big, big)):
+                memory.setdefault(n, []).append(_memory(folder, args.batch, args.batches))
         vit = _vit_wait(root, args.vit_steps) if args.vit_steps else None
     names = ("(a) decode only", "(b) reference", "(c) vitlab")
     lines = [
@@ -268,10 +271,12 @@ def main() -> None:
     for w in (1, 2):
         per_round = [c / b for c, b in zip(rates["(c) vitlab", w], rates["(b) reference", w])]
         lines.append(f"\n(c)/(b) img/s round by round, {w} worker(s): {', '.join(f'{r:.2f}' for r in per_round)}.")
+    small, large = (statistics.median(memory[n]) for n in (args.images, args.big))
+    spread = "; ".join(f"{n}: {', '.join(f'{v:.0f}' for v in memory[n])}" for n in (args.images, args.big))
     lines.append(
-        f"\nResident memory of (c) with 2 workers (PSS of the process and its workers, fresh process, after "
-        f"{args.batches} batches): {memory[args.images]:.0f} MiB for {args.images} images, {memory[args.big]:.0f} MiB "
-        f"for {args.big} ({100 * (memory[args.big] / memory[args.images] - 1):+.1f} %)."
+        f"\nResident memory of (c) with 2 workers (PSS of the process and its workers, a fresh process each, after "
+        f"{args.batches} batches and 1 s for the prefetch to fill; median of {args.rounds}): {small:.0f} MiB for "
+        f"{args.images} images, {large:.0f} MiB for {args.big} ({100 * (large / small - 1):+.1f} %; rounds: {spread} MiB)."
     )
     if vit:
         lines.append(f"ViT-S/16 at 224 px (fp32, AdamW, batch 32, {args.vit_steps} steps) on (c) with one worker: "
