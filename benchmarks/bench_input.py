@@ -187,10 +187,12 @@ def _pss_mib() -> float:
 
 def _memory(root: Path, batch: int, batches: int) -> float:
     """PSS of the vitlab pipeline (2 workers) after `batches` batches and a second for the prefetch to fill, in a fresh process."""
-    script = (f"import time; from benchmarks.bench_input import _pss_mib; from pathlib import Path; "
-              f"from vitlab.data.stream_loader import make_loader; from vitlab.data.streaming import stream_splits; "
-              f"it = make_loader(stream_splits(Path({str(root)!r}), 224).train, {batch}, workers=2, pin_memory=False).epoch(0); "
-              f"[next(it) for _ in range({batches})]; time.sleep(1); print(_pss_mib())")  # fmt: skip
+    script = "\n".join([
+        "import time", "from pathlib import Path", "from benchmarks.bench_input import _pss_mib",
+        "from vitlab.data.stream_loader import make_loader", "from vitlab.data.streaming import stream_splits",
+        f"batches = make_loader(stream_splits(Path({str(root)!r}), 224).train, {batch}, workers=2, pin_memory=False).epoch(0)",
+        f"for _ in range({batches}): next(batches)", "time.sleep(1)", "print(_pss_mib())",
+    ])  # fmt: skip
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)])}
     return float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout)

@@ -93,7 +93,8 @@ class ShardStream(IterableDataset):
 
     An epoch is `samples_per_epoch` samples over all ranks, cut to whole batches per worker; a
     worker that runs out of shards starts its (reshuffled) list again. Evaluation (`decoder.train`
-    False) reads every shard once, in order, without shuffling.
+    False) reads every shard once, in order, without shuffling; ranks may then get different numbers
+    of batches, so gather evaluation results after the loop rather than reducing them batch by batch.
     """
 
     def __init__(self, pattern: str, decoder: CropDecoder, batch_size: int, *, info: dict, seed: int = 0,
@@ -104,10 +105,11 @@ class ShardStream(IterableDataset):
         unknown = [url for url in self.urls if os.path.basename(url) not in self.counts]
         if unknown:
             raise VitlabError(f"shard(s) {unknown[:3]} are not listed in the shard info; rewrite it with `vitlab shard`")
-        if seed < 0 or batch_size < 1 or not 0 <= rank < world_size or len(self.urls) < world_size:
-            raise VitlabError(f"ShardStream needs seed >= 0, batch_size >= 1, 0 <= rank < world_size and at least one "
-                              f"shard per rank, got seed={seed}, batch_size={batch_size}, rank={rank}, "
-                              f"world_size={world_size}, {len(self.urls)} shard(s)")  # fmt: skip
+        if seed < 0 or batch_size < 1 or shuffle_buffer < 1 or not 0 <= rank < world_size or len(self.urls) < world_size:
+            raise VitlabError(f"ShardStream needs seed >= 0, batch_size >= 1, shuffle_buffer >= 1, 0 <= rank < world_size "
+                              f"and at least one shard per rank, got seed={seed}, batch_size={batch_size}, "
+                              f"shuffle_buffer={shuffle_buffer}, rank={rank}, world_size={world_size}, "
+                              f"{len(self.urls)} shard(s)")  # fmt: skip
         self.decoder, self.batch_size, self.seed, self.rank, self.world_size = decoder, batch_size, seed, rank, world_size
         self.classes = tuple(info["classes"])
         self.samples_per_epoch = samples_per_epoch or sum(self.counts[os.path.basename(u)] for u in self.urls)
@@ -159,6 +161,8 @@ class ShardStream(IterableDataset):
         # a restarted DataLoader asks worker 0 first: worker w plays the role of the worker that served batch start + w
         role = (worker + self.start_batch) % workers if train else worker
         shards = self.urls[self.rank :: self.world_size][role::workers]
+        if not shards and not train:
+            return
         if not shards:
             raise VitlabError(f"{len(self.urls)} shard(s) cannot feed {self.world_size} rank(s) x {workers} worker(s); "
                               "write smaller shards (vitlab shard --max-count) or use fewer workers")  # fmt: skip
