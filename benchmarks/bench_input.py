@@ -12,10 +12,11 @@ shapes and per-image grain, so the files are 60-110 kB like camera photos) and m
     [0, 1]), default collate;
 (c) vitlab's: FolderStream + make_loader (draft decoding, torch's uint8 antialiased resize, uint8 batches).
 The rows take turns round by round, so they share the machine's load; each figure is the median
-over rounds of images/s after the first two batches (worker start-up excluded). Resident memory:
-the proportional set size (PSS, so pages shared with forked workers count once) of the process and
-its workers after `--batches` batches of (c), for a dataset of `--images` and of `--big` entries
-(the big one hard-links the same files under more names). `--vit-steps` trains ViT-S/16 at 224 px
+over rounds of images/s after the first two batches (worker start-up excluded), and of CPU time per
+image over the whole epoch. Resident memory: the proportional set size (PSS, so pages shared with
+forked workers count once) of the anonymous and shared memory of the process and its workers
+(library code left out) after `--batches` batches of (c), for a dataset of `--images` and of `--big`
+entries (the big one hard-links the same files under more names). `--vit-steps` trains ViT-S/16 at 224 px
 (fp32, AdamW, batch 32) on (c) with one worker and reports the share of step time spent waiting
 on data. Prints a markdown table and, with `--readme`, puts it in that file's "Input pipeline" section.
 """
@@ -176,12 +177,16 @@ def _pipelines(root: Path, batch: int, batches: int, workers: int, seed: int):
 
 
 def _pss_mib() -> float:
-    """Proportional set size of this process and its children, in MiB."""
+    """Anonymous and shared-memory PSS of this process and its children, in MiB.
+
+    File-backed pages (torch's and Pillow's libraries) are left out: their PSS depends on how many
+    other processes on the machine map the same files.
+    """
     pids = [os.getpid()] + [int(p) for p in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()]
     total = 0
     for pid in pids:
         text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        total += int(re.search(r"^Pss:\s+(\d+) kB", text, re.M).group(1))
+        total += sum(int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) for field in ("Pss_Anon", "Pss_Shmem"))
     return total / 1024
 
 
@@ -276,7 +281,8 @@ def main() -> None:
     small, large = (statistics.median(memory[n]) for n in (args.images, args.big))
     spread = "; ".join(f"{n}: {', '.join(f'{v:.0f}' for v in memory[n])}" for n in (args.images, args.big))
     lines.append(
-        f"\nResident memory of (c) with 2 workers (PSS of the process and its workers, a fresh process each, after "
+        f"\nResident memory of (c) with 2 workers (anonymous + shared-memory PSS of the process and its workers, a "
+        f"fresh process each, after "
         f"{args.batches} batches and 1 s for the prefetch to fill; median of {args.rounds}): {small:.0f} MiB for "
         f"{args.images} images, {large:.0f} MiB for {args.big} ({100 * (large / small - 1):+.1f} %; rounds: {spread} MiB)."
     )
