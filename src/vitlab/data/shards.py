@@ -64,15 +64,19 @@ def write_shards(folder: str | Path, out_dir: str | Path, max_count: int = 10_00
             tables[split] = scan_split(folder / split, train.classes)
     splits = {}
     for split, table in tables.items():
-        counts: dict[str, int] = {}
-        writer = wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=max_count, maxsize=max_size,
-                                 verbose=0, encoder=False, post=lambda name: counts.update({Path(name).name: writer.count}))  # fmt: skip
+        counts: dict[str, int] = {}  # shard file name -> samples, filled as each shard closes
+
+        def closed(name: str) -> None:
+            counts[Path(name).name] = writer.count
+
+        pattern = str(out_dir / f"{split}-%06d.tar")
+        writer = wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_size, verbose=0, encoder=False, post=closed)
         with writer:
             for i in range(len(table)):
                 path = table.path(i)
                 field = "png" if path.suffix.lower() == ".png" else "jpg"
-                writer.write({"__key__": f"{i:09d}", field: path.read_bytes(),
-                              "cls": str(int(table.labels[i])).encode(), "name": os.fsdecode(table.files[i]).encode()})  # fmt: skip
+                label, name = str(int(table.labels[i])).encode(), table.files[i].tobytes()
+                writer.write({"__key__": f"{i:09d}", field: path.read_bytes(), "cls": label, "name": name})
         last = len(counts) - 1
         splits[split] = {"pattern": f"{split}-{{{0:06d}..{last:06d}}}.tar", "samples": len(table), "shards": counts}
     info = {"classes": list(train.classes), "splits": splits}

@@ -62,9 +62,11 @@ def scan_split(split: str | Path, classes: tuple[str, ...] | None = None) -> Fil
         )
     files, labels = [], []
     for label, name in enumerate(found):
-        names = sorted(e.name for e in os.scandir(split / name) if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
+        entries = os.scandir(split / name)
+        names = sorted(e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
         if not names:
-            raise VitlabError(f"class folder {split / name} holds no {'/'.join(IMAGE_SUFFIXES)} images; add some or remove it")
+            suffixes = "/".join(IMAGE_SUFFIXES)
+            raise VitlabError(f"class folder {split / name} holds no {suffixes} images; add some or remove it")
         files += [os.fsencode(f"{name}/{n}") for n in names]
         labels += [label] * len(names)
     return FileTable(split, np.array(files, dtype=np.bytes_), np.array(labels, dtype=np.int64), found)
