@@ -142,6 +142,15 @@ def cmd_translate(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} image(s) to {args.out_dir}")
 
 
+def cmd_shard(args: argparse.Namespace) -> None:
+    """Write an image folder as WebDataset shards."""
+    from vitlab.data.shards import write_shards
+
+    info = write_shards(args.folder, args.out_dir, args.max_count, args.max_size * 1e6, args.val_fraction, args.seed)
+    for split, facts in info["splits"].items():
+        print(f"{split}: {facts['samples']} images in {len(facts['shards'])} shard(s) {Path(args.out_dir) / facts['pattern']}")
+
+
 def cmd_stability(args: argparse.Namespace) -> None:
     """Run a stability study (paper Fig. 1) and print which variants diverged."""
     from vitlab.config import StabilityConfig, load_config
@@ -290,6 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(translate_train)
     translate_train.add_argument("--resume", metavar="RUN_DIR|auto", help=RESUME_HELP)
     translate_train.set_defaults(func=cmd_translate_train)
+
+    shard = command("shard", "write FOLDER/{train,val,test}/<class>/ images as WebDataset .tar shards")
+    shard.add_argument("folder", help="dataset root holding train/<class>/ and val/ or test/")
+    shard.add_argument("out_dir", help="where the shards and info.json go")
+    shard.add_argument("--max-count", type=int, default=10_000, help="images per shard at most")
+    shard.add_argument("--max-size", type=float, default=1000, metavar="MB", help="shard size at most")
+    shard.add_argument("--val-fraction", type=float, default=0.0, help="also write a minival split held out of train")
+    shard.add_argument("--seed", type=int, default=0, help="seed of the minival draw")
+    shard.set_defaults(func=cmd_shard)
 
     translate_eval = command("translate-eval", "FID/KID (and L1/PSNR to the truth) of a translation run")
     translate_eval.add_argument("run_dir", help="run directory or checkpoint folder")

@@ -165,3 +165,24 @@ def test_normalize_accepts_uint8_or_unit_floats_and_per_channel_stats() -> None:
     out = normalize(x, mean, std)
     assert torch.allclose(out[:, 1], (x[:, 1].float() / 255 - 0.2) / 0.25)
     assert out.dtype == torch.float32
+
+
+def test_random_erasing_puts_noise_boxes_of_the_right_size_in_about_p_of_the_images() -> None:
+    from vitlab.data.augment import random_erasing
+
+    x = torch.full((2000, 3, 32, 32), 7.0)
+    out = random_erasing(x, _gen(3), p=0.25)
+    erased = (out != 7.0).flatten(1)
+    hit = erased.any(1)
+    assert 0.21 < hit.float().mean() < 0.29
+    fraction = erased[hit].float().mean(1)  # every channel of the box is noise
+    assert fraction.min() >= 0.02 * 0.8 and fraction.max() <= 1 / 3 * 1.2
+    rows, cols = (out[hit] != 7.0).any(1).any(2), (out[hit] != 7.0).any(1).any(1)
+    area = rows.sum(1) * cols.sum(1)
+    assert torch.equal(area, (out[hit] != 7.0).any(1).flatten(1).sum(1))  # one rectangle per image
+    noise = out[hit][out[hit] != 7.0]
+    assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05
+    assert torch.equal(out, random_erasing(x, _gen(3), p=0.25))
+    assert torch.equal(random_erasing(x, _gen(3), p=0.0), x)
+    with pytest.raises(VitlabError):
+        random_erasing(x, _gen(), p=1.5)

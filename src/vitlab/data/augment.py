@@ -233,3 +233,38 @@ def mixup_cutmix(
     else:
         x = lam * x + (1 - lam) * partner
     return x, lam * y_onehot + (1 - lam) * y_onehot.flip(0)
+
+
+def random_erasing(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    p: float = 0.25,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    ratio: tuple[float, float] = (0.3, 1 / 0.3),
+) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020) as in DeiT: with probability p per image, one box becomes N(0, 1) noise.
+
+    Runs on normalised float images. The box covers `area` of the image (uniform) with a log-uniform
+    aspect `ratio`; as timm, up to 10 draws per image until one fits, else that image is left as is.
+    """
+    if not 0 <= p <= 1 or not 0 < area[0] <= area[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
+        raise VitlabError(f"random_erasing needs p in [0, 1], 0 < area[0] <= area[1] <= 1 and 0 < ratio[0] <= "
+                          f"ratio[1], got p={p}, area={area}, ratio={ratio}")  # fmt: skip
+    n, _, h, w = x.shape
+    tries = 10
+    draw = torch.rand((3, n, tries), generator=gen, device=gen.device).to(x.device)
+    target = (area[0] + (area[1] - area[0]) * draw[0]) * h * w
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * draw[1])
+    box_h, box_w = (target * aspect).sqrt().round(), (target / aspect).sqrt().round()
+    fits = (box_h < h) & (box_w < w)
+    first = torch.where(fits.any(1), fits.int().argmax(1), 0)[:, None]
+    box_h, box_w = box_h.gather(1, first)[:, 0], box_w.gather(1, first)[:, 0]
+    erase = fits.any(1) & (draw[2, :, 0] < p)
+    offset = torch.rand((2, n), generator=gen, device=gen.device).to(x.device)
+    top, left = (offset[0] * (h - box_h + 1)).floor(), (offset[1] * (w - box_w + 1)).floor()
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    inside_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])  # (n, h)
+    inside_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])  # (n, w)
+    mask = (inside_rows[:, :, None] & inside_cols[:, None, :] & erase[:, None, None])[:, None]
+    noise = torch.randn(x.shape, generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
+    return torch.where(mask, noise, x)

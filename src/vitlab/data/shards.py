@@ -1,0 +1,216 @@
+"""WebDataset shards: write an image folder as `.tar` shards, read a shard pattern back through DataLoader workers.
+
+Each sample in a shard holds the original encoded bytes (`<key>.jpg` or `<key>.png`), the class
+index (`<key>.cls`) and the file's path below its split (`<key>.name`); `info.json` beside the
+shards lists the class names and every shard's sample count. Reading and writing go through the
+`webdataset` package, so any tool that reads WebDataset reads these shards.
+
+Resume guarantee. WebDataset by itself gives none: its shuffles are seeded from the clock, and a
+restarted iterator starts the shards over. Here a rank's shards (every world_size-th) are split
+between workers (every workers-th), each worker's shard order and shuffle buffer are seeded by
+(seed, epoch, rank, worker), and the crop by (seed, epoch, rank, worker, position), so an epoch is
+a function of those alone. A run resumed at batch k with the same world size and worker count
+gets the uninterrupted run's batches bit for bit: each worker re-reads, without decoding, the
+samples it had served before batch k. With another world size or worker count it resumes at the
+right sample count (batch k of the epoch, the same number of batches to go) but with a fresh
+assignment and shuffle: in that epoch some samples are then seen twice and others not at all.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vitlab.data.crops import CropDecoder
+from vitlab.data.samples import Sample, collate
+from vitlab.data.stream_loader import StreamLoader
+from vitlab.data.streaming import DECODE_ERRORS, EVAL_SPLITS, holdout, scan_split
+from vitlab.errors import VitlabError
+
+INFO = "info.json"
+_IMAGE_FIELDS = ("jpg", "png")
+
+
+def write_shards(folder: str | Path, out_dir: str | Path, max_count: int = 10_000, max_size: float = 1e9,
+                 val_fraction: float = 0.0, seed: int = 0) -> dict:  # fmt: skip
+    """Write `folder/{train,val,test}/<class>/…` as `OUT_DIR/<split>-NNNNNN.tar` shards and `OUT_DIR/info.json`.
+
+    A shard closes at `max_count` samples or `max_size` bytes. `val_fraction` > 0 also writes a
+    `minival` split held out of train (the same stratified draw as the streaming folders). Returns
+    the info written.
+    """
+    folder, out_dir = Path(folder), Path(out_dir)
+    if max_count < 1 or max_size <= 0:
+        raise VitlabError(f"shards need max_count >= 1 and max_size > 0, got {max_count}, {max_size}")
+    if not (folder / "train").is_dir():
+        raise VitlabError(f"expected {folder}/train/<class>/*.jpg (and val/ or test/)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train = scan_split(folder / "train")
+    kept, held = holdout(train.labels, val_fraction, seed)
+    tables = {"train": train.subset(kept)}
+    if len(held):
+        tables["minival"] = train.subset(held)
+    for split in EVAL_SPLITS:
+        if (folder / split).is_dir():
+            tables[split] = scan_split(folder / split, train.classes)
+    splits = {}
+    for split, table in tables.items():
+        counts: dict[str, int] = {}  # shard file name -> samples, filled as each shard closes
+
+        def closed(name: str) -> None:
+            counts[Path(name).name] = writer.count
+
+        pattern = str(out_dir / f"{split}-%06d.tar")
+        writer = wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_size, verbose=0, encoder=False, post=closed)
+        with writer:
+            for i in range(len(table)):
+                path = table.path(i)
+                field = "png" if path.suffix.lower() == ".png" else "jpg"
+                label, name = str(int(table.labels[i])).encode(), table.files[i].tobytes()
+                writer.write({"__key__": f"{i:09d}", field: path.read_bytes(), "cls": label, "name": name})
+        last = len(counts) - 1
+        splits[split] = {"pattern": f"{split}-{{{0:06d}..{last:06d}}}.tar", "samples": len(table), "shards": counts}
+    info = {"classes": list(train.classes), "splits": splits}
+    (out_dir / INFO).write_text(json.dumps(info, indent=1))
+    return info
+
+
+def read_info(path: str | Path) -> dict:
+    """The `info.json` that write_shards put beside the shards."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise VitlabError(f"cannot read the shard info {path}: {exc}; it is written by `vitlab shard`") from None
+
+
+class ShardStream(IterableDataset):
+    """One rank's share of a shard pattern, as Samples: split by rank then worker, buffer-shuffled, cropped.
+
+    An epoch is `samples_per_epoch` samples over all ranks, cut to whole batches per worker; a
+    worker that runs out of shards starts its (reshuffled) list again. Evaluation (`decoder.train`
+    False) reads every shard once, in order, without shuffling; ranks may then get different numbers
+    of batches, so gather evaluation results after the loop rather than reducing them batch by batch.
+    """
+
+    def __init__(self, pattern: str, decoder: CropDecoder, batch_size: int, *, info: dict, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, samples_per_epoch: int | None = None,
+                 shuffle_buffer: int = 2000):  # fmt: skip
+        self.urls = wds.shardlists.expand_urls(pattern)
+        self.counts = {name: n for split in info["splits"].values() for name, n in split["shards"].items()}
+        unknown = [url for url in self.urls if os.path.basename(url) not in self.counts]
+        if unknown:
+            raise VitlabError(f"shard(s) {unknown[:3]} are not listed in the shard info; rewrite it with `vitlab shard`")
+        if seed < 0 or batch_size < 1 or shuffle_buffer < 1 or not 0 <= rank < world_size or len(self.urls) < world_size:
+            raise VitlabError(f"ShardStream needs seed >= 0, batch_size >= 1, shuffle_buffer >= 1, 0 <= rank < world_size "
+                              f"and at least one shard per rank, got seed={seed}, batch_size={batch_size}, "
+                              f"shuffle_buffer={shuffle_buffer}, rank={rank}, world_size={world_size}, "
+                              f"{len(self.urls)} shard(s)")  # fmt: skip
+        self.decoder, self.batch_size, self.seed, self.rank, self.world_size = decoder, batch_size, seed, rank, world_size
+        self.classes = tuple(info["classes"])
+        self.samples_per_epoch = samples_per_epoch or sum(self.counts[os.path.basename(u)] for u in self.urls)
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Serve `epoch` from batch number `start_batch` on, at the next iteration."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def batches_per_worker(self, workers: int) -> int:
+        """Training batches each of `workers` workers serves per epoch."""
+        batches = self.samples_per_epoch // (self.world_size * max(workers, 1) * self.batch_size)
+        if batches < 1:
+            raise VitlabError(f"{self.samples_per_epoch} samples per epoch do not fill one batch of {self.batch_size} "
+                              f"for each of {self.world_size} rank(s) x {max(workers, 1)} worker(s)")  # fmt: skip
+        return batches
+
+    def _shard_samples(self, url: str) -> Iterator[dict]:
+        """The raw samples of one shard; a shard that is cut short or unreadable is a VitlabError naming it."""
+        def fail(exc: Exception) -> bool:
+            if isinstance(exc, VitlabError):  # webdataset hands an error to each of its nested stages
+                raise exc
+            reason = str(exc.args[0]).split(" @ ")[0] if exc.args else ""  # webdataset appends " @ <stream>"
+            raise VitlabError(f"shard {url} is truncated or unreadable ({type(exc).__name__}: {reason})")
+
+        expected, seen = self.counts[os.path.basename(url)], 0
+        for sample in wds.tarfile_to_samples(handler=fail)(iter([{"url": url}])):
+            seen += 1
+            yield sample
+        if seen != expected:
+            raise VitlabError(f"shard {url} is truncated: it holds {seen} of its {expected} samples")
+
+    def _stream(self, shards: list[str], role: int) -> Iterator[dict]:
+        """A worker's raw samples: its shards over and over, each pass in a new order through its own shuffle buffer.
+
+        The buffer is emptied at the end of each pass, so a pass serves every sample of the worker's shards once.
+        """
+        for number in itertools.count():
+            seeds = np.random.SeedSequence([self.seed, self.epoch, self.rank, role, number]).generate_state(2)
+            order = np.random.default_rng(seeds[0]).permutation(len(shards))
+            one_pass = (sample for k in order for sample in self._shard_samples(shards[k]))
+            yield from wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 500), seed=int(seeds[1]))(one_pass)
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        train = self.decoder.train
+        # a restarted DataLoader asks worker 0 first: worker w plays the role of the worker that served batch start + w
+        role = (worker + self.start_batch) % workers if train else worker
+        shards = self.urls[self.rank :: self.world_size][role::workers]
+        if not shards and not train:
+            return
+        if not shards:
+            raise VitlabError(f"{len(self.urls)} shard(s) cannot feed {self.world_size} rank(s) x {workers} worker(s); "
+                              "write smaller shards (vitlab shard --max-count) or use fewer workers")  # fmt: skip
+        if not train:
+            raw: Iterator[dict] = (s for url in shards for s in self._shard_samples(url))
+            start = 0
+        else:
+            start = max(0, -(-(self.start_batch - role) // workers)) * self.batch_size
+            stop = self.batches_per_worker(workers) * self.batch_size
+            raw = itertools.islice(self._stream(shards, role), start, stop)
+        for position, sample in enumerate(raw, start):
+            yield self._decode(sample, role, position)
+
+    def _decode(self, sample: dict, role: int, position: int) -> Sample:
+        """Crop one raw sample; an undecodable image comes back as a Sample with its error set."""
+        label, index = int(sample["cls"]), int(sample["__key__"])
+        name = f"{os.path.basename(sample['__url__'])}:{sample.get('name', b'?').decode()}"
+        data = next((sample[f] for f in _IMAGE_FIELDS if f in sample), None)
+        if data is None:
+            return Sample(None, label, index, name, error=f"no {'/'.join(_IMAGE_FIELDS)} field")
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, role, position]) if self.decoder.train else None
+        try:
+            return Sample(self.decoder(io.BytesIO(data), rng), label, index, name)
+        except DECODE_ERRORS as exc:
+            return Sample(None, label, index, name, error=f"{type(exc).__name__}: {exc}")
+
+
+def make_shard_loader(stream: ShardStream, *, workers: int = 4, prefetch_factor: int = 2,
+                      pin_memory: bool | None = None, timeout_s: float = 600.0) -> StreamLoader:  # fmt: skip
+    """A StreamLoader over a ShardStream (workers are restarted every epoch so that they see the epoch)."""
+    if workers < 0 or prefetch_factor < 1:
+        raise VitlabError(f"make_shard_loader needs workers >= 0 and prefetch_factor >= 1, got {workers}, {prefetch_factor}")
+    loader = DataLoader(
+        stream,
+        batch_size=stream.batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        prefetch_factor=prefetch_factor if workers else None,
+        timeout=timeout_s if workers else 0,
+        generator=torch.Generator().manual_seed(stream.seed),
+    )
+    if stream.decoder.train:
+        steps = stream.batches_per_worker(workers) * max(workers, 1)
+    else:  # every sample once: an upper bound; the epoch ends when the shards do
+        steps = -(-stream.samples_per_epoch // (stream.world_size * stream.batch_size)) + max(workers, 1)
+    return StreamLoader(loader, stream, steps)
