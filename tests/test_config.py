@@ -62,13 +62,11 @@ def test_missing_config_file(tmp_path):
 
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
-# configs/imagenet/ use the input-pipeline keys of issue 13 (data.stream, data.mean, …) before config.py has them:
+
 # expected to fail until it does, and then this mark must go (strict)
-PENDING_KEYS = pytest.mark.xfail(strict=True, raises=VitlabError, reason="needs the config keys of issue 13")
 
 
-@pytest.mark.parametrize("path", [pytest.param(p, marks=[PENDING_KEYS] if p.parent.name == "imagenet" else [])
-                                  for p in CONFIGS], ids=lambda p: f"{p.parent.name}/{p.name}")  # fmt: skip
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_loads(path):
     keys = yaml.safe_load(path.read_text())
     kind = TranslateConfig if "generator" in keys else StabilityConfig if "variants" in keys else RunConfig

@@ -100,13 +100,25 @@ class DataConfig:
     # 0.5/0.5 maps to [-1, 1] (big_vision); ImageNet's is mean [0.485, 0.456, 0.406], std [0.229, 0.224, 0.225].
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # Streaming (vitlab.data.sources): auto streams shards and folders of images above 64 px, decoding
+    # per image in `workers` DataLoader processes per rank, with Inception crops for training and a
+    # centre crop of `crop_fraction` of the shorter side for evaluation.
+    stream: bool | str = "auto"
+    workers: int = 4
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # Inception crop area (Szegedy et al. 2015)
+    crop_fraction: float = 0.875  # evaluation: resize the shorter side to size / 0.875, cut the centre
+    val_fraction: float = 0.0  # a minival held out of train, per class (big_vision's train[99%:] is 0.01)
 
     RANGES: ClassVar[dict] = dict(image_size=AT_LEAST_1, num_train=AT_LEAST_1, num_test=AT_LEAST_1, seed=AT_LEAST_0,
-                                  mean=Range(), std=POSITIVE)  # fmt: skip
+                                  mean=Range(), std=POSITIVE, workers=AT_LEAST_0, crop_scale=Range(0, 1, low_open=True),
+                                  crop_fraction=Range(0, 1, low_open=True), val_fraction=BELOW_1)  # fmt: skip
 
     def validate(self) -> None:
         check_choice("data.name", self.name, DATASETS)
         check_fields("data", self)
+        check_choice("data.stream", self.stream, ("auto", True, False))
+        if self.crop_scale[0] > self.crop_scale[1]:
+            raise VitlabError(f"data.crop_scale={list(self.crop_scale)} must be [low, high] with low <= high")
         if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean):
             raise VitlabError(f"data.mean={list(self.mean)} and data.std={list(self.std)} must both have 1 or 3 entries (per channel)")
         if self.name != "builtin" and not self.root:
@@ -124,9 +136,11 @@ class AugmentConfig:
     randaugment_magnitude: int = 9
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+    random_erasing: float = 0.0  # probability per image (DeiT: 0.25), on the normalised batch
 
     RANGES: ClassVar[dict] = dict(crop_padding=AT_LEAST_0, randaugment_ops=AT_LEAST_0, mixup_alpha=AT_LEAST_0,
-                                  cutmix_alpha=AT_LEAST_0, randaugment_magnitude=Range(0, 10))  # fmt: skip
+                                  cutmix_alpha=AT_LEAST_0, randaugment_magnitude=Range(0, 10),
+                                  random_erasing=FRACTION)  # fmt: skip
 
     def validate(self) -> None:
         check_fields("augment", self)
@@ -143,6 +157,7 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set (the recipes' 10k steps)
     milestones: tuple[float, ...] = (0.3, 0.6, 0.9)  # multistep: fractions of training (the paper's)
     gamma: float = 0.5  # multistep decay factor
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
@@ -151,7 +166,7 @@ class OptimConfig:
     layer_decay: float | None = None  # layer-wise LR decay for fine-tuning (BEiT): layer l of L gets lr·decay^(L+1-l)
 
     RANGES: ClassVar[dict] = dict(
-        lr=POSITIVE, weight_decay=AT_LEAST_0, betas=BELOW_1, momentum=BELOW_1, warmup_epochs=AT_LEAST_0,
+        lr=POSITIVE, weight_decay=AT_LEAST_0, betas=BELOW_1, momentum=BELOW_1, warmup_epochs=AT_LEAST_0, warmup_steps=AT_LEAST_0,
         milestones=(OPEN_UNIT, "milestones are fractions of training, e.g. [0.3, 0.6, 0.9]"), gamma=DECAY,
         min_lr_ratio=FRACTION, clip_grad_norm=POSITIVE, clip_grad_value=POSITIVE, layer_decay=DECAY,
     )  # fmt: skip
@@ -279,6 +294,11 @@ class RunConfig(Experiment):
         super().validate()
         if self.finetune is not None and self.train.strategy == "fsdp":
             raise VitlabError("fine-tuning (a finetune section) with train.strategy=fsdp is not supported yet; use ddp or single")
+        from vitlab.data.sources import streams
+
+        if streams(self.data) and (self.augment.crop_padding or self.augment.vflip):
+            raise VitlabError("augment.crop_padding and augment.vflip are for in-memory data; streamed images get "
+                              "Inception crops and horizontal flips in the workers (data.crop_scale, augment.hflip): unset them")
         check_buildable("model", lambda: create_model(self.model.name, img_size=self.data.image_size, **self.model.options))
         return self
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from vitlab.data.dataset import DataSplits
 from vitlab.errors import VitlabError
 
-DATASETS = ("builtin", "cifar10", "cifar100", "folder")
+DATASETS = ("builtin", "cifar10", "cifar100", "folder", "wds")  # wds: WebDataset shards, always streamed
 
 
 def load_splits(

@@ -9,10 +9,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_auroc
 
-from vitlab.data import load_splits
 from vitlab.data.augment import normalize
-from vitlab.data.dataset import ImageDataset
-from vitlab.data.loader import BatchIterator
+from vitlab.data.sources import MemoryEval, StreamEval, run_data
 from vitlab.errors import VitlabError
 from vitlab.eval.runs import load_checkpoint_model
 from vitlab.train import distributed
@@ -34,31 +32,35 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 
 @torch.no_grad()
 def dataset_logits(
-    model: torch.nn.Module, dataset: ImageDataset, batch_size: int, ctx: distributed.Context, precision: str,
+    model: torch.nn.Module, split: MemoryEval | StreamEval, batch_size: int, ctx: distributed.Context, precision: str,
     mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of the whole dataset (normalised by `mean`, `std`); each rank runs its shard, all ranks get everything."""
+    """Logits and labels of a whole evaluation split (normalised by `mean`, `std`); each rank runs its shard, all get everything.
+
+    Images a streaming worker could not decode are missing from the result (and named by the loader).
+    """
     was_training = model.training
     model.eval()
-    loader = BatchIterator(dataset, batch_size, seed=0, rank=ctx.rank, world_size=ctx.world_size, train=False)
     logits, labels, index = [], [], []
-    for images, y, idx in loader.epoch_batches(0, with_indices=True):
-        with autocast(ctx.device, precision):
-            logits.append(model(normalize(images.to(ctx.device), mean, std)).float())
-        labels.append(y.to(ctx.device))
-        index.append(idx.to(ctx.device))
+    with torch.no_grad():
+        for images, y, idx in split.batches(batch_size, ctx.rank, ctx.world_size):
+            with autocast(ctx.device, precision):
+                logits.append(model(normalize(images.to(ctx.device), mean, std)).float())
+            labels.append(y.to(ctx.device))
+            index.append(idx.to(ctx.device))
     model.train(was_training)
     logits, labels, index = (distributed.all_gather_cat(torch.cat(t)) for t in (logits, labels, index))
     # Scatter by example index: shards padded with repeats write the same values twice.
-    all_logits = logits.new_empty(len(dataset), logits.shape[1])
-    all_labels = labels.new_empty(len(dataset))
+    all_logits = logits.new_zeros(split.size, logits.shape[1])
+    all_labels = labels.new_full((split.size,), -1)
     all_logits[index], all_labels[index] = logits, labels
-    return all_logits.cpu(), all_labels.cpu()
+    seen = all_labels >= 0
+    return all_logits[seen].cpu(), all_labels[seen].cpu()
 
 
-def evaluate(model, dataset, batch_size, ctx, precision, mean=(0.5,), std=(0.5,)) -> dict[str, float]:
-    """Test metrics of `model` on `dataset` (acc@1, acc@5, AUROC, loss)."""
-    return classification_metrics(*dataset_logits(model, dataset, batch_size, ctx, precision, mean, std))
+def evaluate(model, split, batch_size, ctx, precision, mean=(0.5,), std=(0.5,)) -> dict[str, float]:
+    """Metrics of `model` on an evaluation split (acc@1, acc@5, AUROC, loss)."""
+    return classification_metrics(*dataset_logits(model, split, batch_size, ctx, precision, mean, std))
 
 
 def evaluate_checkpoint(
@@ -70,10 +72,9 @@ def evaluate_checkpoint(
     if data_name:
         data.name, data.root = data_name, data_root
         data.validate()
-    splits = load_splits(data.name, data.root, data.image_size, data.download,
-                         num_train=data.num_train, num_test=data.num_test, seed=data.seed, **data.builtin)  # fmt: skip
-    if splits.test.num_classes != model.num_classes:
-        raise VitlabError(f"the checkpoint predicts {model.num_classes} classes but {data.name} has {splits.test.num_classes}")
+    found = run_data(data, batch_size, seed=0, train=False)
+    if found.num_classes != model.num_classes:
+        raise VitlabError(f"the checkpoint predicts {model.num_classes} classes but {data.name} has {found.num_classes}")
     ctx = distributed.Context(rank=0, world_size=1, device=distributed.pick_device(config.train.device))
     precision = resolve_precision(config.train.precision, ctx.device)
-    return evaluate(model.to(ctx.device), splits.test, batch_size, ctx, precision, data.mean, data.std)
+    return evaluate(model.to(ctx.device), found.test, batch_size, ctx, precision, data.mean, data.std)

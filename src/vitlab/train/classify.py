@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.config import AugmentConfig, OptimConfig, RunConfig
-from vitlab.data import load_splits
-from vitlab.data.augment import mixup_cutmix, normalize, rand_augment, random_crop, random_flip
-from vitlab.data.loader import BatchIterator
+from vitlab.data.augment import mixup_cutmix, normalize, rand_augment, random_crop, random_erasing, random_flip
+from vitlab.data.sources import run_data
 from vitlab.errors import VitlabError
 from vitlab.eval.classification import classification_metrics, dataset_logits, evaluate
 from vitlab.eval.figures import save_confusion_matrix
@@ -65,17 +64,22 @@ def penalties(
 
 def augment_batch(
     images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, num_classes: int,
-    mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
+    mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), cropped: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 batch → normalised float images and targets (soft when Mixup/CutMix is on)."""
-    if cfg.crop_padding:  # crops and flips on uint8: a quarter of the bytes of float32
+    """uint8 batch → normalised float images and targets (soft when Mixup/CutMix is on), on the batch's device.
+
+    `cropped`: the images were cropped and flipped already (by the streaming workers).
+    """
+    if cfg.crop_padding and not cropped:  # crops and flips on uint8: a quarter of the bytes of float32
         images = random_crop(images, cfg.crop_padding, gen)
-    if cfg.hflip or cfg.vflip:
+    if (cfg.hflip or cfg.vflip) and not cropped:
         images = random_flip(images, gen, horizontal=cfg.hflip, vertical=cfg.vflip)
     x = images.float() / 255.0
     if cfg.randaugment_ops:
         x = rand_augment(x, gen, num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
     x = normalize(x, mean, std)
+    if cfg.random_erasing:
+        x = random_erasing(x, gen, p=cfg.random_erasing)
     if cfg.mixup_alpha or cfg.cutmix_alpha:
         onehot = F.one_hot(labels, num_classes).float()
         return mixup_cutmix(x, onehot, gen, cfg.mixup_alpha, cfg.cutmix_alpha)
@@ -97,23 +101,23 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
     if tc.threads:
         torch.set_num_threads(tc.threads)
     data = config.data
-    splits = load_splits(data.name, data.root, data.image_size, data.download,
-                         num_train=data.num_train, num_test=data.num_test, seed=data.seed, **data.builtin)  # fmt: skip
-    num_classes = splits.train.num_classes
     if tc.batch_size % ctx.world_size:
         raise VitlabError(f"train.batch_size={tc.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
     per_rank = tc.batch_size // ctx.world_size
     if per_rank % tc.accumulate_steps:
         raise VitlabError(f"train.batch_size={tc.batch_size} over {ctx.world_size} rank(s) is {per_rank} per rank, "
                           f"which train.accumulate_steps={tc.accumulate_steps} must divide")  # fmt: skip
-    micro_batch = per_rank // tc.accumulate_steps
-    loader = BatchIterator(splits.train, per_rank, seed=tc.seed, rank=ctx.rank, world_size=ctx.world_size, train=True)
-    steps_per_epoch = loader.steps_per_epoch
+    sources = run_data(data, per_rank, tc.seed, ctx.rank, ctx.world_size)
+    num_classes = sources.num_classes
+    steps_per_epoch = sources.train.steps_per_epoch
     if steps_per_epoch == 0:
-        raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the {len(splits.train)} training images per rank")
+        raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the {sources.train_size} training images per rank")
     total_steps = math.ceil(tc.epochs * steps_per_epoch)
-    warmup_steps = round(oc.warmup_epochs * steps_per_epoch)
+    warmup_steps = oc.warmup_steps if oc.warmup_steps is not None else round(oc.warmup_epochs * steps_per_epoch)
     eval_every = max(1, round(tc.eval_every_epochs * steps_per_epoch))
+
+    def evaluate_on(split, network) -> dict[str, float]:
+        return evaluate(network, split, tc.batch_size, ctx, precision, data.mean, data.std)
 
     with Run(config, ctx, resume, total_steps, steps_per_epoch, progress) as run:
         torch.manual_seed(tc.seed)
@@ -137,13 +141,14 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
             "device": f"{ctx.device}, {ctx.world_size} process(es), strategy {tc.strategy if ctx.distributed else 'single'}",
             "precision": f"{precision} (train.precision: {tc.precision}: {precision_reason})",
             "model": f"{config.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters",
-            "data": f"{data.name}: {len(splits.train):,} training / {len(splits.test):,} test images, "
+            "data": f"{data.name}{' (streamed)' if sources.streamed else ''}: {sources.train_size:,} training"
+                    f"{f' / {sources.minival.size:,} minival' if sources.minival else ''} / {sources.test.size:,} test images, "
                     f"{num_classes} classes, {data.image_size} px",
             "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs:g} epochs) of batch {tc.batch_size}",
         })  # fmt: skip
 
         def save(extra: dict | None = None) -> None:
-            meta = {"num_classes": num_classes, "classes": splits.train.classes, **(extra or {})}
+            meta = {"num_classes": num_classes, "classes": sources.classes, **(extra or {})}
             if scaler.is_enabled():
                 meta["grad_scaler"] = scaler.state_dict()
             run.save(model, optimizer, meta, ema.module if ema else None)
@@ -151,18 +156,19 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
         net.train()
         while run.step < total_steps:
             epoch, start = divmod(run.step, steps_per_epoch)
-            for images, labels in run.batches(loader.epoch_batches(epoch, start)):
+            for images, labels in run.batches(sources.train.epoch(epoch, start)):
                 step = run.step
                 gen = torch.Generator().manual_seed(step_seed(tc.seed, step, ctx.rank, 0))
                 torch.manual_seed(step_seed(tc.seed, step, ctx.rank, 1))
-                x, targets = augment_batch(images, labels, config.augment, gen, num_classes, data.mean, data.std)
-                x, targets = x.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
+                images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+                x, targets = augment_batch(images, labels, config.augment, gen, num_classes, data.mean, data.std,
+                                           cropped=sources.streamed)  # fmt: skip
                 lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
                 run.set_lr(optimizer, lr)
 
                 logged = (step + 1) % tc.log_every_steps == 0 or step + 1 == total_steps
                 loss, extra = torch.zeros((), device=ctx.device), {}
-                for i, (xm, tm) in enumerate(zip(x.split(micro_batch), targets.split(micro_batch))):
+                for i, (xm, tm) in enumerate(zip(x.tensor_split(tc.accumulate_steps), targets.tensor_split(tc.accumulate_steps))):
                     last = i == tc.accumulate_steps - 1
                     xm.requires_grad_(tc.grad_penalty > 0)
                     with sharding.gradient_sync(net, last), monitor.watch(logged and last):
@@ -206,17 +212,24 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                     run.log("steps", values, postfix=dict(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}"))
                 if run.due(eval_every):
                     wait = run.data_wait()  # of the training time since the last evaluation
-                    metrics = evaluate(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision, data.mean, data.std)
-                    run.write(f"epoch {run.epoch:.2f}  step {run.step}  test acc@1 {100 * metrics['acc1']:.2f} %  "
+                    network = ema.module if ema else model
+                    metrics = {f"test_{k}": v for k, v in evaluate_on(sources.test, network).items()}
+                    if sources.minival:
+                        metrics |= {f"val_{k}": v for k, v in evaluate_on(sources.minival, network).items()}
+                    val = f"minival acc@1 {100 * metrics['val_acc1']:.2f} %, " if sources.minival else ""
+                    run.write(f"epoch {run.epoch:.2f}  step {run.step}  {val}test acc@1 {100 * metrics['test_acc1']:.2f} %  "
                               f"(data wait {100 * wait:.1f} % of the step time)")  # fmt: skip
-                    run.log("epochs", {"epoch": run.epoch, "data_wait": wait, **{f"test_{k}": v for k, v in metrics.items()}})
+                    run.log("epochs", {"epoch": run.epoch, "data_wait": wait, **metrics})
                     run.data_wait()  # the evaluation is not training time
                 run.end_step(save)
                 if run.step >= total_steps:
                     break
+            if sources.train.bad_files:
+                shown = ", ".join(f"{name} ({why})" for name, why in sources.train.bad_files[:5])
+                run.write(f"epoch {epoch}: skipped {len(sources.train.bad_files)} unreadable image(s): {shown}")
 
         elapsed = run.elapsed()
-        logits, labels = dataset_logits(ema.module if ema else model, splits.test, tc.batch_size, ctx, precision, data.mean, data.std)
+        logits, labels = dataset_logits(ema.module if ema else model, sources.test, tc.batch_size, ctx, precision, data.mean, data.std)
         final = classification_metrics(logits, labels)
         results = {
             "test": final, "steps": run.step, "epochs": run.epoch, "skipped_steps": run.skipped,
@@ -226,5 +239,5 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
         }  # fmt: skip
         save({"test": final})
         if ctx.is_main:
-            save_confusion_matrix(run.dir / "confusion_matrix.png", logits, labels, splits.test.classes)
+            save_confusion_matrix(run.dir / "confusion_matrix.png", logits, labels, sources.classes)
         return run.finish(results, plot_curves)

@@ -1,0 +1,179 @@
+"""The data of a classification run, built from its config: held in memory, or streamed from folders or shards.
+
+Whatever the source, training yields uint8 batches `(images, labels)` of one rank, epoch by epoch and
+restartable at any batch, and each evaluation split yields `(images, labels, dataset indices)` over
+the whole split, strided across ranks. In memory: the built-in data, CIFAR and small image folders
+(decoded once; random crops and flips run batched in the loop). Streamed: image folders decoded per
+image in DataLoader workers (Inception crop and flip there) and WebDataset shards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vitlab.data import load_splits
+from vitlab.data.dataset import ImageDataset
+from vitlab.data.loader import BatchIterator
+from vitlab.errors import VitlabError
+
+STREAM_ABOVE_PX = 64  # `data.stream: auto` streams image folders above this size (32-px sets decode faster whole)
+
+
+def streams(data) -> bool:
+    """Whether the run's data is streamed: `data.stream`, or for `auto` shards and folders of large images."""
+    if data.stream == "auto":
+        return data.name == "wds" or (data.name == "folder" and data.image_size > STREAM_ABOVE_PX)
+    return bool(data.stream)
+
+
+class MemoryTrain:
+    """Training batches of an in-memory dataset (see BatchIterator)."""
+
+    bad_files: list[tuple[str, str]] = []
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int, rank: int, world_size: int):
+        self.iterator = BatchIterator(dataset, batch_size, seed=seed, rank=rank, world_size=world_size, train=True)
+        self.steps_per_epoch = self.iterator.steps_per_epoch
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterator.epoch_batches(epoch, start)
+
+
+class MemoryEval:
+    """One evaluation split held in memory."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset, self.size = dataset, len(dataset)
+
+    def batches(self, batch_size: int, rank: int, world_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        iterator = BatchIterator(self.dataset, batch_size, seed=0, rank=rank, world_size=world_size, train=False)
+        return iterator.epoch_batches(0, with_indices=True)
+
+
+class StreamTrain:
+    """Training batches decoded in DataLoader workers (a StreamLoader over folders or shards)."""
+
+    def __init__(self, loader):
+        self.loader, self.steps_per_epoch = loader, loader.steps_per_epoch
+
+    @property
+    def bad_files(self) -> list[tuple[str, str]]:
+        return self.loader.bad_files
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.loader.epoch(epoch, start):
+            yield batch.images, batch.labels
+
+
+class StreamEval:
+    """One evaluation split decoded in DataLoader workers (centre crops)."""
+
+    def __init__(self, make_loader, size: int):
+        self.make_loader, self.size = make_loader, size
+
+    def batches(self, batch_size: int, rank: int, world_size: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        for batch in self.make_loader(batch_size, rank, world_size).epoch(0):
+            yield batch.images, batch.labels, batch.indices
+
+
+@dataclass
+class RunData:
+    """A run's training batches, its evaluation splits (test, and minival when held out) and its classes."""
+
+    train: MemoryTrain | StreamTrain | None
+    test: MemoryEval | StreamEval
+    minival: MemoryEval | StreamEval | None
+    classes: list[str]
+    train_size: int
+    streamed: bool
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def held_out(dataset: ImageDataset, fraction: float, seed: int) -> tuple[ImageDataset, ImageDataset | None]:
+    """Train minus a stratified minival of `fraction` of every class (big_vision's train[99%:]), and the minival."""
+    if not fraction:
+        return dataset, None
+    from vitlab.data.streaming import holdout
+
+    kept, held = (torch.from_numpy(i) for i in holdout(dataset.labels.numpy(), fraction, seed))
+    part = lambda idx: ImageDataset(dataset.images[idx], dataset.labels[idx], dataset.classes)  # noqa: E731
+    return part(kept), part(held)
+
+
+def run_data(data, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, train: bool = True) -> RunData:
+    """The data of a run's `data` config: `batch_size` per rank, training order from `seed` (no training split if not `train`)."""
+    if streams(data):
+        return streamed_data(data, batch_size, seed, rank, world_size, train)
+    if data.name == "wds":
+        raise VitlabError("data.name=wds is always streamed; set data.stream to auto or true")
+    splits = load_splits(data.name, data.root, data.image_size, data.download, num_train=data.num_train,
+                         num_test=data.num_test, seed=data.seed, **data.builtin)  # fmt: skip
+    train_split, minival = held_out(splits.train, data.val_fraction, data.seed)
+    source = MemoryTrain(train_split, batch_size, seed, rank, world_size) if train else None
+    return RunData(source, MemoryEval(splits.test), minival and MemoryEval(minival), list(splits.train.classes),
+                   len(train_split), streamed=False)  # fmt: skip
+
+
+def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, train: bool) -> RunData:
+    """Folders or shards decoded in `data.workers` DataLoader workers per rank."""
+    from vitlab.data.crops import CropDecoder
+    from vitlab.data.stream_loader import make_loader
+
+    if data.name not in ("folder", "wds"):
+        raise VitlabError(f"data.name={data.name!r} is held in memory; streaming (data.stream) is for folder and wds")
+    crop = CropDecoder(data.image_size, train=True, scale=tuple(data.crop_scale), crop_fraction=data.crop_fraction)
+    centre = CropDecoder(data.image_size, train=False, crop_fraction=data.crop_fraction)
+    if data.name == "wds":
+        return shard_data(data, crop, centre, batch_size, seed, rank, world_size, train)
+    from vitlab.data.streaming import FolderStream, stream_splits
+
+    splits = stream_splits(data.root, data.image_size, data.val_fraction, data.seed, data.crop_fraction, tuple(data.crop_scale))
+
+    def evaluation(stream: FolderStream) -> StreamEval:
+        return StreamEval(lambda b, r, w: make_loader(stream, b, rank=r, world_size=w, workers=data.workers), len(stream))
+
+    source = None
+    if train:
+        source = StreamTrain(make_loader(FolderStream(splits.train.table, crop, seed), batch_size, seed=seed, rank=rank,
+                                         world_size=world_size, workers=data.workers))  # fmt: skip
+    return RunData(source, evaluation(splits.test), splits.minival and evaluation(splits.minival),
+                   list(splits.train.classes), len(splits.train), streamed=True)  # fmt: skip
+
+
+def shard_data(data, crop, centre, batch_size: int, seed: int, rank: int, world_size: int, train: bool) -> RunData:
+    """WebDataset shards written by `vitlab shard`: `data.root` is their folder (with info.json)."""
+    from vitlab.data.shards import INFO, ShardStream, make_shard_loader, read_info
+
+    root = Path(data.root)
+    info = read_info(root / INFO)
+    splits = info["splits"]
+
+    def pattern(split: str) -> str:
+        return "::".join(str(root / name) for name in sorted(splits[split]["shards"]))  # webdataset's list separator
+
+    def count(split: str) -> int:
+        return sum(splits[split]["shards"].values())
+
+    def evaluation(split: str) -> StreamEval:
+        def loader(b: int, r: int, w: int):
+            return make_shard_loader(ShardStream(pattern(split), centre, b, info=info, rank=r, world_size=w), workers=data.workers)
+
+        return StreamEval(loader, count(split))
+
+    test = next((s for s in ("test", "val") if s in splits), None)
+    if "train" not in splits or test is None:
+        raise VitlabError(f"{root / INFO} lists no train and test/val shards; write them with `vitlab shard FOLDER {root}`")
+    source = None
+    if train:
+        stream = ShardStream(pattern("train"), crop, batch_size, info=info, seed=seed, rank=rank, world_size=world_size)
+        source = StreamTrain(make_shard_loader(stream, workers=data.workers))
+    minival = evaluation("minival") if "minival" in splits else None
+    return RunData(source, evaluation(test), minival, list(info["classes"]), count("train"), streamed=True)
+

@@ -1,0 +1,89 @@
+"""Training on streamed data: folders decoded in DataLoader workers and WebDataset shards, through the classification loop."""
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vitlab.config import load_config
+from vitlab.eval.classification import evaluate_checkpoint
+from vitlab.train.classify import train
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 190, 60), "blue": (50, 60, 210)}
+
+
+def jpeg_folder(root: Path, train: int = 40, test: int = 12) -> Path:
+    """Photo-like JPEGs (96×80) whose class is their dominant colour, under root/train and root/val."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", test)):
+        for name, colour in COLOURS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 40, (80, 96, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg", quality=90)
+    return root
+
+
+def streamed_config(tmp_path: Path, root: Path, *extra: str):
+    return load_config(None, [
+        "model.name=vit-ti/16", "model.options={depth: 1, embed_dim: 32, num_heads: 2, mlp_dim: 64}",
+        "data.name=folder", f"data.root={root}", "data.image_size=80", "data.workers=2", "augment.vflip=false",
+        "train.batch_size=16", "train.precision=fp32", "train.threads=1", "train.log_every_steps=1",
+        "optim.lr=0.003", "optim.warmup_epochs=0", f"out_dir={tmp_path / 'runs'}", *extra,
+    ])  # fmt: skip
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    with (run_dir / "steps.csv").open() as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+
+
+def test_a_streamed_folder_trains_holds_out_a_minival_and_evaluates_like_the_run(tmp_path):
+    root = jpeg_folder(tmp_path / "data")
+    results = train(streamed_config(tmp_path, root, "train.epochs=6", "data.val_fraction=0.1"), progress=False)
+    run_dir = Path(results["run_dir"])
+    assert results["test"]["acc1"] > 0.6  # 3 classes: chance is 1/3
+    with (run_dir / "epochs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {"val_acc1", "test_acc1", "data_wait"} <= set(rows[0])
+    assert results["steps"] == 6 * ((3 * 40 - 3 * 4) // 16)  # the minival (4 per class) is not trained on
+    assert evaluate_checkpoint(run_dir)["acc1"] == pytest.approx(results["test"]["acc1"])
+
+
+def test_a_streamed_run_resumed_mid_epoch_with_workers_repeats_the_curve(tmp_path):
+    root = jpeg_folder(tmp_path / "data")
+    whole = Path(train(streamed_config(tmp_path, root, "train.epochs=2", "train.checkpoint_every_steps=3",
+                                       "train.keep_checkpoints=10", "name=whole"), progress=False)["run_dir"])  # fmt: skip
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    for later in sorted((cut / "checkpoints").glob("step-*"))[1:]:  # keep step 3 of 7 per epoch: mid-epoch
+        shutil.rmtree(later)
+    (cut / "checkpoints" / "latest").write_text("step-00000003")
+    (cut / "results.json").unlink()
+    config = streamed_config(tmp_path, root, "train.epochs=2", "train.checkpoint_every_steps=3", "train.keep_checkpoints=10")
+    train(config, resume_dir=cut, progress=False)
+    assert losses(cut) == losses(whole)
+
+
+def test_an_unreadable_image_met_mid_epoch_is_skipped_and_named(tmp_path, capsys):
+    root = jpeg_folder(tmp_path / "data")
+    broken = root / "train" / "red" / "7.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated
+    results = train(streamed_config(tmp_path, root, "train.epochs=1"), progress=False)
+    assert results["steps"] == 7
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable image(s)" in out and "red/7.jpg" in out
+
+
+def test_shards_of_a_folder_train_and_evaluate(tmp_path):
+    from vitlab.data.shards import write_shards
+
+    root = jpeg_folder(tmp_path / "data")
+    write_shards(root, tmp_path / "shards", max_count=30)
+    results = train(streamed_config(tmp_path, root, "data.name=wds", f"data.root={tmp_path / 'shards'}", "train.epochs=3",
+                                    "data.workers=1"), progress=False)  # fmt: skip
+    assert results["steps"] > 0 and 0 <= results["test"]["acc1"] <= 1
+    assert evaluate_checkpoint(results["run_dir"])["acc1"] == pytest.approx(results["test"]["acc1"])
