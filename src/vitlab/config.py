@@ -26,9 +26,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         preset_config(self.name)
-        unknown = sorted(set(self.options) - set(model_options()) - {"img_size", "num_classes"})
+        allowed = model_options(self.name)
+        unknown = sorted(set(self.options) - set(allowed) - {"img_size", "num_classes"})
         if unknown:
-            raise VitlabError(f"model.options: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(model_options())}")
+            raise VitlabError(f"model.options: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
         for key in ("img_size", "num_classes"):
             if key in self.options:
                 raise VitlabError(f"model.options.{key} is set by the data; use data.image_size or the dataset instead")
@@ -283,7 +284,7 @@ class GeneratorConfig:
             allowed = list(inspect.signature(ResnetGenerator).parameters)
         else:
             preset_config(self.name)
-            allowed = [k for k in unet_options() if k != "img_size"]
+            allowed = [k for k in unet_options(self.name) if k != "img_size"]
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
             raise VitlabError(f"generator.options: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
