@@ -61,10 +61,15 @@ class AugmentConfig:
     crop_padding: int = 0  # random crop after zero padding by this many pixels; 0 disables
     hflip: bool = True
     vflip: bool = True  # the paper flipped vertically too
+    flip_prob: float = 0.5  # per flip; the paper's code used 0.33 (applied once train/classify.py passes it on)
     randaugment_ops: int = 0  # 0 disables RandAugment
     randaugment_magnitude: int = 9
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
+
+    def validate(self) -> None:
+        if not 0 <= self.flip_prob <= 1:
+            raise VitlabError(f"augment.flip_prob={self.flip_prob} must be in [0, 1]")
 
 
 @dataclass
@@ -74,6 +79,7 @@ class OptimConfig:
     name: str = "adamw"
     lr: float = 2e-3
     weight_decay: float = 0.05
+    decay_all: bool = False  # decay every parameter (the paper's code), not only weight matrices; see parameter_groups
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"
@@ -162,7 +168,7 @@ class RunConfig:
     finetune: FinetuneConfig | None = None  # null: train from scratch
 
     def validate(self) -> RunConfig:
-        for part in (self.model, self.data, self.optim, self.train, self.finetune):
+        for part in (self.model, self.data, self.augment, self.optim, self.train, self.finetune):
             if part is not None:
                 part.validate()
         if self.finetune is not None and self.train.strategy == "fsdp":

@@ -165,3 +165,10 @@ def test_normalize_accepts_uint8_or_unit_floats_and_per_channel_stats() -> None:
     out = normalize(x, mean, std)
     assert torch.allclose(out[:, 1], (x[:, 1].float() / 255 - 0.2) / 0.25)
     assert out.dtype == torch.float32
+
+
+def test_flip_probability_sets_the_share_of_mirrored_images() -> None:
+    x = torch.arange(3 * 4 * 4, dtype=torch.uint8).view(1, 3, 4, 4).repeat(3000, 1, 1, 1)
+    for p in (0.0, 0.33, 1.0):
+        flipped = (random_flip(x, _gen(), p=p) != x).flatten(1).any(1).float().mean().item()
+        assert abs(flipped - p) < 0.03

@@ -60,13 +60,17 @@ class PreNormBlock(nn.Module):
 
 
 class SumNormParallelBlock(nn.Module):
-    """The code's ViT-22B block: x + LN(Attn(x) + MLP(x)), QK-normed attention, non-affine LN, no input LN."""
+    """The code's ViT-22B block: x + LN(Attn(x) + MLP(x)), QK-normed attention, non-affine LN, no input LN.
 
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, attn_impl: str = "auto"):
+    `sum_norm=False` drops the LN on the sum, y = x + Attn(x) + MLP(x): nothing then bounds what a block
+    adds to the residual stream (the code's first commit, eeb88f0, had no such LN; it also fused the projections).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, attn_impl: str = "auto", sum_norm: bool = True):
         super().__init__()
         self.attn = FullWidthAttention(dim, num_heads, qk_norm=True, attn_impl=attn_impl)
         self.mlp = Mlp(dim, mlp_dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False) if sum_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.norm(self.attn(x) + self.mlp(x))
@@ -104,17 +108,21 @@ class Ai602ViT(nn.Module):
         mlp_dim: int = 3072,
         block: str = "serial",
         head_batchnorm: bool = False,
+        sum_norm: bool = True,
         attn_impl: str = "auto",
     ):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         check_block_options(block, "none", attn_impl, embed_dim, num_heads)
+        if not sum_norm and block != "parallel":
+            raise VitlabError("sum_norm=False needs block='parallel' (it removes the LayerNorm on the parallel branches' sum)")
+        extra = {} if sum_norm else dict(sum_norm=False)
         grid = check_patches(img_size, patch_size)
         self.patch_size, self.num_classes = patch_size, num_classes
         self.pos_embed = nn.Parameter(torch.randn(1, grid * grid + 1, embed_dim))
         self.patch_embed = nn.Linear(in_chans * patch_size**2, embed_dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim))
-        self.blocks = nn.Sequential(*[BLOCKS[block](embed_dim, num_heads, mlp_dim, attn_impl) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[BLOCKS[block](embed_dim, num_heads, mlp_dim, attn_impl, **extra) for _ in range(depth)])
         norm = [nn.BatchNorm1d(mlp_dim)] if head_batchnorm else []
         self.head = nn.Sequential(nn.Linear(embed_dim, mlp_dim), *norm, nn.GELU(), nn.Linear(mlp_dim, num_classes))
 
