@@ -298,13 +298,15 @@ class GeneratorConfig:
 
 @dataclass
 class DiscriminatorConfig:
-    """The PatchGAN: 3 stride-2 layers from 64 channels see 70×70 patches (pix2pix)."""
+    """The PatchGAN: 3 stride-2 layers from 64 channels see 70×70 patches (pix2pix); or the paper code's."""
 
-    base_channels: int = 64
-    num_layers: int = 3
-    norm: str = "instance"
+    kind: str = "patchgan"  # ai602: the paper's code's small sigmoid discriminator (vitlab.models.ai602)
+    base_channels: int = 64  # patchgan only
+    num_layers: int = 3  # patchgan only
+    norm: str = "instance"  # patchgan only
 
     def validate(self) -> None:
+        check_choice("discriminator.kind", self.kind, ("patchgan", "ai602"))
         check_choice("discriminator.norm", self.norm, ("instance", "none"))
         if self.base_channels < 1 or self.num_layers < 1:
             raise VitlabError("discriminator.base_channels and discriminator.num_layers must be >= 1")
@@ -319,6 +321,7 @@ class PairDataConfig:
     load_size: int = 286  # training images are resized to this, then cropped at random
     crop_size: int = 256
     hflip: bool = True
+    pairing: str = "random"  # random: A shuffled, B drawn at random, epoch = max(|A|, |B|); index: A[i] with B[i], epoch = min
     num_train: int = 1000  # builtin only, per domain
     num_test: int = 200  # builtin only, per domain
     seed: int = 0  # builtin only
@@ -326,6 +329,7 @@ class PairDataConfig:
 
     def validate(self) -> None:
         check_choice("data.name", self.name, ("builtin", "folder"))
+        check_choice("data.pairing", self.pairing, ("random", "index"))
         if self.name == "folder" and not self.root:
             raise VitlabError("data.root is required for data.name='folder': the folder holding trainA, trainB, testA, testB")
         if not 0 < self.crop_size <= self.load_size:
@@ -389,12 +393,15 @@ class TranslateTrainConfig:
 class FidConfig:
     """Which features FID and KID use; see vitlab.eval.fid."""
 
+    protocol: str = "vitlab"  # paper-table2: the paper's Table 2 as its code measured it (vitlab.eval.table2)
     features: str = "auto"  # auto, inception, inception-2048, inception-64, randconv, FILE.pt, or module:callable
     inception_weights: str | None = None  # torch-fidelity's Inception file; needed by the inception features
-    kid_subset_size: int = 1000  # capped at the number of test images
+    kid_subset_size: int = 1000  # capped at half the smaller image set, so that KID's spread over subsets means something
     batch_size: int = 50
+    domain_names: tuple[str, str] = ("A", "B")  # paper-table2 column names, e.g. [Apple, Orange]
 
     def validate(self) -> None:
+        check_choice("eval.protocol", self.protocol, ("vitlab", "paper-table2"))
         if self.kid_subset_size < 2 or self.batch_size < 1:
             raise VitlabError("eval.kid_subset_size must be >= 2 and eval.batch_size >= 1")
 

@@ -29,11 +29,13 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from vitlab.config import CycleLossConfig, FidConfig, GeneratorConfig, TranslateConfig, from_dict
+from vitlab.config import CycleLossConfig, DiscriminatorConfig, FidConfig, GeneratorConfig, TranslateConfig, from_dict
 from vitlab.data.augment import normalize, random_flip
-from vitlab.data.unpaired import UnpairedData, image_files, load_pair, random_window, read_images, unpaired_batches
+from vitlab.data.unpaired import PAIRINGS, UnpairedData, epoch_length, image_files, load_pair, random_window, read_images
 from vitlab.errors import VitlabError
 from vitlab.eval.fid import distances, resolve_features
+from vitlab.eval.table2 import table2_features, table2_scores
+from vitlab.models.ai602 import Ai602Discriminator
 from vitlab.models.gan import PatchDiscriminator, ResnetGenerator
 from vitlab.models.unet import create_unet
 from vitlab.train import checkpoint as ckpt
@@ -104,14 +106,20 @@ def build_generator(cfg: GeneratorConfig, image_size: int) -> nn.Module:
     return create_unet(cfg.name, img_size=image_size, **cfg.options)
 
 
+def build_discriminator(d: DiscriminatorConfig) -> nn.Module:
+    """CycleGAN's PatchGAN, or the paper code's small sigmoid discriminator (`kind: ai602`)."""
+    if d.kind == "ai602":
+        return Ai602Discriminator()
+    return PatchDiscriminator(base_channels=d.base_channels, num_layers=d.num_layers, norm=d.norm)
+
+
 def build_networks(config: TranslateConfig) -> nn.ModuleDict:
-    """The two generators and the two PatchGANs of a run."""
-    d = config.discriminator
+    """The two generators and the two discriminators of a run."""
     return nn.ModuleDict({
         "g_a": build_generator(config.generator, config.data.crop_size),
         "g_b": build_generator(config.generator, config.data.crop_size),
-        "d_a": PatchDiscriminator(base_channels=d.base_channels, num_layers=d.num_layers, norm=d.norm),
-        "d_b": PatchDiscriminator(base_channels=d.base_channels, num_layers=d.num_layers, norm=d.norm),
+        "d_a": build_discriminator(config.discriminator),
+        "d_b": build_discriminator(config.discriminator),
     })  # fmt: skip
 
 
@@ -177,7 +185,12 @@ def translation_metrics(
     data: UnpairedData, fake_b: torch.Tensor, fake_a: torch.Tensor, fid: FidConfig | None, device: torch.device
 ) -> dict[str, dict[str, float]]:
     """Per direction: L1/PSNR to the truth (built-in pair) and FID/KID against the real test images,
-    each beside the same number for the identity mapping; then their average over both directions."""
+    each beside the same number for the identity mapping; then their average over both directions.
+    With `eval.protocol: paper-table2`, the paper's Table 2 instead (vitlab.eval.table2)."""
+    if fid is not None and fid.protocol == "paper-table2":
+        features = table2_features(fid.inception_weights)
+        names = tuple(fid.domain_names)
+        return {"paper-table2": table2_scores(data.test_a, data.test_b, fake_a, fake_b, features, names, fid.batch_size, device)}
     features = resolve_features(fid.features, fid.inception_weights) if fid else []
     sides = {
         "AtoB": (data.test_a, fake_b, data.test_b, data.truth_ab),
@@ -227,6 +240,8 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
     if tc.threads:
         torch.set_num_threads(tc.threads)
     data = load_data(config)
+    if config.eval.protocol == "paper-table2":
+        table2_features(config.eval.inception_weights)  # refuses now, not after the training, without Inception
 
     torch.manual_seed(tc.seed)
     nets = build_networks(config).to(device)
@@ -239,7 +254,7 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
     pools = {"a": ImagePool(lc.pool_size), "b": ImagePool(lc.pool_size)}  # fake A images (for D_B), fake B (for D_A)
 
     n_a, n_b = len(data.train_a), len(data.train_b)
-    steps_per_epoch = max(n_a, n_b) // tc.batch_size
+    steps_per_epoch = epoch_length(config.data.pairing, n_a, n_b, tc.batch_size)
     if steps_per_epoch == 0:
         raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the training sets ({n_a} A, {n_b} B images)")
     total_steps = math.ceil((tc.epochs + tc.decay_epochs) * steps_per_epoch)
@@ -273,7 +288,7 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
     nets.train()
     while step < total_steps:
         epoch, start = divmod(step, steps_per_epoch)
-        for idx_a, idx_b in unpaired_batches(n_a, n_b, tc.batch_size, epoch, tc.seed)[start:]:
+        for idx_a, idx_b in PAIRINGS[config.data.pairing](n_a, n_b, tc.batch_size, epoch, tc.seed)[start:]:
             gen = torch.Generator().manual_seed(step_seed(tc.seed, step, 0, 0))
             torch.manual_seed(step_seed(tc.seed, step, 0, 1))
             real_a = training_batch(data.train_a[idx_a], config.data.crop_size, config.data.hflip, gen).to(device)
