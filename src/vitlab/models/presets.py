@@ -66,8 +66,8 @@ def lookup_size(size: str) -> str:
     return matches[0]
 
 
-def preset_config(name: str) -> dict:
-    """Turn a preset name such as `vit22b-s/16` into the keyword arguments of its model class."""
+def parse_name(name: str) -> tuple[str, str, int]:
+    """A preset name such as `vit22b-s/16` as (family, canonical size key, patch size)."""
     families = {**FAMILIES, **AI602_FAMILIES}
     match = _NAME.match(name.strip())
     if not match:
@@ -78,10 +78,16 @@ def preset_config(name: str) -> dict:
     family = match["family"].lower()
     if family not in families:
         raise VitlabError(f"unknown model family {match['family']!r} in {name!r}; allowed: {', '.join(families)}")
-    size = SIZES[lookup_size(match["size"])]
+    return family, lookup_size(match["size"]), int(match["patch"])
+
+
+def preset_config(name: str) -> dict:
+    """Turn a preset name such as `vit22b-s/16` into the keyword arguments of its model class."""
+    family, key, patch = parse_name(name)
+    size = SIZES[key]
     return dict(
-        patch_size=int(match["patch"]), embed_dim=size.width, depth=size.depth, mlp_dim=size.mlp_dim,
-        num_heads=size.heads, **families[family],
+        patch_size=patch, embed_dim=size.width, depth=size.depth, mlp_dim=size.mlp_dim, num_heads=size.heads,
+        **{**FAMILIES, **AI602_FAMILIES}[family],
     )  # fmt: skip
 
 
