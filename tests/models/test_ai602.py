@@ -121,3 +121,12 @@ def test_discriminator_is_the_codes_small_sigmoid_patchgan():
     ]  # fmt: skip
     out = d(torch.randn(2, 3, 256, 256))
     assert out.shape == (2, 1, 16, 16) and 0 < out.min() and out.max() < 1
+
+
+def test_sum_norm_false_leaves_the_branch_sum_unnormalised():
+    model = create_model("ai602-vit22b-ti/16", num_classes=10, img_size=32, depth=1, sum_norm=False)
+    block = model.blocks[0]
+    x = torch.randn(2, 5, 192)
+    torch.testing.assert_close(block(x), x + block.attn(x) + block.mlp(x))
+    with pytest.raises(VitlabError, match="sum_norm=False needs block='parallel'"):
+        create_model("ai602-vit-ti/16", sum_norm=False)
