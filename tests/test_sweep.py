@@ -39,7 +39,8 @@ def test_sweep_trains_each_config_in_order_then_draws_fig2(tmp_path: Path) -> No
 def test_print_gives_torchrun_commands_and_nothing_runs(tmp_path: Path, capsys) -> None:
     path = tiny(tmp_path, "vit", "vit-ti/8")
     assert sweep_commands([path], ["train.epochs=5"], 4) == [
-        f"torchrun --standalone --nproc_per_node=4 -m vitlab.cli train {path} --set train.epochs=5"
+        f"torchrun --standalone --nproc_per_node=4 -m vitlab.cli train {path} --set train.epochs=5",
+        f"vitlab report fig2 {tmp_path / 'runs' / 'vit'} --out report",
     ]
     assert main(["sweep", path, "--print"]) == 0
     assert capsys.readouterr().out.startswith("torchrun") and not (tmp_path / "runs").exists()

@@ -159,7 +159,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     from vitlab.sweep import run_sweep, sweep_commands
 
     if args.print:
-        print("\n".join(sweep_commands(args.configs, args.set, args.nproc)))
+        print("\n".join(sweep_commands(args.configs, args.set, args.nproc, args.out)))
         return
     for table, figure in run_sweep(args.configs, args.set, args.out, progress=not args.no_progress).values():
         print(f"wrote {table} and {figure}")

@@ -23,16 +23,20 @@ def config_kind(path: str | Path) -> type:
     return TranslateConfig if "generator" in keys else RunConfig
 
 
-def sweep_commands(paths: list[str], overrides: list[str], nproc: int = 1) -> list[str]:
-    """The shell commands that run the sweep: torchrun for classification, one process for translation."""
+def sweep_commands(paths: list[str], overrides: list[str], nproc: int = 1, report_dir: str = "report") -> list[str]:
+    """The shell commands of the sweep (torchrun for classification, one process for translation), then the report's."""
     sets = "".join(f" --set {shlex.quote(item)}" for item in overrides)
-    commands = []
+    commands, runs = [], {"fig2": [], "table2": []}
     for path in paths:
-        if config_kind(path) is TranslateConfig:
+        kind = config_kind(path)
+        config = load_config(path, overrides, cls=kind)
+        runs["table2" if kind is TranslateConfig else "fig2"].append(shlex.quote(str(Path(config.out_dir) / config.name)))
+        if kind is TranslateConfig:
             commands.append(f"vitlab translate-train {shlex.quote(path)}{sets}")
         else:
             commands.append(f"torchrun --standalone --nproc_per_node={nproc} -m vitlab.cli train {shlex.quote(path)}{sets}")
-    return commands
+    reports = [f"vitlab report {name} {' '.join(found)} --out {shlex.quote(str(report_dir))}" for name, found in runs.items() if found]
+    return commands + reports
 
 
 def run_sweep(paths: list[str], overrides: list[str], report_dir: str | Path, progress: bool = True) -> dict[str, list]:
