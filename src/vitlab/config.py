@@ -119,7 +119,7 @@ class TrainConfig:
     log_every_steps: int = 10
     max_bad_steps: int = 3  # consecutive non-finite steps before the run stops
     z_loss: float = 0.0  # weight of PaLM's z-loss on the logits (1e-4 in PaLM)
-    grad_penalty: float = 0.0  # weight of the squared input-gradient norm: vitlab's reading of the paper's undefined "gradient penalty"
+    grad_penalty: float = 0.0  # squared input-gradient norm: vitlab's reading of the paper's undefined "gradient penalty"
     threads: int | None = None  # torch CPU threads; None leaves torch's default
     device: str = "auto"
     strategy: str = "ddp"  # single, ddp (DDP under torchrun), fsdp (FSDP2 shards; vitlab.train.sharding)

@@ -59,7 +59,7 @@ def fig2(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
     rows = fig2_rows(run_dirs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"| dataset | size | family | model | final acc@1 | best acc@1 (epoch) |", "|---|---|---|---|---:|---:|"]
+    lines = ["| dataset | size | family | model | final acc@1 | best acc@1 (epoch) |", "|---|---|---|---|---:|---:|"]
     for r in rows:
         best = f"{percent(r['best'])} ({r['best_epoch']:g})" if r["best"] is not None else "–"
         lines.append(f"| {r['dataset']} | {r['size']} | {r['family']} | `{r['model']}` | {percent(r['final'])} | {best} |")
@@ -73,11 +73,12 @@ def fig2(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
         sizes = [s for s in SIZES if any(r["size"] == s for r in mine)]
         for offset, family in ((-0.2, "ViT"), (0.2, "ViT-22B")):
             found = {r["size"]: r for r in mine if r["family"] == family}
-            xs = [i + offset for i, s in enumerate(sizes) if s in found]
-            ax.bar(xs, [100 * found[s]["final"] for s in sizes if s in found], width=0.4, label=f"{family} final")
-            best = [(x, 100 * found[s]["best"]) for x, s in zip(xs, [s for s in sizes if s in found]) if found[s]["best"] is not None]
+            present = [s for s in sizes if s in found]
+            xs = [sizes.index(s) + offset for s in present]
+            ax.bar(xs, [100 * found[s]["final"] for s in present], width=0.4, label=f"{family} final")
+            best = [(x, 100 * found[s]["best"]) for x, s in zip(xs, present) if found[s]["best"] is not None]
             if best:
-                ax.scatter(*zip(*best), marker="_", s=300, color="black", label=f"{family} best" if offset < 0 else None)
+                ax.scatter(*zip(*best), marker="_", s=300, color="black", label="best epoch" if offset < 0 else None)
         ax.set(title=dataset, xticks=range(len(sizes)), xticklabels=sizes, ylabel="test acc@1 (%)")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)

@@ -44,7 +44,8 @@ def run_sweep(paths: list[str], overrides: list[str], report_dir: str | Path, pr
     from vitlab.train.classify import train
     from vitlab.train.cyclegan import train_translation
 
-    configs = [(config_kind(path), load_config(path, overrides, cls=config_kind(path))) for path in paths]  # all checked first
+    kinds = [config_kind(path) for path in paths]
+    configs = [(kind, load_config(path, overrides, cls=kind)) for kind, path in zip(kinds, paths)]  # all checked first
     runs: dict[str, list] = {"fig2": [], "table2": []}
     for kind, config in configs:
         if kind is TranslateConfig:

@@ -1,4 +1,4 @@
-"""Model presets by name (`vit-s/16`, `vit22b-b/32`, `ai602-vit22b-b/16`, …), `create_model`, and meta-device parameter counts."""
+"""Model presets by name (`vit-s/16`, `vit22b-b/32`, `ai602-vit22b-b/16`, …), `create_model`, meta-device counts."""
 
 from __future__ import annotations
 
