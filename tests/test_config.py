@@ -76,10 +76,20 @@ def test_every_shipped_config_loads(path):
         assert config.optim.name == "adamw" and config.train.epochs == 200
         assert config.optim.schedule == "multistep" and config.optim.milestones == (0.3, 0.6, 0.9)
         assert config.augment.randaugment_ops == 0 and config.augment.mixup_alpha == 0
+        assert config.optim.warmup_epochs == 0  # the paper has no warm-up
+    if path.parent.name == "code" and kind is RunConfig:
+        # The paper's code (ai602 main.py): 224 px, patch 16, batch 32, AdamW 1e-3, wd 1e-4 on everything,
+        # MultiStepLR x0.5 at 30/60/90 % of 150 epochs, flips with p = 0.33, its own models.
+        assert config.model.name.startswith("ai602-") and config.model.name.endswith("/16")
+        assert (config.data.image_size, config.train.batch_size, config.train.epochs) == (224, 32, 150)
+        assert (config.optim.lr, config.optim.weight_decay, config.optim.decay_all) == (1e-3, 1e-4, True)
+        assert config.optim.milestones == (0.3, 0.6, 0.9) and config.optim.gamma == 0.5
+        assert config.augment.flip_prob == 0.33 and config.optim.warmup_epochs == 0
 
 
-def test_paper_configs_cover_figure_2():
-    names = {p.stem for p in CONFIGS if p.parent.name == "paper"}
+@pytest.mark.parametrize("folder", ["paper", "code"])
+def test_paper_configs_cover_figure_2(folder):
+    names = {p.stem for p in CONFIGS if p.parent.name == folder}
     for data in ("cifar10", "cifar100"):
         for family in ("vit", "vit22b"):
             for size in ("ti", "s", "b", "l"):

@@ -204,6 +204,26 @@ def add_geometry_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=DEFAULT_NUM_CLASSES, help="classes of the head")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    """Draw Fig. 2 or Table 2 of the paper from finished runs."""
+    from vitlab.report import fig2, table2
+
+    table, figure = {"fig2": fig2, "table2": table2}[args.what](args.runs, args.out)
+    print(table.read_text())
+    print(f"wrote {table} and {figure}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """Run configs one after another (or print their commands), then draw the paper's report."""
+    from vitlab.sweep import run_sweep, sweep_commands
+
+    if args.print:
+        print("\n".join(sweep_commands(args.configs, args.set, args.nproc, args.out)))
+        return
+    for table, figure in run_sweep(args.configs, args.set, args.out, progress=not args.no_progress).values():
+        print(f"wrote {table} and {figure}")
+
+
 def add_run_options(parser: argparse.ArgumentParser, what: str = "config") -> None:
     """`--set KEY=VALUE` (repeatable) and `--no-progress`, shared by every command that trains."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a {what} key")
@@ -316,6 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     translate_eval.add_argument("--inception-weights", help="torch-fidelity's Inception weights file (default: none)")
     translate_eval.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
     translate_eval.set_defaults(func=cmd_translate_eval)
+
+    report = command("report", "the paper's Fig. 2 or Table 2 (markdown + PNG) from finished runs")
+    report.add_argument("what", choices=("fig2", "table2"), help="fig2: classification runs; table2: translation runs")
+    report.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    report.add_argument("--out", default="report", help="output folder")
+    report.set_defaults(func=cmd_report)
+
+    sweep = command("sweep", "train several configs one after another, then draw Fig. 2 / Table 2")
+    sweep.add_argument("configs", nargs="+", metavar="CONFIG", help="classification and/or translation configs")
+    add_run_options(sweep)
+    sweep.add_argument("--print", action="store_true", help="print the torchrun / vitlab commands instead of running")
+    sweep.add_argument("--nproc", type=int, default=1, help="processes per torchrun command with --print")
+    sweep.add_argument("--out", default="report", help="report folder")
+    sweep.set_defaults(func=cmd_sweep)
 
     translate = command("translate", "translate a folder of images with a trained generator")
     translate.add_argument("checkpoint", help="run directory or checkpoint folder")

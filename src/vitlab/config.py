@@ -19,8 +19,9 @@ from vitlab.errors import (
     AT_LEAST_0, AT_LEAST_1, BELOW_1, FRACTION, POSITIVE, Range, VitlabError, brief, check_choice, check_range,
 )  # fmt: skip
 from vitlab.data import DATASETS
-from vitlab.data.unpaired import PAIR_DATASETS
-from vitlab.models.gan import NORMS
+from vitlab.data.unpaired import PAIR_DATASETS, PAIRINGS
+from vitlab.eval.table2 import PROTOCOLS
+from vitlab.models.gan import DISCRIMINATORS, NORMS
 from vitlab.models.presets import create_model, model_options, preset_config
 from vitlab.models.weights import WEIGHT_FORMATS
 from vitlab.train.distributed import DEVICES, STRATEGIES
@@ -76,9 +77,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         preset_config(self.name)
-        unknown = sorted(set(self.options) - set(model_options()) - {"img_size", "num_classes"})
+        allowed = model_options(self.name)
+        unknown = sorted(set(self.options) - set(allowed) - {"img_size", "num_classes"})
         if unknown:
-            raise VitlabError(f"model.options: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(model_options())}")
+            raise VitlabError(f"model.options: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
         for key in ("img_size", "num_classes"):
             if key in self.options:
                 raise VitlabError(f"model.options.{key} is set by the data; use data.image_size or the dataset instead")
@@ -132,6 +134,7 @@ class AugmentConfig:
     crop_padding: int = 0  # random crop after zero padding by this many pixels; 0 disables
     hflip: bool = True
     vflip: bool = True  # the paper flipped vertically too
+    flip_prob: float = 0.5  # per flip; the paper's code used 0.33
     randaugment_ops: int = 0  # 0 disables RandAugment
     randaugment_magnitude: int = 9
     mixup_alpha: float = 0.0
@@ -140,7 +143,7 @@ class AugmentConfig:
 
     RANGES: ClassVar[dict] = dict(crop_padding=AT_LEAST_0, randaugment_ops=AT_LEAST_0, mixup_alpha=AT_LEAST_0,
                                   cutmix_alpha=AT_LEAST_0, randaugment_magnitude=Range(0, 10),
-                                  random_erasing=FRACTION)  # fmt: skip
+                                  random_erasing=FRACTION, flip_prob=FRACTION)  # fmt: skip
 
     def validate(self) -> None:
         check_fields("augment", self)
@@ -153,6 +156,7 @@ class OptimConfig:
     name: str = "adamw"
     lr: float = 2e-3
     weight_decay: float = 0.05
+    decay_all: bool = False  # decay every parameter (the paper's code), not only weight matrices; see parameter_groups
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"
@@ -215,7 +219,7 @@ class TrainConfig(RunSettings):
     label_smoothing: float = 0.0
     ema_decay: float | None = None
     z_loss: float = 0.0  # weight of PaLM's z-loss on the logits (1e-4 in PaLM)
-    grad_penalty: float = 0.0  # weight of the squared input-gradient norm (double backpropagation)
+    grad_penalty: float = 0.0  # squared input-gradient norm: vitlab's reading of the paper's undefined "gradient penalty"
     strategy: str = "ddp"  # single, ddp (DDP under torchrun), fsdp (FSDP2 shards; vitlab.train.sharding)
     cpu_offload: bool = False  # fsdp only: sharded parameters, gradients and optimizer state in host memory
     accumulate_steps: int = 1  # micro-batches per step: batch_size stays the global batch the LR is set for
@@ -516,7 +520,7 @@ class GeneratorConfig:
             allowed = list(inspect.signature(ResnetGenerator).parameters)
         else:
             preset_config(self.name)
-            allowed = [k for k in unet_options() if k != "img_size"]
+            allowed = [k for k in unet_options(self.name) if k != "img_size"]
         unknown = sorted(set(self.options) - set(allowed))
         if unknown:
             raise VitlabError(f"generator.options: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
@@ -524,15 +528,17 @@ class GeneratorConfig:
 
 @dataclass
 class DiscriminatorConfig:
-    """The PatchGAN: 3 stride-2 layers from 64 channels see 70×70 patches (pix2pix)."""
+    """The PatchGAN: 3 stride-2 layers from 64 channels see 70×70 patches (pix2pix); or the paper code's."""
 
-    base_channels: int = 64
-    num_layers: int = 3
-    norm: str = "instance"
+    kind: str = "patchgan"  # ai602: the paper's code's small sigmoid discriminator (vitlab.models.ai602)
+    base_channels: int = 64  # patchgan only
+    num_layers: int = 3  # patchgan only
+    norm: str = "instance"  # patchgan only
 
     RANGES: ClassVar[dict] = dict(base_channels=AT_LEAST_1, num_layers=AT_LEAST_1)
 
     def validate(self) -> None:
+        check_choice("discriminator.kind", self.kind, DISCRIMINATORS)
         check_choice("discriminator.norm", self.norm, NORMS)
         check_fields("discriminator", self)
 
@@ -546,6 +552,7 @@ class PairDataConfig:
     load_size: int = 286  # training images are resized to this, then cropped at random
     crop_size: int = 256
     hflip: bool = True
+    pairing: str = "random"  # random: A shuffled, B drawn at random, epoch = max(|A|, |B|); index: A[i] with B[i], epoch = min
     num_train: int = 1000  # builtin only, per domain
     num_test: int = 200  # builtin only, per domain
     seed: int = 0  # builtin only
@@ -556,6 +563,7 @@ class PairDataConfig:
 
     def validate(self) -> None:
         check_choice("data.name", self.name, PAIR_DATASETS)
+        check_choice("data.pairing", self.pairing, tuple(PAIRINGS))
         check_fields("data", self)
         if self.name == "folder" and not self.root:
             raise VitlabError("data.root is required for data.name='folder': the folder holding trainA, trainB, testA, testB")
@@ -618,14 +626,17 @@ class TranslateTrainConfig(RunSettings):
 class FidConfig:
     """Which features FID and KID use; see vitlab.eval.fid."""
 
+    protocol: str = "vitlab"  # paper-table2: the paper's Table 2 as its code measured it (vitlab.eval.table2)
     features: str = "auto"  # auto, inception, inception-2048, inception-64, randconv, FILE.pt, or module:callable
     inception_weights: str | None = None  # torch-fidelity's Inception file; needed by the inception features
-    kid_subset_size: int = 1000  # capped at the number of test images
+    kid_subset_size: int = 1000  # capped at half the smaller image set, so that KID's spread over subsets means something
     batch_size: int = 50
+    domain_names: tuple[str, str] = ("A", "B")  # paper-table2 column names, e.g. [Apple, Orange]
 
     RANGES: ClassVar[dict] = dict(kid_subset_size=Range(2), batch_size=AT_LEAST_1)
 
     def validate(self) -> None:
+        check_choice("eval.protocol", self.protocol, PROTOCOLS)
         check_fields("eval", self)
 
 

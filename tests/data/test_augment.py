@@ -186,3 +186,10 @@ def test_random_erasing_puts_noise_boxes_of_the_right_size_in_about_p_of_the_ima
     assert torch.equal(random_erasing(x, _gen(3), p=0.0), x)
     with pytest.raises(VitlabError):
         random_erasing(x, _gen(), p=1.5)
+
+
+def test_flip_probability_sets_the_share_of_mirrored_images() -> None:
+    x = torch.arange(3 * 4 * 4, dtype=torch.uint8).view(1, 3, 4, 4).repeat(3000, 1, 1, 1)
+    for p in (0.0, 0.33, 1.0):
+        flipped = (random_flip(x, _gen(), p=p) != x).flatten(1).any(1).float().mean().item()
+        assert abs(flipped - p) < 0.03

@@ -37,13 +37,23 @@ def test_file_datasets_need_a_root() -> None:
 def test_cifar_and_folder_are_dispatched_by_name(tmp_path: Path) -> None:
     with pytest.raises(VitlabError, match="no CIFAR-100 data.*cifar-100-python.tar.gz"):
         load_splits("cifar100", str(tmp_path))
-    with pytest.raises(VitlabError, match="32x32"):
-        load_splits("cifar10", str(tmp_path), image_size=64)
     for split in ("train", "test"):
         (tmp_path / split / "only").mkdir(parents=True)
         Image.new("RGB", (5, 5), (1, 2, 3)).save(tmp_path / split / "only" / "a.png")
     splits = load_splits("folder", str(tmp_path), image_size=8, num_train=5)  # builtin options are ignored
     assert splits.test.images.shape == (1, 3, 8, 8) and torch.all(splits.test.images[0, 2] == 3)
+
+
+def test_cifar_at_another_size_is_resized_once_at_load(tmp_path: Path) -> None:
+    from tests.data.test_cifar import write_cifar_folder
+
+    write_cifar_folder(tmp_path, "cifar10")
+    small, large = load_splits("cifar10", str(tmp_path)), load_splits("cifar10", str(tmp_path), image_size=64)
+    assert large.train.images.shape[1:] == (3, 64, 64) and large.test.images.dtype == torch.uint8
+    assert torch.equal(large.train.labels, small.train.labels)
+    # bilinear upsampling keeps each image's mean brightness (to rounding and the edges)
+    mean = lambda images: images.float().mean(dim=(1, 2, 3))  # noqa: E731
+    assert (mean(large.test.images) - mean(small.test.images)).abs().max() < 3
 
 
 def test_data_imports_nothing_from_models_train_or_cli() -> None:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from vitlab.data.unpaired import (
-    CYANOTYPE, SEPIA, builtin_pair, load_pair, random_window, tone_map, unpaired_batches,
+    CYANOTYPE, SEPIA, builtin_pair, epoch_length, index_batches, load_pair, random_window, tone_map, unpaired_batches,
 )  # fmt: skip
 from vitlab.errors import VitlabError
 
@@ -105,3 +105,12 @@ def test_random_window_cuts_crops_from_the_image() -> None:
     for image, crop in zip(images, crops):
         top, left = divmod(int(crop[0, 0, 0] - image[0, 0, 0]), 6)
         assert torch.equal(crop, image[:, top : top + 4, left : left + 4])
+
+
+def test_index_pairing_keeps_a_i_with_b_i_and_the_epoch_is_the_smaller_domain() -> None:
+    batches = index_batches(n_a=10, n_b=25, batch_size=4, epoch=0, seed=1)
+    assert len(batches) == 2 == epoch_length("index", 10, 25, 4) and epoch_length("random", 10, 25, 4) == 6
+    assert all(torch.equal(a, b) for a, b in batches)  # the paper's code: dataset[i] = (A[i], B[i])
+    seen = torch.cat([a for a, _ in batches])
+    assert len(set(seen.tolist())) == 8 and seen.max() < 10
+    assert not torch.equal(seen, torch.cat([a for a, _ in index_batches(10, 25, 4, 1, 1)]))

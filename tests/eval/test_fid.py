@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from vitlab.data.unpaired import builtin_pair
 from vitlab.errors import VitlabError
-from vitlab.eval.fid import RandomConvFeatures, distances, fid_kid, resolve_features
+from vitlab.eval.fid import RandomConvFeatures, distances, fid_kid, image_features, resolve_features
+from vitlab.eval.table2 import table2_features, table2_scores
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,30 @@ def test_random_features_are_fixed_by_the_seed() -> None:
     assert RandomConvFeatures(num_features=16)(x).shape == (2, 16)
 
 
-def test_auto_falls_back_to_random_features_without_inception() -> None:
-    assert [f.name for f in resolve_features("auto", inception_weights=None)] == ["randconv"]
+def test_auto_falls_back_to_random_features_without_inception_and_says_so_loudly() -> None:
+    with pytest.warns(UserWarning, match="FID/KID WITHOUT INCEPTION.*NOT comparable with published FIDs"):
+        assert [f.name for f in resolve_features("auto", inception_weights=None)] == ["randconv"]
+
+
+def test_kid_subsets_hold_at_most_half_the_images_so_its_spread_is_not_zero(images: torch.Tensor) -> None:
+    features = image_features(images[:16], resolve_features("randconv")[0])
+    other = image_features(images[16:32], resolve_features("randconv")[0])
+    assert fid_kid(features, other, kid_subset_size=1000)["kid_std"] > 0
+
+
+def test_paper_table2_columns_compare_real_domain_images_with_translations_into_them(images: torch.Tensor) -> None:
+    apples, oranges = images[:40], images[40:]  # 40 and 24 test images: both truncated to 24
+    noise = torch.randint(0, 256, oranges.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    found = table2_scores(apples, oranges, fake_a=apples[:24], fake_b=noise, features=resolve_features("randconv")[0],
+                          names=("Apple", "Orange"))  # fmt: skip
+    assert found["images"] == 24 and found["features"] == "randconv"
+    assert abs(found["Apple"]) < 1e-3 < found["Orange"]  # "Apple": real apples vs oranges translated to apples
+    assert found["Average"] == pytest.approx((found["Apple"] + found["Orange"]) / 2)
+
+
+def test_paper_table2_refuses_anything_but_inception(tmp_path: Path) -> None:
+    with pytest.raises(VitlabError, match="Inception weights file"):
+        table2_features(str(tmp_path / "missing.pth"))
 
 
 def test_inception_without_its_weights_file_is_an_error_that_says_what_to_do(tmp_path: Path) -> None:

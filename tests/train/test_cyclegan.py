@@ -16,6 +16,7 @@ from torch import nn
 from vitlab.cli import main
 from vitlab.config import CycleLossConfig, TranslateConfig, load_config
 from vitlab.errors import VitlabError
+from vitlab.models.ai602 import Ai602Discriminator
 from vitlab.train.cyclegan import (
     ImagePool, discriminator_loss, generator_loss, lr_factor, lsgan_loss, train_translation,
 )  # fmt: skip
@@ -164,6 +165,20 @@ def test_tiny_run_writes_grids_metrics_and_resumes_exactly(tmp_path: Path) -> No
     assert main(["translate-eval", str(run_dir), "--features", "randconv"]) == 0
 
 
+def test_the_codes_table2_setting_trains_ai602_networks_paired_by_index_without_a_pool(tmp_path: Path) -> None:
+    config = tiny_config(
+        tmp_path, "generator={name: ai602-vit22b-ti/4, options: {embed_dim: 16, depth: 6, num_heads: 2, mlp_dim: 32}}",
+        "discriminator.kind=ai602", "data.pairing=index", "data.num_train=10", "loss.pool_size=0",
+        "loss.lambda_identity=0", "train.checkpoint_every_steps=1000",
+    )  # fmt: skip
+    results = train_translation(config, progress=False)
+    assert results["steps"] == 4  # epoch = min(|A|, |B|) // batch = 2, two epochs
+    assert results["discriminator_parameters"] == sum(p.numel() for p in Ai602Discriminator().parameters())
+    with pytest.raises(VitlabError, match="Inception weights file"):  # before any training
+        train_translation(tiny_config(tmp_path, "eval.protocol=paper-table2", "name=refused"), progress=False)
+    assert not (tmp_path / "refused").exists()
+
+
 def test_run_that_blows_up_stops_with_a_message_naming_the_step(tmp_path: Path) -> None:
     config = tiny_config(tmp_path, "optim.lr=1.0e+30", "train.max_bad_steps=2", "train.checkpoint_every_steps=1000")
     with pytest.raises(TrainingDiverged, match=r"2 steps in a row with a non-finite loss, the last at step \d+"):
@@ -197,6 +212,7 @@ def test_paper_configs_cover_table_2_with_the_cyclegan_recipe() -> None:
             assert (config.train.epochs, config.train.decay_epochs, config.train.batch_size) == (100, 100, 1)
             assert (config.loss.lambda_cycle, config.loss.lambda_identity, config.loss.pool_size) == (10, 0.5, 50)
             assert (config.optim.lr, config.optim.betas) == (2e-4, (0.5, 0.999))
+            assert config.eval.protocol == "paper-table2"  # no random-CNN FID for a published number
         assert names == {
             f"{data}-vitunet-vit-s32": "vit-s/32", f"{data}-vitunet-vit22b-s32": "vit22b-s/32",
             f"{data}-vitunet-vit-b32": "vit-b/32", f"{data}-resnet": "resnet",
@@ -227,3 +243,20 @@ def test_sigterm_saves_the_step_in_progress_and_auto_resume_continues_exactly(tm
     again = train_translation(tiny_config(tmp_path / "cut", *settings, "train.resume=auto"), progress=False)
     assert steps_table(run_dir) == steps_table(Path(whole["run_dir"]))
     assert again["test"] == whole["test"]
+
+
+def test_code_configs_cover_table_2_as_the_paper_code_ran_it() -> None:
+    code = Path(__file__).parents[2] / "configs" / "paper" / "code"
+    for data, names in (("apple2orange", ("Apple", "Orange")), ("monet2photo", ("Monet", "Photo"))):
+        found = {}
+        for path in code.glob(f"{data}-*.yaml"):
+            config = load_config(path, cls=TranslateConfig)
+            found[path.stem] = config.generator.name
+            assert (config.discriminator.kind, config.data.pairing, config.loss.pool_size) == ("ai602", "index", 0)
+            assert (config.data.load_size, config.data.crop_size, config.data.hflip) == (256, 256, False)
+            assert (config.train.batch_size, config.loss.lambda_identity) == (32, 0)
+            assert (config.eval.protocol, config.eval.domain_names) == ("paper-table2", names)
+        assert found == {
+            f"{data}-vitunet-vit-s32": "ai602-vit-s/32", f"{data}-vitunet-vit22b-s32": "ai602-vit22b-s/32",
+            f"{data}-vitunet-vit-b32": "ai602-vit-b/32",
+        }  # fmt: skip

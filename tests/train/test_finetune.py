@@ -112,6 +112,13 @@ def test_layer_decay_scales_the_lr_by_depth_and_keeps_weight_decay_off_biases():
     assert [g["lr_scale"] for g in parameter_groups(model, 0.05)] == [1.0, 1.0]
 
 
+def test_decay_all_gives_every_parameter_weight_decay():
+    model = create_model("vit-ti/16", img_size=32, num_classes=10, depth=1)
+    default = {id(p): g["weight_decay"] for g in parameter_groups(model, 0.05) for p in g["params"]}
+    everything = [g["weight_decay"] for g in parameter_groups(model, 0.05, decay_all=True)]
+    assert 0.0 in default.values() and everything == [0.05]
+
+
 def test_finetune_config_is_validated_with_the_key_named(tmp_path):
     with pytest.raises(VitlabError, match="finetune.checkpoint is required"):
         load_config(None, ["finetune={freeze_backbone: true}"])

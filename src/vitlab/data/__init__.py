@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vitlab.data.dataset import DataSplits
+from vitlab.data.dataset import DataSplits, resize_splits
 from vitlab.errors import VitlabError
 
 DATASETS = ("builtin", "cifar10", "cifar100", "folder", "wds")  # wds: WebDataset shards, always streamed
@@ -25,9 +25,8 @@ def load_splits(
     if name in ("cifar10", "cifar100"):
         from vitlab.data.cifar import cifar_splits
 
-        if image_size != 32:
-            raise VitlabError(f"CIFAR images are 32x32; set data.image_size=32 (got {image_size})")
-        return cifar_splits(name, root, download=download)
+        splits = cifar_splits(name, root, download=download)
+        return splits if image_size == 32 else resize_splits(splits, image_size)
     from vitlab.data.folders import folder_splits
 
     return folder_splits(root, image_size)

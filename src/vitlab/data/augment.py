@@ -50,11 +50,13 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator, mode: str =
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
-def random_flip(x: torch.Tensor, gen: torch.Generator, horizontal: bool = True, vertical: bool = False) -> torch.Tensor:
-    """Mirror each image left-right and/or top-bottom, each with probability 1/2."""
+def random_flip(
+    x: torch.Tensor, gen: torch.Generator, horizontal: bool = True, vertical: bool = False, p: float = 0.5
+) -> torch.Tensor:
+    """Mirror each image left-right and/or top-bottom, each with probability `p`."""
     for enabled, dim in ((horizontal, -1), (vertical, -2)):
         if enabled:
-            x = torch.where(_coin(x.shape[0], gen).to(x.device)[:, None, None, None], x.flip(dim), x)
+            x = torch.where(_coin(x.shape[0], gen, p).to(x.device)[:, None, None, None], x.flip(dim), x)
     return x
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from vitlab.errors import VitlabError
 
@@ -58,3 +59,19 @@ class DataSplits:
                 f"train and test splits have different classes: {self.train.classes} vs {self.test.classes}; "
                 "both splits must list the same classes in the same order"
             )
+
+
+def resize_images(images: torch.Tensor, size: int, chunk: int = 1000) -> torch.Tensor:
+    """uint8 images (N, C, h, w) → (N, C, size, size) uint8, bilinear (as torchvision's Resize), in chunks."""
+    out = images.new_empty(len(images), images.shape[1], size, size)
+    for start in range(0, len(images), chunk):
+        part = images[start : start + chunk].float()
+        resized = F.interpolate(part, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + chunk] = resized.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def resize_splits(splits: DataSplits, size: int) -> DataSplits:
+    """Both splits resized once at load time to `size` px (the paper's code upsampled CIFAR to 224 px)."""
+    resize = lambda d: ImageDataset(resize_images(d.images, size), d.labels, d.classes)  # noqa: E731
+    return DataSplits(resize(splits.train), resize(splits.test))

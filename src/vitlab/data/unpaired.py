@@ -158,6 +158,28 @@ def unpaired_batches(
     return list(zip(order_a[: steps * batch_size].split(batch_size), order_b.split(batch_size)))
 
 
+def index_batches(
+    n_a: int, n_b: int, batch_size: int, epoch: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Index batches of one epoch paired by position, as the paper's code did: A[i] always goes with B[i].
+
+    Only the first min(n_a, n_b) images of each domain are used; an epoch shuffles those positions
+    and has min(n_a, n_b) // batch_size batches. Everything depends on (seed, epoch) only.
+    """
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    steps = min(n_a, n_b) // batch_size
+    order = torch.randperm(min(n_a, n_b), generator=gen)[: steps * batch_size].split(batch_size)
+    return [(batch, batch) for batch in order]
+
+
+PAIRINGS = {"random": unpaired_batches, "index": index_batches}
+
+
+def epoch_length(pairing: str, n_a: int, n_b: int, batch_size: int) -> int:
+    """Batches per epoch: max(n_a, n_b) // batch_size for random pairing (CycleGAN), min(…) for index pairing."""
+    return (max if pairing == "random" else min)(n_a, n_b) // batch_size
+
+
 def random_window(images: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     """Cut a `size`×`size` window at a random position from each image (N, C, H, W)."""
     n, _, h, w = images.shape

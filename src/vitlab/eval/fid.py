@@ -10,8 +10,11 @@ Features, by name (`resolve_features`):
                                 published (Inception) FIDs;
   FILE.pt                       a TorchScript module: float images (N, 3, H, W) in [0, 1] → (N, d);
   package.module:name           an importable nn.Module, or a callable returning one, with the same contract;
-  auto                          inception when torch-fidelity and a weights file are there, else randconv.
-Features are computed once per image set and shared by FID and KID.
+  auto                          inception when torch-fidelity and a weights file are there, else randconv,
+                                with a warning: every reported key then carries the name `randconv`.
+Features are computed once per image set and shared by FID and KID. KID's subsets hold at most half
+of the smaller set: subsets as large as the set would all be the same images, and KID's spread over
+them would be zero whatever the images.
 """
 
 from __future__ import annotations
@@ -103,6 +106,13 @@ def resolve_features(spec: str = "auto", inception_weights: str | None = None) -
     """The feature extractors a features name stands for (two for `inception`)."""
     if spec == "auto":
         spec = "inception" if inception_available(inception_weights) else "randconv"
+        if spec == "randconv":
+            warnings.warn(
+                "FID/KID WITHOUT INCEPTION: no Inception weights (eval.inception_weights) or no torch-fidelity, so "
+                "features 'auto' fell back to a random CNN ('randconv'); these numbers rank models against each "
+                "other but are NOT comparable with published FIDs (their keys say 'randconv')",
+                stacklevel=2,
+            )
     if spec == "inception":
         return [inception_features(name, inception_weights) for name in INCEPTION_DIMS]
     if spec in INCEPTION_DIMS:
@@ -141,7 +151,7 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int = 1000,
     if min(len(real), len(fake)) < 2:
         raise VitlabError("FID and KID need at least 2 images in each set")
     given = _Given(real.shape[1])
-    subset = min(kid_subset_size, len(real), len(fake))
+    subset = max(2, min(kid_subset_size, len(real) // 2, len(fake) // 2))  # see the module docstring
     fid = FrechetInceptionDistance(feature=given, normalize=True)
     with warnings.catch_warnings():  # "KID will save all extracted features": they are held already
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")

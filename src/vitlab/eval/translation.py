@@ -16,6 +16,7 @@ from vitlab.data.unpaired import UnpairedData, load_pair
 from vitlab.errors import VitlabError
 from vitlab.eval.fid import distances, resolve_features
 from vitlab.eval.runs import load_generators, load_run
+from vitlab.eval.table2 import table2_features, table2_scores
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.distributed import pick_device
 from vitlab.train.precision import autocast, resolve_precision
@@ -71,7 +72,12 @@ def translation_metrics(
     data: UnpairedData, fake_b: torch.Tensor, fake_a: torch.Tensor, fid: FidConfig | None, device: torch.device
 ) -> dict[str, dict[str, float]]:
     """Per direction: L1/PSNR to the truth (built-in pair) and FID/KID against the real test images,
-    each beside the same number for the identity mapping; then their average over both directions."""
+    each beside the same number for the identity mapping; then their average over both directions.
+    With `eval.protocol: paper-table2`, the paper's Table 2 instead (vitlab.eval.table2)."""
+    if fid is not None and fid.protocol == "paper-table2":
+        features = table2_features(fid.inception_weights)
+        names = tuple(fid.domain_names)
+        return {"paper-table2": table2_scores(data.test_a, data.test_b, fake_a, fake_b, features, names, fid.batch_size, device)}
     features = resolve_features(fid.features, fid.inception_weights) if fid else []
     sides = {
         "AtoB": (data.test_a, fake_b, data.test_b, data.truth_ab),

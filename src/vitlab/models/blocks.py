@@ -255,7 +255,9 @@ class ParallelBlock(nn.Module):
                 matmul then runs apart from attention-out; the shared out bias stays on the
                 attention branch and the branch LayerNorm's own affine acts on the MLP branch, so
                 turning the switch on adds only that LayerNorm's parameters;
-      - "sum":  what the paper's code did: y = x + LN(MLP(y') + Attn(y')), LN without affine.
+      - "sum":  vitlab's variant, y = x + LN(MLP(y') + Attn(y')) with a non-affine LN on the sum; it keeps
+                the input LayerNorm y' = LN(x), which the paper's code dropped (its block is
+                `vitlab.models.ai602.SumNormParallelBlock`, the `ai602-vit22b-…` presets).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Model presets by name (`vit-s/16`, `vit22b-b/32`, …), `create_model`, and meta-device parameter counts."""
+"""Model presets by name (`vit-s/16`, `vit22b-b/32`, `ai602-vit22b-b/16`, …), `create_model`, meta-device counts."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from vitlab.errors import VitlabError
+from vitlab.models.ai602 import Ai602ViT
 from vitlab.models.vit import VisionTransformer
 
 
@@ -44,7 +46,14 @@ FAMILIES: dict[str, dict] = {
     "vit22b": dict(block="parallel", qk_norm=True, qkv_bias=False, norm_bias=False),
 }
 
-_NAME = re.compile(r"^(?P<family>[a-z0-9]+)-(?P<size>[A-Za-z0-9]+)/(?P<patch>\d+)$")
+# The paper's code (HongSungRae/ai602 @ 63e7ad0: models/vit.py, models/vit22b.py), rebuilt in vitlab.models.ai602;
+# its models/model_config.json uses the Ti/S/B/L/H sizes above, with the same numbers.
+AI602_FAMILIES: dict[str, dict] = {
+    "ai602-vit": dict(block="serial"),
+    "ai602-vit22b": dict(block="parallel", head_batchnorm=True),
+}
+
+_NAME = re.compile(r"^(?P<family>[a-z0-9-]+)-(?P<size>[A-Za-z0-9]+)/(?P<patch>\d+)$")
 
 
 def lookup_size(size: str) -> str:
@@ -57,35 +66,52 @@ def lookup_size(size: str) -> str:
     return matches[0]
 
 
-def preset_config(name: str) -> dict:
-    """Turn a preset name such as `vit22b-s/16` into VisionTransformer keyword arguments."""
+def parse_name(name: str) -> tuple[str, str, int]:
+    """A preset name such as `vit22b-s/16` as (family, canonical size key, patch size)."""
+    families = {**FAMILIES, **AI602_FAMILIES}
     match = _NAME.match(name.strip())
     if not match:
         raise VitlabError(
             f"cannot read model name {name!r}; expected FAMILY-SIZE/PATCH such as 'vit-s/16' or 'vit22b-b/32' "
-            f"(families: {', '.join(FAMILIES)}; sizes: {', '.join(SIZES)})"
+            f"(families: {', '.join(families)}; sizes: {', '.join(SIZES)})"
         )
     family = match["family"].lower()
-    if family not in FAMILIES:
-        raise VitlabError(f"unknown model family {match['family']!r} in {name!r}; allowed: {', '.join(FAMILIES)}")
-    size = SIZES[lookup_size(match["size"])]
+    if family not in families:
+        raise VitlabError(f"unknown model family {match['family']!r} in {name!r}; allowed: {', '.join(families)}")
+    return family, lookup_size(match["size"]), int(match["patch"])
+
+
+def preset_config(name: str) -> dict:
+    """Turn a preset name such as `vit22b-s/16` into the keyword arguments of its model class."""
+    family, key, patch = parse_name(name)
+    size = SIZES[key]
     return dict(
-        patch_size=int(match["patch"]), embed_dim=size.width, depth=size.depth, mlp_dim=size.mlp_dim,
-        num_heads=size.heads, **FAMILIES[family],
+        patch_size=patch, embed_dim=size.width, depth=size.depth, mlp_dim=size.mlp_dim, num_heads=size.heads,
+        **{**FAMILIES, **AI602_FAMILIES}[family],
     )  # fmt: skip
 
 
-def model_options() -> list[str]:
-    """Names of every keyword that `create_model` accepts as an override."""
-    return [p for p in inspect.signature(VisionTransformer).parameters]
+def is_ai602(name: str) -> bool:
+    """Whether a preset name belongs to the paper code's models (`ai602-…`)."""
+    return name.strip().lower().startswith(tuple(f"{family}-" for family in AI602_FAMILIES))
 
 
-def create_model(name: str, **overrides) -> VisionTransformer:
-    """Build a preset by name; any VisionTransformer keyword overrides the preset's value."""
-    unknown = sorted(set(overrides) - set(model_options()))
+def model_class(name: str = "vit-s/16") -> type[nn.Module]:
+    """The class a preset name builds: VisionTransformer, or Ai602ViT for the `ai602-…` families."""
+    return Ai602ViT if is_ai602(name) else VisionTransformer
+
+
+def model_options(name: str = "vit-s/16") -> list[str]:
+    """Names of every keyword that `create_model(name, …)` accepts as an override."""
+    return [p for p in inspect.signature(model_class(name)).parameters]
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a preset by name; any keyword of its model class overrides the preset's value."""
+    unknown = sorted(set(overrides) - set(model_options(name)))
     if unknown:
-        raise VitlabError(f"unknown model option(s) {', '.join(unknown)}; allowed: {', '.join(model_options())}")
-    return VisionTransformer(**{**preset_config(name), **overrides})
+        raise VitlabError(f"unknown model option(s) {', '.join(unknown)}; allowed: {', '.join(model_options(name))}")
+    return model_class(name)(**{**preset_config(name), **overrides})
 
 
 def meta_parameter_count(build: Callable[[], torch.nn.Module]) -> int:

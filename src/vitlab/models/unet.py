@@ -6,10 +6,11 @@
     decoder, `levels` times:  ×2 bilinear → concat skip, linear → stage
     LayerNorm → linear to pixels → un-patchify → residual CNN refinement → tanh
 
-Each stage is `stage_depth` (depth / 6 by default) serial or parallel blocks. The default, one level,
-is the paper's text: a stage, downsampling, a stage, upsampling with the skip, a stage. Resampling acts
-on the token grid and keeps the width: the paper's code interpolated the channel axis instead, halving
-the width where it meant to halve the tokens; the design the paper describes is built here.
+Each stage is `stage_depth` (depth / 6 by default) serial or parallel blocks; the default has one level:
+a stage, downsampling, a stage, upsampling with the skip, a stage. This token-grid design is vitlab's own
+reading of the paper's §4.1 (which does not say how it resamples): resampling acts on the token grid and
+keeps the width. The paper's code ran another network, which interpolates the channel axis and stacks
+its skips along the tokens: `Ai602ViTUnet` (vitlab.models.ai602), built for the `ai602-…` preset names.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from torch import nn
 from vitlab.errors import VitlabError
 from vitlab.models.blocks import ParallelBlock, SerialBlock, check_block_options, layer_norm
 from vitlab.models.gan import ResnetBlock, init_gan_weights
-from vitlab.models.presets import meta_parameter_count, preset_config
+from vitlab.models.ai602 import Ai602ViTUnet
+from vitlab.models.presets import is_ai602, meta_parameter_count, preset_config
 from vitlab.models.vit import PatchEmbed
 
 
@@ -149,17 +151,24 @@ class ViTUnet(nn.Module):
         return torch.tanh(self.refine(coarse, image if self.input_skip else None))
 
 
-def unet_options() -> list[str]:
-    """Names of every keyword that `create_unet` accepts as an override."""
-    return list(inspect.signature(ViTUnet).parameters)
+def unet_class(name: str = "vit-s/32") -> type[nn.Module]:
+    """The generator a backbone preset builds: vitlab's ViTUnet, or the code's Ai602ViTUnet for `ai602-…` names."""
+    return Ai602ViTUnet if is_ai602(name) else ViTUnet
 
 
-def create_unet(name: str, **overrides) -> ViTUnet:
-    """A ViTUnet whose backbone is the preset `name` (`vit-s/32`, `vit22b-s/32`, …)."""
-    unknown = sorted(set(overrides) - set(unet_options()))
+def unet_options(name: str = "vit-s/32") -> list[str]:
+    """Names of every keyword that `create_unet(name, …)` accepts as an override."""
+    return list(inspect.signature(unet_class(name)).parameters)
+
+
+def create_unet(name: str, **overrides) -> nn.Module:
+    """A ViTUnet whose backbone is the preset `name` (`vit-s/32`, `vit22b-s/32`, `ai602-vit-s/32`, …)."""
+    allowed = unet_options(name)
+    unknown = sorted(set(overrides) - set(allowed))
     if unknown:
-        raise VitlabError(f"unknown ViTUnet option(s) {', '.join(unknown)}; allowed: {', '.join(unet_options())}")
-    return ViTUnet(**{**preset_config(name), **overrides})
+        raise VitlabError(f"unknown ViTUnet option(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    preset = {k: v for k, v in preset_config(name).items() if k in allowed}  # a classifier head is no generator's
+    return unet_class(name)(**{**preset, **overrides})
 
 
 def count_unet_parameters(name: str, **overrides) -> int:

@@ -73,7 +73,7 @@ def augment_batch(
     if cfg.crop_padding and not cropped:  # crops and flips on uint8: a quarter of the bytes of float32
         images = random_crop(images, cfg.crop_padding, gen)
     if (cfg.hflip or cfg.vflip) and not cropped:
-        images = random_flip(images, gen, horizontal=cfg.hflip, vertical=cfg.vflip)
+        images = random_flip(images, gen, horizontal=cfg.hflip, vertical=cfg.vflip, p=cfg.flip_prob)
     x = images.float() / 255.0
     if cfg.randaugment_ops:
         x = rand_augment(x, gen, num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)

@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab.config import CycleLossConfig, TranslateConfig
+from vitlab.config import CycleLossConfig, DiscriminatorConfig, TranslateConfig
 from vitlab.data.augment import normalize, random_flip
-from vitlab.data.unpaired import random_window, unpaired_batches
+from vitlab.data.unpaired import PAIRINGS, epoch_length, random_window
 from vitlab.errors import VitlabError
 from vitlab.eval.runs import build_generator
+from vitlab.eval.table2 import table2_features
 from vitlab.eval.translation import DIRECTIONS, load_data, sample_grid, translate_test_sets, translation_metrics
+from vitlab.models.ai602 import Ai602Discriminator
 from vitlab.models.gan import PatchDiscriminator
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.distributed import Context, pick_device
@@ -90,14 +92,20 @@ class ImagePool:
         self.images = [image.to(device) for image in state["images"]]
 
 
+def build_discriminator(d: DiscriminatorConfig) -> nn.Module:
+    """CycleGAN's PatchGAN, or the paper code's small sigmoid discriminator (`kind: ai602`)."""
+    if d.kind == "ai602":
+        return Ai602Discriminator()
+    return PatchDiscriminator(base_channels=d.base_channels, num_layers=d.num_layers, norm=d.norm)
+
+
 def build_networks(config: TranslateConfig) -> nn.ModuleDict:
-    """The two generators and the two PatchGANs of a run."""
-    d = config.discriminator
+    """The two generators and the two discriminators of a run."""
     return nn.ModuleDict({
         "g_a": build_generator(config.generator, config.data.crop_size),
         "g_b": build_generator(config.generator, config.data.crop_size),
-        "d_a": PatchDiscriminator(base_channels=d.base_channels, num_layers=d.num_layers, norm=d.norm),
-        "d_b": PatchDiscriminator(base_channels=d.base_channels, num_layers=d.num_layers, norm=d.norm),
+        "d_a": build_discriminator(config.discriminator),
+        "d_b": build_discriminator(config.discriminator),
     })  # fmt: skip
 
 
@@ -157,8 +165,10 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
     if tc.threads:
         torch.set_num_threads(tc.threads)
     data = load_data(config)
+    if config.eval.protocol == "paper-table2":
+        table2_features(config.eval.inception_weights)  # refuses now, not after the training, without Inception
     n_a, n_b = len(data.train_a), len(data.train_b)
-    steps_per_epoch = max(n_a, n_b) // tc.batch_size
+    steps_per_epoch = epoch_length(config.data.pairing, n_a, n_b, tc.batch_size)
     if steps_per_epoch == 0:
         raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the training sets ({n_a} A, {n_b} B images)")
     total_steps = math.ceil((tc.epochs + tc.decay_epochs) * steps_per_epoch)
@@ -201,7 +211,7 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
         nets.train()
         while run.step < total_steps:
             epoch, start = divmod(run.step, steps_per_epoch)
-            for idx_a, idx_b in unpaired_batches(n_a, n_b, tc.batch_size, epoch, tc.seed)[start:]:
+            for idx_a, idx_b in PAIRINGS[config.data.pairing](n_a, n_b, tc.batch_size, epoch, tc.seed)[start:]:
                 step = run.step
                 gen = torch.Generator().manual_seed(step_seed(tc.seed, step, 0, 0))
                 torch.manual_seed(step_seed(tc.seed, step, 0, 1))

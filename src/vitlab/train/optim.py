@@ -9,7 +9,7 @@ from vitlab.config import OptimConfig
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW or SGD; no weight decay on biases, norms, position embedding and class token; layer-wise LR decay."""
-    groups = parameter_groups(model, cfg.weight_decay, cfg.layer_decay)
+    groups = parameter_groups(model, cfg.weight_decay, cfg.layer_decay, cfg.decay_all)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
@@ -24,18 +24,21 @@ def layer_index(name: str, depth: int) -> int:
     return depth + 1
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+def parameter_groups(
+    model: torch.nn.Module, weight_decay: float, layer_decay: float | None = None, decay_all: bool = False
+) -> list[dict]:
     """Optimizer groups of the trainable parameters, each with an `lr_scale` the loop multiplies the LR by.
 
-    No weight decay on biases, norms, position embedding and class token. With `layer_decay`, a
-    parameter at depth l (see `layer_index`) of a model with L blocks learns at lr·decay^(L+1-l).
+    No weight decay on biases, norms, position embedding and class token, unless `decay_all` (the paper's
+    code gave AdamW every parameter). With `layer_decay`, a parameter at depth l (see `layer_index`) of a
+    model with L blocks learns at lr·decay^(L+1-l).
     """
     depth = len(model.blocks) if layer_decay is not None else 0
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = param.ndim >= 2 and name not in ("pos_embed", "cls_token")
+        decay = decay_all or (param.ndim >= 2 and name not in ("pos_embed", "cls_token"))
         layer = layer_index(name, depth) if layer_decay is not None else 0
         scale = layer_decay ** (depth + 1 - layer) if layer_decay is not None else 1.0
         group = dict(params=[], weight_decay=weight_decay if decay else 0.0, lr_scale=scale)

@@ -1,4 +1,10 @@
-"""`vitlab stability`: the same data, seed and schedule for several variants, drawn like Fig. 1 of the paper."""
+"""`vitlab stability`: the same data, seed and schedule for several variants, drawn like Fig. 1 of the paper.
+
+The input-gradient penalty (`train.grad_penalty`) is vitlab's reading of a term the paper names but never
+defines: its Fig. 1b credits "the LayerNorm and gradient penalty", its text describes no penalty, and its
+code has none. vitlab reads it as double backpropagation (Drucker & LeCun 1992), λ·mean over images of the
+squared norm of the loss's gradient with respect to the image (`vitlab.train.classify.penalties`).
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,137 @@
+"""The paper's figures and tables drawn from finished runs: Fig. 2 (`fig2`) and Table 2 (`table2`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from vitlab.errors import VitlabError
+from vitlab.figures import new_figure, save_figure
+from vitlab.models.presets import SIZES, parse_name
+from vitlab.train.run_log import read_csv
+
+FAMILY_TITLES = {"vit": "ViT", "ai602-vit": "ViT", "vit22b": "ViT-22B", "ai602-vit22b": "ViT-22B"}
+BEST_NOTE = {
+    "val_acc1": "best epoch chosen on the minival held out of train (data.val_fraction); its test accuracy shown",
+    "test": "best epoch chosen on the test set itself (the run held out no minival: set data.val_fraction)",
+}
+
+
+def read_run(run_dir: str | Path) -> tuple[Path, dict, dict]:
+    """A finished run's directory, config and results; an error that names what is missing otherwise."""
+    run_dir = Path(run_dir)
+    missing = [name for name in ("config.yaml", "results.json") if not (run_dir / name).is_file()]
+    if missing:
+        raise VitlabError(f"{run_dir} is not a finished run (no {' or '.join(missing)}); give run directories")
+    return run_dir, yaml.safe_load((run_dir / "config.yaml").read_text()), json.loads((run_dir / "results.json").read_text())
+
+
+def fig2_rows(run_dirs: list[str | Path]) -> list[dict]:
+    """One row per classification run: dataset, model, family, size, final and best test acc@1."""
+    rows = []
+    for path in run_dirs:
+        run_dir, config, results = read_run(path)
+        if "model" not in config:
+            raise VitlabError(f"{run_dir} is not a classification run; `vitlab report fig2` reads `vitlab train` runs")
+        family, size, _ = parse_name(config["model"]["name"])
+        epochs = read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").is_file() else {}
+        accs = epochs.get("test_acc1", [])
+        chooser = epochs.get("val_acc1", accs)  # the minival (data.val_fraction) where the run held one out
+        scores = [(a, i) for i, a in enumerate(chooser) if math.isfinite(a)]
+        best = max(scores)[1] if scores else None
+        rows.append(dict(
+            dataset=config["data"]["name"], model=config["model"]["name"], family=FAMILY_TITLES.get(family, family),
+            size=size, final=results["test"]["acc1"], best=accs[best] if scores else None,
+            best_epoch=epochs["epoch"][best] if scores else None, chosen_on="val_acc1" if "val_acc1" in epochs else "test",
+            run=str(run_dir),
+        ))  # fmt: skip
+    order = list(SIZES)
+    return sorted(rows, key=lambda r: (r["dataset"], order.index(r["size"]), r["family"], r["model"]))
+
+
+def percent(value: float | None) -> str:
+    """An accuracy in [0, 1] as a percentage with two decimals, or a dash."""
+    return "–" if value is None else f"{100 * value:.2f} %"
+
+
+def fig2(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
+    """Fig. 2: test accuracy per dataset and size, ViT beside ViT-22B, final and best; writes fig2.md and fig2.png."""
+    rows = fig2_rows(run_dirs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["| dataset | size | family | model | final acc@1 | best acc@1 (epoch) |", "|---|---|---|---|---:|---:|"]
+    for r in rows:
+        best = f"{percent(r['best'])} ({r['best_epoch']:g})" if r["best"] is not None else "–"
+        lines.append(f"| {r['dataset']} | {r['size']} | {r['family']} | `{r['model']}` | {percent(r['final'])} | {best} |")
+    table = out_dir / "fig2.md"
+    notes = "\n".join(f"Best: {BEST_NOTE[chosen]}." for chosen in sorted({r["chosen_on"] for r in rows}))
+    table.write_text("\n".join(lines) + f"\n\n{notes}\n")
+
+    datasets = sorted({r["dataset"] for r in rows})
+    fig = new_figure(6 * len(datasets), 4)
+    axes = fig.subplots(1, len(datasets), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        sizes = [s for s in SIZES if any(r["size"] == s for r in mine)]
+        for offset, family in ((-0.2, "ViT"), (0.2, "ViT-22B")):
+            found = {r["size"]: r for r in mine if r["family"] == family}
+            present = [s for s in sizes if s in found]
+            xs = [sizes.index(s) + offset for s in present]
+            ax.bar(xs, [100 * found[s]["final"] for s in present], width=0.4, label=f"{family} final")
+            best = [(x, 100 * found[s]["best"]) for x, s in zip(xs, present) if found[s]["best"] is not None]
+            if best:
+                ax.scatter(*zip(*best), marker="_", s=300, color="black", label="best epoch" if offset < 0 else None)
+        ax.set(title=dataset, xticks=range(len(sizes)), xticklabels=sizes, ylabel="test acc@1 (%)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Fig. 2 from runs (bars: final weights; marks: the best epoch, see fig2.md)", fontsize=9)
+    figure = save_figure(fig, out_dir / "fig2.png")
+    return table, figure
+
+
+def table2_row(run_dir: Path, config: dict, results: dict) -> dict:
+    """One translation run as a Table 2 row: FID per domain column (real images vs translations into them)."""
+    test = results["test"]
+    names = config.get("eval", {}).get("domain_names", ["A", "B"])
+    if "paper-table2" in test:
+        scores = test["paper-table2"]
+        columns, features = {n: scores[n] for n in (*names, "Average")}, f"{scores['features']}, paper-table2"
+    else:  # vitlab's protocol: the BtoA row holds real A against translations into A
+        keys = [k for k in test["AtoB"] if k.startswith("fid_")]
+        if not keys:
+            raise VitlabError(f"{run_dir} has no FID; evaluate it with `vitlab translate-eval` first")
+        a, b = test["BtoA"][keys[0]], test["AtoB"][keys[0]]
+        columns, features = {names[0]: a, names[1]: b, "Average": (a + b) / 2}, keys[0].removeprefix("fid_")
+    dataset = Path(config["data"].get("root") or config["data"]["name"]).name
+    return dict(dataset=dataset, generator=config["generator"]["name"], params=results.get("generator_parameters"),
+                columns=columns, features=features, samples=run_dir / "samples.png")  # fmt: skip
+
+
+def table2(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
+    """Table 2 (FID per domain and average) as table2.md, and table2.png with each run's sample grid (Fig. 4/5)."""
+    rows = [table2_row(*read_run(path)) for path in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["| dataset | generator | # params | FID per column (lower is better) | features |", "|---|---|---:|---|---|"]
+    for r in rows:
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in r["columns"].items())
+        params = f"{r['params'] / 1e6:.1f} M" if r["params"] else "–"
+        lines.append(f"| {r['dataset']} | `{r['generator']}` | {params} | {scores} | {r['features']} |")
+    table = out_dir / "table2.md"
+    table.write_text("\n".join(lines) + "\n\nEach column compares a domain's real test images with translations into it.\n")
+    fig = new_figure(8, 4 * len(rows))
+    axes = fig.subplots(len(rows), 1, squeeze=False)
+    for ax, r in zip(axes[:, 0], rows):
+        if r["samples"].is_file():
+            with Image.open(r["samples"]) as image:
+                ax.imshow(np.asarray(image.convert("RGB")))
+        scores = ", ".join(f"{k} {v:.3g}" for k, v in r["columns"].items())
+        ax.set_title(f"{r['dataset']} · {r['generator']} · FID {scores} ({r['features']})", fontsize=9)
+        ax.axis("off")
+    figure = save_figure(fig, out_dir / "table2.png")
+    return table, figure
