@@ -14,8 +14,13 @@ from vitlab.data import DATASETS, load_splits
 from vitlab.errors import VitlabError
 
 
-def test_names_cover_the_four_sources() -> None:
-    assert set(DATASETS) == {"builtin", "cifar10", "cifar100", "folder"}
+def test_names_cover_the_five_sources() -> None:
+    assert set(DATASETS) == {"builtin", "cifar10", "cifar100", "folder", "wds"}
+
+
+def test_shards_are_never_held_in_memory() -> None:
+    with pytest.raises(VitlabError, match="wds"):
+        load_splits("wds", root="shards")
 
 
 def test_builtin_needs_no_root_and_takes_generator_options() -> None:

@@ -20,6 +20,8 @@ def load_splits(
         return builtin_splits(image_size=image_size, **builtin_kwargs)
     if name not in DATASETS:
         raise VitlabError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    if name == "wds":
+        raise VitlabError("WebDataset shards (wds) are streamed, never held in memory: leave data.stream at auto or true")
     if root is None:
         raise VitlabError(f"dataset {name!r} needs a root folder (data.root)")
     if name in ("cifar10", "cifar100"):
