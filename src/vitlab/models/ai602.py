@@ -22,8 +22,14 @@ from einops import rearrange
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.models.blocks import Attention, Mlp, attend, attention_logits, check_block_options, merge_heads, split_heads
+from vitlab.models.blocks import Attention, BlockSpec, Mlp, attend, attention_logits, merge_heads, split_heads
 from vitlab.models.gan import ResnetBlock, init_gan_weights
+
+
+def check_block_options(block: str, attn_impl: str, dim: int, num_heads: int) -> None:
+    """The checks vitlab's own blocks make of these keywords (the code's blocks have no other switches)."""
+    BlockSpec(block, dim, num_heads, mlp_dim=dim, qkv_bias=False, qk_norm=False, norm_bias=False, branch_norm="none",
+              dropout=0.0, attn_dropout=0.0, drop_path=0.0, attn_impl=attn_impl)  # fmt: skip
 
 
 class FullWidthAttention(Attention):
@@ -113,7 +119,7 @@ class Ai602ViT(nn.Module):
     ):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        check_block_options(block, "none", attn_impl, embed_dim, num_heads)
+        check_block_options(block, attn_impl, embed_dim, num_heads)
         if not sum_norm and block != "parallel":
             raise VitlabError("sum_norm=False needs block='parallel' (it removes the LayerNorm on the parallel branches' sum)")
         extra = {} if sum_norm else dict(sum_norm=False)
@@ -159,7 +165,7 @@ class Ai602ViTUnet(nn.Module):
         attn_impl: str = "auto",
     ):
         super().__init__()
-        check_block_options(block, "none", attn_impl, embed_dim // 8, num_heads)
+        check_block_options(block, attn_impl, embed_dim // 8, num_heads)
         if depth % 6 or embed_dim % 8 or mlp_dim % 8:
             raise VitlabError(f"depth={depth}, embed_dim={embed_dim} and mlp_dim={mlp_dim}: depth must be a multiple of 6 "
                               "and both widths multiples of 8 (three halvings)")  # fmt: skip

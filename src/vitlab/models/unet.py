@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.models.blocks import ParallelBlock, SerialBlock, check_block_options, layer_norm
+from vitlab.models.blocks import BlockSpec, layer_norm
 from vitlab.models.gan import ResnetBlock, init_gan_weights
 from vitlab.models.ai602 import Ai602ViTUnet
 from vitlab.models.presets import is_ai602, meta_parameter_count, preset_config
@@ -90,7 +90,8 @@ class ViTUnet(nn.Module):
         input_skip: bool = False,
     ):
         super().__init__()
-        check_block_options(block, branch_norm, attn_impl, embed_dim, num_heads)
+        spec = BlockSpec(block, embed_dim, num_heads, mlp_dim, qkv_bias, qk_norm, norm_bias, branch_norm,
+                         dropout, attn_dropout, drop_path, attn_impl)  # fmt: skip
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         grid = self.patch_embed.grid
         if levels < 0 or grid % 2**levels:
@@ -102,18 +103,10 @@ class ViTUnet(nn.Module):
         self.patch_size, self.input_skip = patch_size, input_skip
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, embed_dim))
 
-        block_cls = ParallelBlock if block == "parallel" else SerialBlock
-        block_kwargs = dict(
-            dim=embed_dim, num_heads=num_heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, qk_norm=qk_norm,
-            norm_bias=norm_bias, dropout=dropout, attn_dropout=attn_dropout, attn_impl=attn_impl,
-        )  # fmt: skip
-        if block == "parallel":
-            block_kwargs["branch_norm"] = branch_norm
         num_stages = 2 * levels + 1
         # Stochastic depth grows linearly over all blocks, from the first encoder block to the last decoder one.
-        rates = iter([drop_path * i / max(num_stages * stage_depth - 1, 1) for i in range(num_stages * stage_depth)])
-        stages = [nn.Sequential(*[block_cls(drop_path=next(rates), **block_kwargs) for _ in range(stage_depth)])
-                  for _ in range(num_stages)]  # fmt: skip
+        blocks = spec.build(num_stages * stage_depth)
+        stages = [nn.Sequential(*blocks[i * stage_depth : (i + 1) * stage_depth]) for i in range(num_stages)]
         self.encoder = nn.ModuleList(stages[:levels])
         self.bottleneck = stages[levels]
         self.decoder = nn.ModuleList(stages[levels + 1 :])

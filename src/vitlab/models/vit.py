@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError, check_choice
-from vitlab.models.blocks import ParallelBlock, SerialBlock, check_block_options, gemm, layer_norm
+from vitlab.models.blocks import BlockSpec, ParallelBlock, gemm, layer_norm
 
 POS_EMBEDS = ("learn", "sincos")
 POOLS = ("cls", "gap")
@@ -109,15 +109,13 @@ class VisionTransformer(nn.Module):
     ):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        check_block_options(block, branch_norm, attn_impl, embed_dim, num_heads)
+        spec = BlockSpec(block, embed_dim, num_heads, mlp_dim, qkv_bias, qk_norm, norm_bias, branch_norm,
+                         dropout, attn_dropout, drop_path, attn_impl)  # fmt: skip
         check_choice("pos_embed", pos_embed, POS_EMBEDS)
         check_choice("pool", pool, POOLS)
         check_choice("head", head, HEADS)
         if num_classes < 0:
             raise VitlabError(f"num_classes={num_classes} is negative; use 0 for no head or the number of classes")
-        for name, p in (("dropout", dropout), ("attn_dropout", attn_dropout), ("drop_path", drop_path)):
-            if not 0.0 <= p < 1.0:
-                raise VitlabError(f"{name}={p} must be in [0, 1)")
 
         self.num_classes, self.embed_dim, self.pool, self.zero_head = num_classes, embed_dim, pool, zero_head
         self.grad_checkpointing = grad_checkpointing
@@ -131,16 +129,7 @@ class VisionTransformer(nn.Module):
             self.register_buffer("pos_embed", torch.empty(1, num_positions, embed_dim), persistent=False)
         self.pos_drop = nn.Dropout(dropout)
 
-        block_kwargs = dict(
-            dim=embed_dim, num_heads=num_heads, mlp_dim=mlp_dim, qkv_bias=qkv_bias, qk_norm=qk_norm,
-            norm_bias=norm_bias, dropout=dropout, attn_dropout=attn_dropout, attn_impl=attn_impl,
-        )  # fmt: skip
-        if block == "parallel":
-            block_kwargs["branch_norm"] = branch_norm
-        block_cls = ParallelBlock if block == "parallel" else SerialBlock
-        # Stochastic depth grows linearly with depth (Huang et al. 2016; DeiT).
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.Sequential(*[block_cls(drop_path=rate, **block_kwargs) for rate in rates])
+        self.blocks = nn.Sequential(*spec.build(depth))
         self.norm = layer_norm(embed_dim, norm_bias)
         if head == "mlp":  # the original ViT's pre-logits layer (Dosovitskiy et al. 2021)
             self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, embed_dim), act=nn.Tanh()))
