@@ -30,6 +30,7 @@ import yaml
 from tqdm import tqdm
 
 from vitlab.config import RunConfig, from_dict
+from vitlab.data.stream_loader import DataWait
 from vitlab.errors import VitlabError
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed
@@ -153,8 +154,8 @@ class Run:
         self.save_pending = False
         self.signal = 0
         self.previous_handlers: dict[int, object] = {}
-        self.started = self.wait_since = time.perf_counter()
-        self.wait_seconds = 0.0
+        self.started = time.perf_counter()
+        self.wait = DataWait()
 
     # -- life cycle ---------------------------------------------------------------------------------
     def __enter__(self) -> Run:
@@ -222,21 +223,12 @@ class Run:
 
     def batches(self, source: Iterable) -> Iterator:
         """Iterate `source`, timing how long the loop waits for each batch (see `data_wait`)."""
-        iterator = iter(source)
-        while True:
-            started = time.perf_counter()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            self.wait_seconds += time.perf_counter() - started
-            yield batch
+        return self.wait.wrap(source)
 
     def data_wait(self) -> float:
         """The fraction of the time since the last call that the loop spent waiting for data."""
-        now = time.perf_counter()
-        fraction = self.wait_seconds / max(now - self.wait_since, 1e-9)
-        self.wait_seconds, self.wait_since = 0.0, now
+        fraction = self.wait.fraction
+        self.wait.reset()
         return fraction
 
     def advance(self, images: int) -> None:
