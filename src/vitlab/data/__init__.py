@@ -1,4 +1,4 @@
-"""Datasets held in memory as uint8 tensors, batch iteration and batched augmentation."""
+"""Datasets by name (in memory), the streamed pipeline for folders and shards, batch iteration and batched augmentation."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Evaluation metrics."""
+"""Evaluation and inference: reading a trained run back, classification and translation metrics, predictions, figures."""

@@ -1,1 +1,1 @@
-"""Training: the classification loop, checkpoints, run logging and the multi-process plumbing."""
+"""Training: the run scaffold, the classification and CycleGAN loops, checkpoints, run logging, precision and strategies."""

@@ -1,4 +1,4 @@
-"""What a run records: per-step and per-epoch metrics as CSV and TensorBoard, and curves as PNG."""
+"""What a run records: per-step and per-epoch metrics as CSV, TensorBoard (and Weights & Biases if asked), and curves as PNG."""
 
 from __future__ import annotations
 
