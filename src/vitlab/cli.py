@@ -115,6 +115,30 @@ def cmd_translate_train(args: argparse.Namespace) -> None:
     print(json.dumps(results["test"], indent=2))
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    """Pretrain an encoder with MAE or MPP on unlabeled images, or resume a run."""
+    from vitlab.config import PretrainConfig, apply_overrides, from_dict, load_config
+    from vitlab.train.pretrain import pretrain
+    from vitlab.train.runs import AUTO, load_run_config
+
+    if args.resume and args.resume != AUTO:
+        saved = load_run_config(Path(args.resume), PretrainConfig).to_dict()
+        config = from_dict(PretrainConfig, apply_overrides(saved, args.set)).validate()
+    else:
+        config = load_config(args.config, args.set, PretrainConfig)
+    results = pretrain(config, resume_dir=args.resume, progress=not args.no_progress)
+    print(f"run {results['run_dir']}: held-out {results['method']} loss {results['test']['loss']:.4f} "
+          f"after {results['epochs']:.2f} epochs; fine-tune it with finetune.checkpoint: {results['run_dir']}")  # fmt: skip
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    """Linear-probe accuracy of a pretraining run's frozen encoder."""
+    from vitlab.eval.probe import probe_run
+
+    result = probe_run(args.run, args.num_train, args.epochs, args.lr, args.batch_size, args.random_init)
+    print(json.dumps(result, indent=2))
+
+
 def cmd_translate_eval(args: argparse.Namespace) -> None:
     """FID, KID (and the error to the truth on the built-in pair) of a translation run's last checkpoint."""
     from vitlab.eval.translation import evaluate_run
@@ -218,6 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=256)
     evaluate.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     evaluate.set_defaults(func=cmd_eval)
+
+    pretrain = sub.add_parser("pretrain", help="self-supervised pretraining: MAE or masked patch prediction (pretrain.method)")
+    pretrain.add_argument("config", nargs="?", help="YAML config (see configs/pretrain/); default: MAE on built-in data")
+    add_run_options(pretrain)
+    pretrain.add_argument("--resume", metavar="RUN_DIR|auto", help=RESUME_HELP)
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    probe = sub.add_parser("probe", help="linear probe of a pretraining run's frozen features (BatchNorm + linear)")
+    probe.add_argument("run", help="pretraining run directory or checkpoint folder")
+    probe.add_argument("--num-train", type=int, help="labelled training images (default: the run's data.num_train)")
+    probe.add_argument("--epochs", type=int, default=90, help="epochs of the linear layer (default 90, MAE's)")
+    probe.add_argument("--lr", type=float, default=0.1)
+    probe.add_argument("--batch-size", type=int, default=256)
+    probe.add_argument("--random-init", action="store_true", help="probe the same encoder untrained (the baseline)")
+    probe.set_defaults(func=cmd_probe)
 
     translate_train = sub.add_parser("translate-train", help="train a CycleGAN: ViTUnet or the ResNet generator (paper §4)")
     translate_train.add_argument("config", nargs="?", help="YAML config, e.g. configs/translate-builtin.yaml")
