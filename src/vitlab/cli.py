@@ -46,19 +46,12 @@ def cmd_consolidate(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a classifier from a config (or the default run), or resume a run."""
-    from vitlab.config import apply_overrides, from_dict, load_config, RunConfig
+    from vitlab.config import RunConfig
     from vitlab.train.classify import train
-    from vitlab.train.runs import AUTO, load_run_config
 
     if vars(args).get("strategy"):
         args.set.append(f"train.strategy={args.strategy}")
-
-    if args.resume and args.resume != AUTO:
-        saved = load_run_config(Path(args.resume)).to_dict()
-        config = from_dict(RunConfig, apply_overrides(saved, args.set)).validate()
-    else:
-        config = load_config(args.config, args.set)
-    results = train(config, resume_dir=args.resume, progress=not args.no_progress)
+    results = train(run_config(args, RunConfig), resume_dir=args.resume, progress=not args.no_progress)
     if "run_dir" in results:
         test = results["test"]
         print(
@@ -97,19 +90,26 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def cmd_translate_train(args: argparse.Namespace) -> None:
-    """Train ViTUnet or the ResNet generator as a CycleGAN, or resume a run."""
-    from vitlab.config import TranslateConfig, apply_overrides, from_dict, load_config
-    from vitlab.train.cyclegan import train_translation
+def run_config(args: argparse.Namespace, cls: type):
+    """The config of a loop: the one saved in `--resume RUN_DIR` (with `--set` applied), else CONFIG's (or the defaults)."""
+    from vitlab.config import apply_overrides, from_dict, load_config
     from vitlab.train.runs import AUTO, load_run_config
 
     if args.resume and args.resume != AUTO:
-        saved = load_run_config(Path(args.resume), TranslateConfig).to_dict()
-        config = from_dict(TranslateConfig, apply_overrides(saved, args.set)).validate()
-    elif args.config:
-        config = load_config(args.config, args.set, TranslateConfig)
-    else:
+        saved = load_run_config(Path(args.resume), cls).to_dict()
+        return from_dict(cls, apply_overrides(saved, args.set)).validate()
+    return load_config(args.config, args.set, cls)
+
+
+def cmd_translate_train(args: argparse.Namespace) -> None:
+    """Train ViTUnet or the ResNet generator as a CycleGAN, or resume a run."""
+    from vitlab.config import TranslateConfig
+    from vitlab.train.cyclegan import train_translation
+    from vitlab.train.runs import AUTO
+
+    if not args.config and args.resume in (None, AUTO):
         raise VitlabError("give a config (e.g. configs/translate-builtin.yaml) or --resume RUN_DIR")
+    config = run_config(args, TranslateConfig)
     results = train_translation(config, resume_dir=args.resume, progress=not args.no_progress)
     print(f"run {results['run_dir']} after {results['epochs']:.2f} epochs:")
     print(json.dumps(results["test"], indent=2))
@@ -117,16 +117,10 @@ def cmd_translate_train(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     """Pretrain an encoder with MAE or MPP on unlabeled images, or resume a run."""
-    from vitlab.config import PretrainConfig, apply_overrides, from_dict, load_config
+    from vitlab.config import PretrainConfig
     from vitlab.train.pretrain import pretrain
-    from vitlab.train.runs import AUTO, load_run_config
 
-    if args.resume and args.resume != AUTO:
-        saved = load_run_config(Path(args.resume), PretrainConfig).to_dict()
-        config = from_dict(PretrainConfig, apply_overrides(saved, args.set)).validate()
-    else:
-        config = load_config(args.config, args.set, PretrainConfig)
-    results = pretrain(config, resume_dir=args.resume, progress=not args.no_progress)
+    results = pretrain(run_config(args, PretrainConfig), resume_dir=args.resume, progress=not args.no_progress)
     print(f"run {results['run_dir']}: held-out {results['method']} loss {results['test']['loss']:.4f} "
           f"after {results['epochs']:.2f} epochs; fine-tune it with finetune.checkpoint: {results['run_dir']}")  # fmt: skip
 

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from vitlab import VitlabError, create_model
+from tests.train.preemption import sigterm_after_steps
 from vitlab.cli import main
 from vitlab.config import FinetuneConfig, PretrainConfig, RunConfig, load_config
 from vitlab.eval.probe import linear_probe
@@ -110,22 +111,12 @@ def test_linear_probe_separates_separable_features() -> None:
 
 
 def test_sigterm_saves_the_step_in_progress_and_auto_resume_continues_exactly(tmp_path: Path) -> None:
-    import os
-    import signal
-    import threading
-    import time
-
     settings = ["train.checkpoint_every_steps=1000", "name=mpp", "pretrain.method=mpp",
                 "model.name=vit-ti/8", "model.options.pool=gap"]  # fmt: skip
     whole = pretrain(tiny_config(tmp_path / "whole", *settings), progress=False)
     run_dir = tmp_path / "cut" / "mpp"
 
-    def preempt() -> None:  # a scheduler's SIGTERM once three steps are logged
-        while not (run_dir / "steps.csv").is_file() or len((run_dir / "steps.csv").read_text().splitlines()) < 4:
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=preempt, daemon=True).start()
+    sigterm_after_steps(run_dir, 3)  # a scheduler's preemption
     with pytest.raises(RunInterrupted, match=f"stopped by SIGTERM at step (\\d+); checkpoint: {run_dir}.*vitlab pretrain") as info:
         pretrain(tiny_config(tmp_path / "cut", *settings), progress=False)
     assert info.value.exit_code == 143 and not (run_dir / "results.json").exists()
