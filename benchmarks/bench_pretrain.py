@@ -47,7 +47,7 @@ def measure(args: argparse.Namespace, family: str, method: str, seed: int) -> di
     config = load_config(CONFIGS / f"builtin-{method}-vit22b-ti.yaml", [
         *options(args, family, seed), f"name={name}", f"data.num_train={args.pretrain_images}",
         f"data.num_test={args.test_images}", f"train.epochs={args.pretrain_epochs}", f"optim.warmup_epochs={args.warmup}",
-        f"pretrain.sample_every_steps={10**9}",
+        f"train.batch_size={args.pretrain_batch}", f"pretrain.sample_every_steps={10**9}",
     ], PretrainConfig)  # fmt: skip
     started = time.perf_counter()
     run_dir = pretrain(config, progress=False)["run_dir"]
@@ -70,18 +70,17 @@ def spread(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
 
 
-def table(rows: list[dict], scratch: dict[tuple[str, int], float]) -> str:
+def table(rows: list[dict]) -> str:
     """The markdown table: per family and method, over seeds."""
     lines = ["| family | method | seeds | from scratch | fine-tuned | gain (points) | probe random init | probe pretrained | probe ratio |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for family, method in dict.fromkeys((r["family"], r["method"]) for r in rows):
         group = [r for r in rows if r["family"] == family and r["method"] == method]
-        base = [scratch[(family, r["seed"])] for r in group]
-        gain = [r["finetuned"] - b for r, b in zip(group, base)]
         ratio = [r["probe"] / max(r["probe_random_init"], 1e-9) for r in group]
         lines.append(
-            f"| {family} | {method} | {len(group)} | {spread(base)} | {spread([r['finetuned'] for r in group])} | "
-            f"{spread(gain)} | {spread([r['probe_random_init'] for r in group])} | {spread([r['probe'] for r in group])} | "
+            f"| {family} | {method} | {len(group)} | {spread([r['scratch'] for r in group])} | "
+            f"{spread([r['finetuned'] for r in group])} | {spread([r['finetuned'] - r['scratch'] for r in group])} | "
+            f"{spread([r['probe_random_init'] for r in group])} | {spread([r['probe'] for r in group])} | "
             f"{statistics.mean(ratio):.2f}× |"
         )
     return "\n".join(lines)
@@ -96,7 +95,8 @@ def main() -> None:
     parser.add_argument("--model-options", default="{}", help="model.options YAML, e.g. a smaller encoder")
     parser.add_argument("--pretrain-images", type=int, default=20000)
     parser.add_argument("--pretrain-epochs", type=float, default=20)
-    parser.add_argument("--warmup", type=float, default=2)
+    parser.add_argument("--pretrain-batch", type=int, default=256)
+    parser.add_argument("--warmup", type=float, default=2, help="pretraining warm-up epochs")
     parser.add_argument("--labelled", type=int, default=1000)
     parser.add_argument("--finetune-epochs", type=float, default=50)
     parser.add_argument("--probe-epochs", type=int, default=90)
@@ -104,21 +104,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out-dir", default="runs/bench-pretrain")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--merge", nargs="+", type=Path, help="only tabulate the rows of these result JSON files")
     args = parser.parse_args()
     args.results.mkdir(parents=True, exist_ok=True)
 
-    rows, scratch = [], {}
-    for family in args.families:
-        for seed in args.seeds:
-            scratch[(family, seed)] = fine_tune(args, family, seed, None, f"{family}-scratch-seed{seed}")
-            for method in args.methods:
-                rows.append(measure(args, family, method, seed))
-                print(json.dumps(rows[-1]), flush=True)
-    text = table(rows, scratch)
+    if args.merge:
+        rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
+        stem = "pretrain"
+    else:
+        rows = []
+        for family in args.families:
+            for seed in args.seeds:
+                scratch = fine_tune(args, family, seed, None, f"{family}-scratch-seed{seed}")
+                for method in args.methods:
+                    rows.append({**measure(args, family, method, seed), "scratch": scratch})
+                    print(json.dumps(rows[-1]), flush=True)
+        stem = f"pretrain-{'-'.join(args.families)}-seed{'-'.join(map(str, args.seeds))}"
     settings = {k: str(v) for k, v in vars(args).items()}
-    stem = f"pretrain-{'-'.join(args.families)}"
-    (args.results / f"{stem}.json").write_text(json.dumps({"settings": settings, "rows": rows,
-                                                            "scratch": {f"{f}-seed{s}": a for (f, s), a in scratch.items()}}, indent=2))  # fmt: skip
+    text = table(rows)
+    (args.results / f"{stem}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
     (args.results / f"{stem}.md").write_text(f"{text}\n\nSettings: {json.dumps(settings)}\n")
     print(text)
 

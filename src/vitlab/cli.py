@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vitlab.errors import VitlabError
+
+if TYPE_CHECKING:
+    from vitlab.config import PretrainConfig, RunConfig, TranslateConfig
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -90,7 +94,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def run_config(args: argparse.Namespace, cls: type):
+def run_config(args: argparse.Namespace, cls: type) -> RunConfig | TranslateConfig | PretrainConfig:
     """The config of a loop: the one saved in `--resume RUN_DIR` (with `--set` applied), else CONFIG's (or the defaults)."""
     from vitlab.config import apply_overrides, from_dict, load_config
     from vitlab.train.runs import AUTO, load_run_config
