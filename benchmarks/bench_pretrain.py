@@ -108,8 +108,10 @@ def main() -> None:
     args = parser.parse_args()
     args.results.mkdir(parents=True, exist_ok=True)
 
+    settings = {k: str(v) for k, v in vars(args).items()}
     if args.merge:
         rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
+        settings = {**json.loads(args.merge[0].read_text())["settings"], "seeds": str(sorted({r["seed"] for r in rows}))}
         stem = "pretrain"
     else:
         rows = []
@@ -120,7 +122,6 @@ def main() -> None:
                     rows.append({**measure(args, family, method, seed), "scratch": scratch})
                     print(json.dumps(rows[-1]), flush=True)
         stem = f"pretrain-{'-'.join(args.families)}-seed{'-'.join(map(str, args.seeds))}"
-    settings = {k: str(v) for k, v in vars(args).items()}
     text = table(rows)
     (args.results / f"{stem}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
     (args.results / f"{stem}.md").write_text(f"{text}\n\nSettings: {json.dumps(settings)}\n")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from vitlab import VitlabError, create_model
 from tests.train.preemption import sigterm_after_steps
 from vitlab.cli import main
-from vitlab.config import FinetuneConfig, PretrainConfig, RunConfig, load_config
+from vitlab.config import FinetuneConfig, PretrainConfig, load_config
 from vitlab.eval.probe import linear_probe
 from vitlab.train.finetune import fit_to_model, pretrained_state_dict, prepare_model
 from vitlab.train.pretrain import pretrain
@@ -136,10 +136,3 @@ def test_config_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pretrain.mask_ratio=1.5" in err
 
-
-def test_pretrain_configs_load() -> None:
-    files = sorted(Path("configs/pretrain").glob("*.yaml"))
-    assert len(files) >= 3
-    for path in files:
-        config = load_config(path, [], RunConfig if "finetune" in path.name else PretrainConfig)
-        assert config.name == path.stem
