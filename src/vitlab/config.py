@@ -498,6 +498,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)  # labels are ignored
     # MAE's augmentation is crop and flip only (He et al. 2022, App. A.1).
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_padding=4, hflip=True, vflip=False))
+    # MAE's optimiser: AdamW (0.9, 0.95), weight decay 0.05, cosine; its LR 1.5e-4·batch/256 is 2.4e-3 at batch 4096.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1.5e-3, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=5))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, batch_size=256, strategy="single"))
 
