@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vitlab import __version__
 from vitlab.errors import VitlabError
@@ -18,6 +19,9 @@ built-in data in minutes; `vitlab COMMAND -h` explains each command."""
 # One geometry for `params` and `plan`: 224 px, patch 16 (the ViT paper's base patch, at which its parameter
 # counts are quoted) and ImageNet's 1000 classes. `vitlab plan vit22b-22b/14` names the ViT-22B patch.
 DEFAULT_IMAGE_SIZE, DEFAULT_PATCH_SIZE, DEFAULT_NUM_CLASSES = 224, 16, 1000
+
+if TYPE_CHECKING:
+    from vitlab.config import PretrainConfig, RunConfig, TranslateConfig
 
 
 def cmd_params(args: argparse.Namespace) -> None:
@@ -56,19 +60,12 @@ def cmd_consolidate(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a classifier from a config (or the default run), or resume a run."""
-    from vitlab.config import apply_overrides, from_dict, load_config, RunConfig
+    from vitlab.config import RunConfig
     from vitlab.train.classify import train
-    from vitlab.train.runs import AUTO, load_run_config
 
     if vars(args).get("strategy"):
         args.set.append(f"train.strategy={args.strategy}")
-
-    if args.resume and args.resume != AUTO:
-        saved = load_run_config(Path(args.resume)).to_dict()
-        config = from_dict(RunConfig, apply_overrides(saved, args.set)).validate()
-    else:
-        config = load_config(args.config, args.set)
-    results = train(config, resume_dir=args.resume, progress=not args.no_progress)
+    results = train(run_config(args, RunConfig), resume_dir=args.resume, progress=not args.no_progress)
     if "run_dir" in results:
         test = results["test"]
         print(
@@ -108,22 +105,47 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-def cmd_translate_train(args: argparse.Namespace) -> None:
-    """Train ViTUnet or the ResNet generator as a CycleGAN, or resume a run."""
-    from vitlab.config import TranslateConfig, apply_overrides, from_dict, load_config
-    from vitlab.train.cyclegan import train_translation
+def run_config(args: argparse.Namespace, cls: type) -> RunConfig | TranslateConfig | PretrainConfig:
+    """The config of a loop: the one saved in `--resume RUN_DIR` (with `--set` applied), else CONFIG's (or the defaults)."""
+    from vitlab.config import apply_overrides, from_dict, load_config
     from vitlab.train.runs import AUTO, load_run_config
 
     if args.resume and args.resume != AUTO:
-        saved = load_run_config(Path(args.resume), TranslateConfig).to_dict()
-        config = from_dict(TranslateConfig, apply_overrides(saved, args.set)).validate()
-    elif args.config:
-        config = load_config(args.config, args.set, TranslateConfig)
-    else:
+        saved = load_run_config(Path(args.resume), cls).to_dict()
+        return from_dict(cls, apply_overrides(saved, args.set)).validate()
+    return load_config(args.config, args.set, cls)
+
+
+def cmd_translate_train(args: argparse.Namespace) -> None:
+    """Train ViTUnet or the ResNet generator as a CycleGAN, or resume a run."""
+    from vitlab.config import TranslateConfig
+    from vitlab.train.cyclegan import train_translation
+    from vitlab.train.runs import AUTO
+
+    if not args.config and args.resume in (None, AUTO):
         raise VitlabError("give a config (e.g. configs/translate-builtin.yaml) or --resume RUN_DIR")
+    config = run_config(args, TranslateConfig)
     results = train_translation(config, resume_dir=args.resume, progress=not args.no_progress)
     print(f"run {results['run_dir']} after {results['epochs']:.2f} epochs:")
     print(json.dumps(results["test"], indent=2))
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    """Pretrain an encoder with MAE or MPP on unlabeled images, or resume a run."""
+    from vitlab.config import PretrainConfig
+    from vitlab.train.pretrain import pretrain
+
+    results = pretrain(run_config(args, PretrainConfig), resume_dir=args.resume, progress=not args.no_progress)
+    print(f"run {results['run_dir']}: held-out {results['method']} loss {results['test']['loss']:.4f} "
+          f"after {results['epochs']:.2f} epochs; fine-tune it with finetune.checkpoint: {results['run_dir']}")  # fmt: skip
+
+
+def cmd_probe(args: argparse.Namespace) -> None:
+    """Linear-probe accuracy of a pretraining run's frozen encoder."""
+    from vitlab.eval.probe import probe_run
+
+    result = probe_run(args.run, args.num_train, args.epochs, args.lr, args.batch_size, args.random_init)
+    print(json.dumps(result, indent=2))
 
 
 def cmd_translate_eval(args: argparse.Namespace) -> None:
@@ -291,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = command("eval", "evaluate a checkpoint on test data")
     evaluate.add_argument("checkpoint", help="run directory or checkpoint folder")
-    evaluate.add_argument("--data", help="dataset name (builtin, cifar10, cifar100, folder); default: the run's")
+    evaluate.add_argument("--data", help="dataset name (builtin, cifar10, cifar100, folder, wds); default: the run's")
     evaluate.add_argument("--data-root", help="dataset location; default: the run's")
     evaluate.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     evaluate.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
@@ -313,6 +335,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="timm: model.safetensors + create_model.json; hf: a ViTForImageClassification folder")  # fmt: skip
     export.add_argument("--ema", action="store_true", help="export the EMA weights")
     export.set_defaults(func=cmd_export)
+
+    pretrain = command("pretrain", "self-supervised pretraining: MAE or masked patch prediction (pretrain.method)")
+    pretrain.add_argument("config", nargs="?", help="YAML config (see configs/pretrain/); default: MAE on built-in data")
+    add_run_options(pretrain)
+    pretrain.add_argument("--resume", metavar="RUN_DIR|auto", help=RESUME_HELP)
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    probe = command("probe", "linear probe of a pretraining run's frozen features (BatchNorm + linear)")
+    probe.add_argument("run", help="pretraining run directory or checkpoint folder")
+    probe.add_argument("--num-train", type=int, help="labelled training images (default: the run's data.num_train)")
+    probe.add_argument("--epochs", type=int, default=90, help="epochs of the linear layer (MAE's)")
+    probe.add_argument("--lr", type=float, default=0.1, help="learning rate of the linear layer")
+    probe.add_argument("--batch-size", type=int, default=256, help="images per step")
+    probe.add_argument("--random-init", action="store_true", help="probe the same encoder untrained (the baseline)")
+    probe.set_defaults(func=cmd_probe)
 
     translate_train = command("translate-train", "train a CycleGAN: ViTUnet or the ResNet generator (paper §4)")
     translate_train.add_argument("config", nargs="?", help="YAML config, e.g. configs/translate-builtin.yaml")

@@ -693,3 +693,57 @@ class StabilityConfig(Experiment):
                 raise VitlabError(f"variants.{variant} must be a list of key.sub=value strings")
             self.variant_config(variant)
         return self
+
+
+# Self-supervised pretraining (ViT lecture, "Self-supervision"): masked patch prediction (Dosovitskiy et al.
+# 2021, App. B.1.2) or a masked autoencoder (He et al. 2022) on unlabeled images; see vitlab.train.pretrain.
+
+
+@dataclass
+class MaskedModelingConfig:
+    """Which masked-image-modelling task and its settings; null ratios take the method's paper value."""
+
+    method: str = "mae"  # mae (He et al. 2022) or mpp (Dosovitskiy et al. 2021)
+    mask_ratio: float | None = None  # null: 0.75 for MAE, 0.5 for MPP (the papers')
+    decoder_dim: int = 512  # MAE's decoder: 8 blocks of width 512, 16 heads (He et al. 2022, Table 1)
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # MAE: per-patch normalised pixel targets
+    sample_every_steps: int = 500  # grid of original / masked / reconstruction (MAE Fig. 2)
+    num_samples: int = 8
+
+    def validate(self) -> None:
+        check_choice("pretrain.method", self.method, ("mae", "mpp"))
+        if self.mask_ratio is not None and not 0 < self.mask_ratio < 1:
+            raise VitlabError(f"pretrain.mask_ratio={self.mask_ratio} must be in (0, 1), or null for the method's")
+        if min(self.decoder_dim, self.decoder_depth, self.decoder_heads, self.sample_every_steps, self.num_samples) < 1:
+            raise VitlabError("pretrain.decoder_dim, decoder_depth, decoder_heads, sample_every_steps and num_samples must be >= 1")
+        if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
+            raise VitlabError(f"pretrain.decoder_dim={self.decoder_dim} must be divisible by 4 and by decoder_heads={self.decoder_heads}")
+
+
+@dataclass
+class PretrainConfig(Experiment):
+    """One pretraining experiment: the encoder, unlabeled images, the task and the run."""
+
+    name: str = "pretrain"
+    pretrain: MaskedModelingConfig = field(default_factory=MaskedModelingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # labels are ignored
+    # MAE's augmentation is crop and flip only (He et al. 2022, App. A.1).
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_padding=4, hflip=True, vflip=False))
+    # MAE's optimiser: AdamW (0.9, 0.95), weight decay 0.05, cosine; its LR 1.5e-4·batch/256 is 2.4e-3 at batch 4096.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1.5e-3, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=5))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, batch_size=256, strategy="single"))
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> PretrainConfig:
+        super().validate()
+        a = self.augment
+        if a.randaugment_ops or a.mixup_alpha or a.cutmix_alpha or a.random_erasing:
+            raise VitlabError("augment: pretraining uses crop and flip only; set randaugment_ops, mixup_alpha, "
+                              "cutmix_alpha and random_erasing to 0")  # fmt: skip
+        if self.train.strategy == "fsdp" or self.train.ema_decay is not None or self.train.accumulate_steps != 1:
+            raise VitlabError("pretraining supports train.strategy single or ddp, without train.ema_decay and train.accumulate_steps")
+        check_buildable("model", lambda: create_model(self.model.name, img_size=self.data.image_size, **self.model.options))
+        return self

@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.train.preemption import sigterm_after_steps
 from vitlab.cli import main
 from vitlab.config import CycleLossConfig, TranslateConfig, load_config
 from vitlab.errors import VitlabError
@@ -220,23 +221,13 @@ def test_paper_configs_cover_table_2_with_the_cyclegan_recipe() -> None:
 
 
 def test_sigterm_saves_the_step_in_progress_and_auto_resume_continues_exactly(tmp_path: Path) -> None:
-    import os
-    import signal
-    import threading
-    import time
-
     from vitlab.train.runs import RunInterrupted
 
     settings = ["train.checkpoint_every_steps=1000", "name=gan"]
     whole = train_translation(tiny_config(tmp_path / "whole", *settings), progress=False)
     run_dir = tmp_path / "cut" / "gan"
 
-    def preempt() -> None:  # a scheduler's SIGTERM once three steps are logged
-        while not (run_dir / "steps.csv").is_file() or len((run_dir / "steps.csv").read_text().splitlines()) < 4:
-            time.sleep(0.01)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=preempt, daemon=True).start()
+    sigterm_after_steps(run_dir, 3)  # a scheduler's preemption
     with pytest.raises(RunInterrupted, match=f"stopped by SIGTERM at step (\\d+); checkpoint: {run_dir}") as info:
         train_translation(tiny_config(tmp_path / "cut", *settings), progress=False)
     assert info.value.exit_code == 143 and not (run_dir / "results.json").exists()

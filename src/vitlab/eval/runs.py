@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitlab.config import GeneratorConfig, RunConfig, TranslateConfig, from_dict
+from vitlab.config import GeneratorConfig, PretrainConfig, RunConfig, TranslateConfig, from_dict
 from vitlab.errors import VitlabError
 from vitlab.models.gan import ResnetGenerator
 from vitlab.models.presets import create_model
@@ -16,14 +16,23 @@ from vitlab.models.vit import VisionTransformer
 from vitlab.train import checkpoint as ckpt
 
 
-def load_run(path: str | Path, cls: type = RunConfig) -> tuple[Path, RunConfig | TranslateConfig, dict]:
+COMMANDS = {RunConfig: "train", TranslateConfig: "translate-train", PretrainConfig: "pretrain"}
+
+
+def run_command(config: dict) -> str:
+    """The command that made a run, from the config saved with it."""
+    if "generator" in config:
+        return "translate-train"
+    return "pretrain" if "pretrain" in config else "train"
+
+
+def load_run(path: str | Path, cls: type = RunConfig) -> tuple[Path, RunConfig | TranslateConfig | PretrainConfig, dict]:
     """A run's checkpoint (from itself or its run directory), its config of kind `cls`, and its metadata."""
     checkpoint = ckpt.find_checkpoint(path)
     meta = ckpt.read_meta(checkpoint)
-    translation = "generator" in meta.get("config", {})
-    if translation != (cls is TranslateConfig):
-        made_by = "`vitlab translate-train`" if translation else "`vitlab train`"
-        raise VitlabError(f"{checkpoint} is a checkpoint of another kind of run (made by {made_by})")
+    made_by = run_command(meta.get("config", {}))
+    if made_by != COMMANDS[cls]:
+        raise VitlabError(f"{checkpoint} is a checkpoint of another kind of run (made by `vitlab {made_by}`)")
     return checkpoint, from_dict(cls, meta["config"]).validate(), meta
 
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from vitlab.config import RunConfig, from_dict
 from vitlab.data.stream_loader import DataWait
 from vitlab.errors import VitlabError
+from vitlab.eval.runs import run_command
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed
 from vitlab.train.run_log import RunLog
@@ -296,7 +297,7 @@ class Run:
 
     @property
     def command(self) -> str:
-        return "translate-train" if hasattr(self.config, "generator") else "train"
+        return run_command(vars(self.config))
 
     def _stop_requested(self) -> int:
         """The signal that asks to stop, agreed by every rank (0: none)."""

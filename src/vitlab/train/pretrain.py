@@ -1,0 +1,223 @@
+"""Self-supervised pretraining (MAE or MPP) of an encoder on unlabeled images: one plain loop on the run scaffold.
+
+Each step: crop and flip a batch (labels are ignored), mask it, and minimise the method's loss
+(vitlab.models.masked). Randomness (augmentation, masks) is derived from (seed, step) as in the
+classification loop and the LR is a function of the step, so a resumed run continues exactly.
+A checkpoint holds the encoder as `model.safetensors` (a classifier's tensors minus the head, so
+`finetune.checkpoint: RUN` loads it like any vitlab run) and the rest as `decoder.safetensors`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitlab.config import PretrainConfig
+from vitlab.data import load_splits
+from vitlab.data.augment import normalize
+from vitlab.data.dataset import ImageDataset
+from vitlab.data.loader import BatchIterator
+from vitlab.errors import VitlabError
+from vitlab.eval.runs import build_model
+from vitlab.models.masked import build_pretrainer
+from vitlab.train import checkpoint as ckpt
+from vitlab.train.classify import augment_batch, lr_factor
+from vitlab.train.distributed import Context, pick_device
+from vitlab.train.optim import build_optimizer
+from vitlab.train.precision import autocast, resolve_precision
+from vitlab.figures import new_figure, save_figure
+from vitlab.train.run_log import read_csv, save_image_grid
+from vitlab.train.runs import Run, step_seed
+
+ENCODER = "encoder."
+
+
+def build_pretraining(config: PretrainConfig, image_size: int) -> nn.Module:
+    """The method's module around a headless encoder built from `config.model`."""
+    p = config.pretrain
+    encoder = build_model(config, image_size, num_classes=0)
+    if p.method == "mae":
+        options = dict(decoder_dim=p.decoder_dim, decoder_depth=p.decoder_depth, decoder_heads=p.decoder_heads,
+                       norm_pix_loss=p.norm_pix_loss)  # fmt: skip
+    else:
+        options = dict(mean=tuple(config.data.mean), std=tuple(config.data.std))
+    if p.mask_ratio is not None:
+        options["mask_ratio"] = p.mask_ratio
+    return build_pretrainer(p.method, encoder, **options)
+
+
+def split_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoint's tensor files: the encoder as `model`, everything else as `decoder`."""
+    state = model.state_dict()
+    return {
+        "model": {k[len(ENCODER) :]: v for k, v in state.items() if k.startswith(ENCODER)},
+        "decoder": {k: v for k, v in state.items() if not k.startswith(ENCODER)},
+    }
+
+
+def load_state(checkpoint: Path, model: nn.Module) -> None:
+    """Load a pretraining checkpoint's encoder and decoder into `model`."""
+    tensors = {ENCODER + k: v for k, v in ckpt.load_tensors(checkpoint, "model").items()}
+    ckpt.fit_state_dict(model, tensors | ckpt.load_tensors(checkpoint, "decoder"), checkpoint / "model.safetensors")
+
+
+def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Normalised images back to uint8."""
+    scale = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    shift = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    return ((x.float() * scale + shift).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, images: torch.Tensor, batch_size: int, seed: int, device: torch.device,
+                  precision: str, mean: Sequence[float], std: Sequence[float]) -> float:  # fmt: skip
+    """The mean loss over `images` with masks drawn from `seed` (the same masks at every evaluation)."""
+    model.eval()
+    torch.manual_seed(seed)
+    total = 0.0
+    for batch in images.split(batch_size):
+        with autocast(device, precision):
+            total += model(normalize(batch.to(device), mean, std)).item() * len(batch)
+    model.train()
+    return total / len(images)
+
+
+@torch.no_grad()
+def sample_grid(path: Path, model: nn.Module, images: torch.Tensor, seed: int, device: torch.device,
+                precision: str, mean: Sequence[float], std: Sequence[float]) -> Path:  # fmt: skip
+    """MAE Fig. 2: original, masked and reconstruction of each image, one image per row."""
+    model.eval()
+    torch.manual_seed(seed)
+    x = normalize(images.to(device), mean, std)
+    with autocast(device, precision):
+        masked, reconstruction = model.reconstruct(x)
+    model.train()
+    columns = {"original": images, "masked": masked, "reconstruction": reconstruction}
+    return save_image_grid(path, {k: v if v.dtype == torch.uint8 else to_uint8(v, mean, std) for k, v in columns.items()})
+
+
+def plot_pretrain_curves(run_dir: Path) -> Path:
+    """Draw the training and held-out losses and the learning rate into curves.png."""
+    steps = read_csv(run_dir / "steps.csv")
+    epochs = read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").is_file() else {}
+    fig = new_figure(10, 3.8)
+    axes = fig.subplots(1, 2)
+    axes[0].plot(steps["step"], steps["loss"], lw=0.8, label="training")
+    if epochs:
+        axes[0].plot(epochs["step"], epochs["test_loss"], marker="o", label="held out")
+    axes[0].set(title="pretraining loss", xlabel="step", yscale="log")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(steps["step"], steps["lr"], lw=0.8)
+    axes[1].set(title="learning rate", xlabel="step")
+    return save_figure(fig, run_dir / "curves.png", axes)
+
+
+def unlabeled_images(config: PretrainConfig) -> tuple[ImageDataset, torch.Tensor]:
+    """The training images (labels kept only because the loader serves them) and the held-out images."""
+    d = config.data
+    splits = load_splits(d.name, d.root, d.image_size, d.download, num_train=d.num_train, num_test=d.num_test,
+                         seed=d.seed, **d.builtin)  # fmt: skip
+    return splits.train, splits.test.images
+
+
+def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Pretrain an encoder with MAE or MPP (or resume a run: a run directory, or `auto`); returns the final losses."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise VitlabError("pretrain runs in a single process; start it without torchrun")
+    tc, oc, data, p = config.train, config.optim, config.data, config.pretrain
+    ctx = Context(rank=0, world_size=1, device=pick_device(tc.device))
+    device = ctx.device
+    precision = resolve_precision(tc.precision, device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    train_set, held_out = unlabeled_images(config)
+    loader = BatchIterator(train_set, tc.batch_size, seed=tc.seed, train=True)
+    steps_per_epoch = loader.steps_per_epoch
+    if steps_per_epoch == 0:
+        raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the {len(train_set)} training images")
+    total_steps = math.ceil(tc.epochs * steps_per_epoch)
+    warmup_steps = round(oc.warmup_epochs * steps_per_epoch)
+    eval_every = max(1, round(tc.eval_every_epochs * steps_per_epoch))
+    samples = held_out[: p.num_samples]
+
+    with Run(config, ctx, resume_dir, total_steps, steps_per_epoch, progress) as run:
+        torch.manual_seed(tc.seed)
+        model = build_pretraining(config, data.image_size).to(device)
+        optimizer = build_optimizer(model, oc)
+        if run.checkpoint is not None:
+            load_state(run.checkpoint, model)
+            ckpt.load_optimizer(run.checkpoint, optimizer)
+        (run.dir / "samples").mkdir(exist_ok=True)
+        encoder_params = sum(t.numel() for t in model.encoder.parameters())
+        run.announce({
+            "device": str(device),
+            "precision": f"{precision} (train.precision: {tc.precision})",
+            "method": f"{p.method}, mask ratio {model.mask_ratio:g}",
+            "model": f"{config.model.name}: {encoder_params:,} encoder parameters "
+                     f"(+ {sum(t.numel() for t in model.parameters()) - encoder_params:,} dropped after pretraining)",
+            "data": f"{data.name}: {len(train_set):,} unlabeled training / {len(held_out):,} held-out images, {data.image_size} px",
+            "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs:g} epochs) of batch {tc.batch_size}",
+        })  # fmt: skip
+
+        def save(extra: dict | None = None) -> None:
+            run.save(split_state(model), optimizer, {"method": p.method, **(extra or {})})
+
+        def evaluation_args() -> tuple:
+            return tc.seed, device, precision, data.mean, data.std
+
+        model.train()
+        while run.step < total_steps:
+            epoch, start = divmod(run.step, steps_per_epoch)
+            for images, labels in run.batches(loader.epoch_batches(epoch, start)):
+                step = run.step
+                gen = torch.Generator().manual_seed(step_seed(tc.seed, step, 0, 0))
+                torch.manual_seed(step_seed(tc.seed, step, 0, 1))
+                x, _ = augment_batch(images, labels, config.augment, gen, train_set.num_classes, data.mean, data.std)
+                lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
+                run.set_lr(optimizer, lr)
+                with autocast(device, precision):
+                    loss = model(x.to(device, non_blocking=True))
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm or float("inf"))
+                finite = bool(torch.isfinite(loss.detach() + grad_norm).item())
+                if finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                run.count(finite)
+                if run.diverged:
+                    run.log("steps", dict(loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), images_per_s=0.0,
+                                          skipped=run.skipped), step=step + 1)  # fmt: skip
+                    raise run.divergence("loss or gradient", f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}",
+                                         "Lower optim.lr or set optim.clip_grad_norm")  # fmt: skip
+                run.advance(tc.batch_size)
+
+                if run.due(tc.log_every_steps):
+                    rate = run.images_per_s
+                    values = dict(loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), images_per_s=rate, skipped=run.skipped)
+                    run.log("steps", values, postfix=dict(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}"))
+                if run.due(eval_every):
+                    test_loss = held_out_loss(model, held_out, tc.batch_size, *evaluation_args())
+                    run.write(f"epoch {run.epoch:.2f}  step {run.step}  held-out {p.method} loss {test_loss:.4f}")
+                    run.log("epochs", {"epoch": run.epoch, "test_loss": test_loss})
+                if run.due(p.sample_every_steps):
+                    path = run.dir / "samples" / f"step-{run.step:08d}.png"
+                    run.image("samples", sample_grid(path, model, samples, *evaluation_args()))
+                run.end_step(save)
+                if run.step >= total_steps:
+                    break
+
+        elapsed = run.elapsed()
+        test_loss = held_out_loss(model, held_out, tc.batch_size, *evaluation_args())
+        results = {
+            "test": {"loss": test_loss}, "method": p.method, "steps": run.step, "epochs": run.epoch,
+            "skipped_steps": run.skipped, "train_seconds_this_session": elapsed,
+            "train_images_per_s": run.seen / elapsed if run.seen else None,
+            "encoder_parameters": encoder_params, "precision": precision,
+        }  # fmt: skip
+        save({"test": {"loss": test_loss}})
+        return run.finish(results, plot_pretrain_curves)

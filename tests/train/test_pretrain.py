@@ -1,0 +1,138 @@
+"""The pretraining loop: a tiny MAE and MPP run of each family, exact resume (checkpoint copy and SIGTERM),
+the encoder loaded by `vitlab finetune` with only the head new, `vitlab probe`, configs and errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vitlab import VitlabError, create_model
+from tests.train.preemption import sigterm_after_steps
+from vitlab.cli import main
+from vitlab.config import FinetuneConfig, PretrainConfig, load_config
+from vitlab.eval.probe import linear_probe
+from vitlab.train.finetune import fit_to_model, pretrained_state_dict, prepare_model
+from vitlab.train.pretrain import pretrain
+from vitlab.train.runs import RunInterrupted
+
+MODEL = "{depth: 2, embed_dim: 32, num_heads: 2, mlp_dim: 64}"
+TINY = [
+    f"model={{name: vit22b-ti/8, options: {MODEL}}}",
+    "data={name: builtin, image_size: 16, num_train: 32, num_test: 8}",
+    "pretrain={decoder_dim: 16, decoder_depth: 1, decoder_heads: 2, sample_every_steps: 4, num_samples: 2}",
+    "optim.warmup_epochs=1",
+    "train={epochs: 2, batch_size: 8, threads: 1, precision: fp32, log_every_steps: 1, checkpoint_every_steps: 3, "
+    "keep_checkpoints: 10, eval_every_epochs: 1}",
+]
+
+
+def tiny_config(out_dir: Path, *extra: str) -> PretrainConfig:
+    return load_config(None, [*TINY, f"out_dir={out_dir}", *extra], PretrainConfig)
+
+
+def steps_table(run_dir: Path) -> list[dict]:
+    with (run_dir / "steps.csv").open() as f:
+        return [{k: v for k, v in row.items() if k != "images_per_s"} for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("method", ["mae", "mpp"])
+def test_tiny_run_writes_grids_curves_and_resumes_exactly(tmp_path: Path, method: str) -> None:
+    results = pretrain(tiny_config(tmp_path, f"pretrain.method={method}"), progress=False)
+    run_dir = Path(results["run_dir"])
+    assert results["steps"] == 8 and results["method"] == method
+    for name in ("config.yaml", "steps.csv", "epochs.csv", "curves.png", "results.json"):
+        assert (run_dir / name).is_file(), name
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step-00000004.png", "step-00000008.png"]
+    final = run_dir / "checkpoints" / "step-00000008"
+    assert {p.name for p in final.iterdir()} == {"model.safetensors", "decoder.safetensors", "optimizer.pt", "meta.json"}
+    classifier = create_model("vit22b-ti/8", img_size=16, num_classes=10, **yaml.safe_load(MODEL))
+    encoder = load_file(final / "model.safetensors")
+    assert set(classifier.state_dict()) - set(encoder) == {"head.weight", "head.bias"}
+    assert set(encoder) <= set(classifier.state_dict())
+
+    # Resume from step 3, as if the run had been killed after its first checkpoint.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    for later in ("step-00000006", "step-00000008"):
+        shutil.rmtree(resumed / "checkpoints" / later)
+    (resumed / "checkpoints" / "latest").write_text("step-00000003")
+    again = pretrain(tiny_config(tmp_path, f"pretrain.method={method}"), resume_dir=resumed, progress=False)
+    assert steps_table(resumed) == steps_table(run_dir)
+    for name in ("model", "decoder"):
+        whole, redone = (load_file(d / "checkpoints" / "step-00000008" / f"{name}.safetensors") for d in (run_dir, resumed))
+        assert all(torch.equal(whole[k], redone[k]) for k in whole), name
+    assert again["test"] == results["test"]
+
+
+def test_pretrained_encoder_fine_tunes_and_probes_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir = Path(pretrain(tiny_config(tmp_path, "name=mae"), progress=False)["run_dir"])
+
+    # Only the head is new: load_state_dict_strict names any missing or unexpected tensor.
+    config = FinetuneConfig(checkpoint=str(run_dir))
+    model = create_model("vit22b-ti/8", img_size=16, num_classes=10, **yaml.safe_load(MODEL))
+    source = pretrained_state_dict(run_dir, "auto", model)
+    assert set(model.state_dict()) - set(source) == {"head.weight", "head.bias"} and set(source) <= set(model.state_dict())
+    model = prepare_model(model, config, load=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in fit_to_model(source, model, False).items())
+
+    finetune = {
+        "name": "ft", "out_dir": str(tmp_path), "model": {"name": "vit22b-ti/8", "options": yaml.safe_load(MODEL)},
+        "data": {"name": "builtin", "image_size": 16, "num_train": 32, "num_test": 8},
+        "optim": {"lr": 1e-3, "layer_decay": 0.75},
+        "train": {"epochs": 1, "batch_size": 8, "threads": 1, "precision": "fp32", "log_every_steps": 1},
+        "finetune": {"checkpoint": str(run_dir)},
+    }  # fmt: skip
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(finetune))
+    assert main(["finetune", str(tmp_path / "ft.yaml"), "--no-progress"]) == 0
+    assert "test acc@1" in capsys.readouterr().out
+
+    assert main(["probe", str(run_dir), "--num-train", "16", "--epochs", "2", "--batch-size", "8"]) == 0
+    probed = json.loads(capsys.readouterr().out)
+    assert probed["encoder"] == "pretrained" and probed["train_images"] == 16 and 0 <= probed["acc1"] <= 1
+    assert main(["probe", str(run_dir), "--num-train", "16", "--epochs", "2", "--random-init"]) == 0
+    assert json.loads(capsys.readouterr().out)["encoder"] == "random init"
+
+    assert main(["eval", str(run_dir)]) == 2  # a pretraining run is no classifier: one line says so
+    assert "made by `vitlab pretrain`" in capsys.readouterr().err
+
+
+def test_linear_probe_separates_separable_features() -> None:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(3, (300,), generator=gen)
+    feats = torch.randn(300, 8, generator=gen) * 0.1 + 100 * torch.nn.functional.one_hot(labels, 8).float()
+    assert linear_probe(feats[:200], labels[:200], feats[200:], labels[200:], 3, epochs=5, batch_size=50) == 1.0
+
+
+def test_sigterm_saves_the_step_in_progress_and_auto_resume_continues_exactly(tmp_path: Path) -> None:
+    settings = ["train.checkpoint_every_steps=1000", "name=mpp", "pretrain.method=mpp",
+                "model.name=vit-ti/8", "model.options.pool=gap"]  # fmt: skip
+    whole = pretrain(tiny_config(tmp_path / "whole", *settings), progress=False)
+    run_dir = tmp_path / "cut" / "mpp"
+
+    sigterm_after_steps(run_dir, 3)  # a scheduler's preemption
+    with pytest.raises(RunInterrupted, match=f"stopped by SIGTERM at step (\\d+); checkpoint: {run_dir}.*vitlab pretrain") as info:
+        pretrain(tiny_config(tmp_path / "cut", *settings), progress=False)
+    assert info.value.exit_code == 143 and not (run_dir / "results.json").exists()
+    again = pretrain(tiny_config(tmp_path / "cut", *settings, "train.resume=auto"), progress=False)
+    assert steps_table(run_dir) == steps_table(Path(whole["run_dir"]))
+    assert again["test"] == whole["test"]
+
+
+def test_config_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(VitlabError, match="pretrain.method"):
+        tiny_config(tmp_path, "pretrain.method=simclr")
+    with pytest.raises(VitlabError, match="crop and flip only"):
+        tiny_config(tmp_path, "augment.mixup_alpha=0.8")
+    with pytest.raises(VitlabError, match="decoder_dim"):
+        tiny_config(tmp_path, "pretrain.decoder_dim=18")
+    assert main(["pretrain", "--set", "pretrain.mask_ratio=1.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pretrain.mask_ratio=1.5" in err
+
