@@ -51,7 +51,7 @@ class Plan:
     warmup: int = 3
     steps: int = 10
     matmul_n: int = 8192
-    images: int = 2048  # JPEG files for the streaming section
+    images: int = 4096  # JPEG files for the streaming section: 32 batches of 128
     tests: str = "tests"  # where pytest looks for the tests marked `gpu`
     dtypes: tuple[str, ...] = ("bf16", "fp16")
     compile_backend: str = "inductor"
@@ -327,7 +327,7 @@ def streaming(plan: Plan, rows: list[Row]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(Path(tmp), plan.images, plan.img_size * 5 // 4)
         loader = make_loader(stream_splits(tmp, image_size=plan.img_size).train, plan.batch,
-                             workers=min(8, os.cpu_count() or 1) if not plan.tiny else 0)  # fmt: skip
+                             workers=min(12, os.cpu_count() or 1) if not plan.tiny else 0)  # fmt: skip
         model = build_model("vit-b/16", plan).to(plan.device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         mean = torch.tensor([0.5, 0.5, 0.5], device=plan.device).view(1, 3, 1, 1)
