@@ -90,11 +90,18 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from vitlab.inspect.report import inspect_model
     from vitlab.eval.runs import load_checkpoint_model
 
+    from vitlab.train import checkpoint as ckpt
+    from vitlab.train.run_log import pngs_to_tensorboard
+
     model, config = load_checkpoint_model(args.checkpoint, args.ema)
     images = read_images(args.image, config.data.image_size) if args.image else dataset_images(config.data, args.num_images)
     out_dir = Path(args.out or Path(args.checkpoint) / "inspect")
     written = inspect_model(model, images, out_dir, args.query, mean=config.data.mean, std=config.data.std)
     print(f"wrote {len(written)} PNGs to {out_dir}")
+    checkpoint = ckpt.find_checkpoint(args.checkpoint)
+    run_dir = checkpoint.parent.parent  # RUN/checkpoints/step-N
+    if (run_dir / "tensorboard").is_dir():  # also in the run's TensorBoard, at the checkpoint's step
+        pngs_to_tensorboard(run_dir, {f"inspect/{name}": path for name, path in written.items()}, ckpt.read_meta(checkpoint)["step"])
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -171,6 +171,11 @@ def test_vitlab_finetune_at_48px_then_vitlab_inspect(tmp_path):
     pngs = {"attention_image0.png", "rollout.png", "attention_distance.png", "position_similarity.png",
             "patch_embedding_pcs.png"}  # fmt: skip
     assert {p.name for p in (run / "inspect").iterdir()} == pngs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"inspect/attention_0", "inspect/rollout", "curves"} <= set(events.Tags()["images"])  # the maps in TensorBoard
 
 
 @pytest.mark.slow

@@ -102,9 +102,7 @@ class RunLog:
 
     def image(self, tag: str, path: Path, step: int) -> None:
         """Show a PNG the run wrote (curves, a sample grid) in TensorBoard's Images tab too."""
-        with Image.open(path) as image:
-            pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
-        self.tensorboard.add_image(tag, pixels, step, dataformats="HWC")
+        add_png(self.tensorboard, tag, path, step)
         if self.wandb is not None:
             import wandb
 
@@ -115,6 +113,20 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def add_png(writer: SummaryWriter, tag: str, path: Path, step: int) -> None:
+    """Add a PNG file to TensorBoard's Images tab."""
+    with Image.open(path) as image:
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy())
+    writer.add_image(tag, pixels, step, dataformats="HWC")
+
+
+def pngs_to_tensorboard(run_dir: Path, pngs: dict[str, Path], step: int) -> None:
+    """Add PNGs made after the run (`vitlab inspect`'s attention maps, …) to the run's TensorBoard at `step`."""
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        for tag, path in pngs.items():
+            add_png(writer, tag, path, step)
 
 
 def start_wandb(run_dir: Path, project: str, config: dict | None):
