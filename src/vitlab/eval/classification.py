@@ -42,12 +42,11 @@ def dataset_logits(
     was_training = model.training
     model.eval()
     logits, labels, index = [], [], []
-    with torch.no_grad():
-        for images, y, idx in split.batches(batch_size, ctx.rank, ctx.world_size):
-            with autocast(ctx.device, precision):
-                logits.append(model(normalize(images.to(ctx.device), mean, std)).float())
-            labels.append(y.to(ctx.device))
-            index.append(idx.to(ctx.device))
+    for images, y, idx in split.batches(batch_size, ctx.rank, ctx.world_size):
+        with autocast(ctx.device, precision):
+            logits.append(model(normalize(images.to(ctx.device), mean, std)).float())
+        labels.append(y.to(ctx.device))
+        index.append(idx.to(ctx.device))
     model.train(was_training)
     logits, labels, index = (distributed.all_gather_cat(torch.cat(t)) for t in (logits, labels, index))
     # Scatter by example index: shards padded with repeats write the same values twice.

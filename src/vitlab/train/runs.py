@@ -147,7 +147,7 @@ class Run:
         if ctx.is_main:
             ckpt.write_text_atomic(self.dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
             wandb = config.log.wandb_project if config.log.wandb else None
-            self.log_file = RunLog(self.dir, self.step if resuming else 0, wandb, config.to_dict())
+            self.log_file = RunLog(self.dir, self.step, wandb, config.to_dict())
         self.first_step = self.step
         self.progress = progress and ctx.is_main
         self.bar = tqdm(total=total_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
