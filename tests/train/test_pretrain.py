@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 
 from vitlab import VitlabError, create_model
 from tests.train.preemption import sigterm_after_steps
+from tests.train.test_streamed_training import jpeg_folder
 from vitlab.cli import main
 from vitlab.config import FinetuneConfig, PretrainConfig, load_config
 from vitlab.eval.probe import linear_probe
@@ -69,6 +71,24 @@ def test_tiny_run_writes_grids_curves_and_resumes_exactly(tmp_path: Path, method
         whole, redone = (load_file(d / "checkpoints" / "step-00000008" / f"{name}.safetensors") for d in (run_dir, resumed))
         assert all(torch.equal(whole[k], redone[k]) for k in whole), name
     assert again["test"] == results["test"]
+
+
+@pytest.mark.parametrize("source", ["folder", "wds"])
+def test_pretraining_streams_unlabeled_folders_and_shards(tmp_path: Path, source: str, capsys: pytest.CaptureFixture) -> None:
+    from vitlab.data.shards import write_shards
+
+    root = jpeg_folder(tmp_path / "data", train=8, test=4)  # 24 training and 12 held-out JPEGs of 96×80
+    if source == "wds":
+        write_shards(root, tmp_path / "shards", max_count=10)
+        root = tmp_path / "shards"
+    data = f"data={{name: {source}, root: {root}, image_size: 16, stream: true, workers: 1, crop_scale: [0.2, 1.0]}}"
+    results = pretrain(tiny_config(tmp_path, data, "train.batch_size=6"), progress=False)
+    run_dir = Path(results["run_dir"])
+    assert results["steps"] == 2 * (24 // 6) and np.isfinite(results["test"]["loss"])
+    with (run_dir / "epochs.csv").open() as f:
+        assert [float(r["test_loss"]) for r in csv.DictReader(f)][-1] == pytest.approx(results["test"]["loss"])
+    assert len(list((run_dir / "samples").glob("*.png"))) == 2
+    assert "(streamed): 24 unlabeled training / 12 held-out images" in capsys.readouterr().out
 
 
 def test_pretrained_encoder_fine_tunes_and_probes_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,7 +1,7 @@
 """Self-supervised pretraining (MAE or MPP) of an encoder on unlabeled images: one plain loop on the run scaffold.
 
-Each step: crop and flip a batch (labels are ignored), mask it, and minimise the method's loss
-(vitlab.models.masked). Randomness (augmentation, masks) is derived from (seed, step) as in the
+Each step: crop and flip a batch (labels are ignored; in memory, or streamed from folders and shards
+as in classification), mask it, and minimise the method's loss (vitlab.models.masked). Randomness (augmentation, masks) is derived from (seed, step) as in the
 classification loop and the LR is a function of the step, so a resumed run continues exactly.
 A checkpoint holds the encoder as `model.safetensors` (a classifier's tensors minus the head, so
 `finetune.checkpoint: RUN` loads it like any vitlab run) and the rest as `decoder.safetensors`.
@@ -18,10 +18,8 @@ import torch
 from torch import nn
 
 from vitlab.config import PretrainConfig
-from vitlab.data import load_splits
 from vitlab.data.augment import normalize
-from vitlab.data.dataset import ImageDataset
-from vitlab.data.loader import BatchIterator
+from vitlab.data.sources import MemoryEval, StreamEval, run_data
 from vitlab.errors import VitlabError
 from vitlab.eval.runs import build_model
 from vitlab.models.masked import build_pretrainer
@@ -74,17 +72,24 @@ def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> to
 
 
 @torch.no_grad()
-def held_out_loss(model: nn.Module, images: torch.Tensor, batch_size: int, seed: int, device: torch.device,
+def held_out_loss(model: nn.Module, held_out: MemoryEval | StreamEval, batch_size: int, seed: int, device: torch.device,
                   precision: str, mean: Sequence[float], std: Sequence[float]) -> float:  # fmt: skip
-    """The mean loss over `images` with masks drawn from `seed` (the same masks at every evaluation)."""
+    """The mean loss over the held-out split with masks drawn from `seed` (the same masks at every evaluation)."""
     model.eval()
     torch.manual_seed(seed)
-    total = 0.0
-    for batch in images.split(batch_size):
+    total, count = 0.0, 0
+    for images, _, _ in held_out.batches(batch_size, rank=0, world_size=1):
         with autocast(device, precision):
-            total += model(normalize(batch.to(device), mean, std)).item() * len(batch)
+            total += model(normalize(images.to(device), mean, std)).item() * len(images)
+        count += len(images)
     model.train()
-    return total / len(images)
+    return total / max(count, 1)
+
+
+def first_images(held_out: MemoryEval | StreamEval, count: int) -> torch.Tensor:
+    """The first `count` held-out images (uint8), for the sample grids."""
+    images, _, _ = next(iter(held_out.batches(count, rank=0, world_size=1)))
+    return images[:count]
 
 
 @torch.no_grad()
@@ -117,14 +122,6 @@ def plot_pretrain_curves(run_dir: Path) -> Path:
     return save_figure(fig, run_dir / "curves.png", axes)
 
 
-def unlabeled_images(config: PretrainConfig) -> tuple[ImageDataset, torch.Tensor]:
-    """The training images (labels kept only because the loader serves them) and the held-out images."""
-    d = config.data
-    splits = load_splits(d.name, d.root, d.image_size, d.download, num_train=d.num_train, num_test=d.num_test,
-                         seed=d.seed, **d.builtin)  # fmt: skip
-    return splits.train, splits.test.images
-
-
 def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Pretrain an encoder with MAE or MPP (or resume a run: a run directory, or `auto`); returns the final losses."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -135,15 +132,14 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
     precision = resolve_precision(tc.precision, device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    train_set, held_out = unlabeled_images(config)
-    loader = BatchIterator(train_set, tc.batch_size, seed=tc.seed, train=True)
-    steps_per_epoch = loader.steps_per_epoch
+    sources = run_data(data, tc.batch_size, tc.seed)  # in memory, or streamed from folders and shards; labels unused
+    steps_per_epoch = sources.train.steps_per_epoch
     if steps_per_epoch == 0:
-        raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the {len(train_set)} training images")
+        raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the {sources.train_size} training images")
     total_steps = math.ceil(tc.epochs * steps_per_epoch)
     warmup_steps = round(oc.warmup_epochs * steps_per_epoch)
     eval_every = max(1, round(tc.eval_every_epochs * steps_per_epoch))
-    samples = held_out[: p.num_samples]
+    samples = first_images(sources.test, p.num_samples)
 
     with Run(config, ctx, resume_dir, total_steps, steps_per_epoch, progress) as run:
         torch.manual_seed(tc.seed)
@@ -160,7 +156,8 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
             "method": f"{p.method}, mask ratio {model.mask_ratio:g}",
             "model": f"{config.model.name}: {encoder_params:,} encoder parameters "
                      f"(+ {sum(t.numel() for t in model.parameters()) - encoder_params:,} dropped after pretraining)",
-            "data": f"{data.name}: {len(train_set):,} unlabeled training / {len(held_out):,} held-out images, {data.image_size} px",
+            "data": f"{data.name}{' (streamed)' if sources.streamed else ''}: {sources.train_size:,} unlabeled training / "
+                    f"{sources.test.size:,} held-out images, {data.image_size} px",
             "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs:g} epochs) of batch {tc.batch_size}",
         })  # fmt: skip
 
@@ -173,11 +170,12 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
         model.train()
         while run.step < total_steps:
             epoch, start = divmod(run.step, steps_per_epoch)
-            for images, labels in run.batches(loader.epoch_batches(epoch, start)):
+            for images, labels in run.batches(sources.train.epoch(epoch, start)):
                 step = run.step
                 gen = torch.Generator().manual_seed(step_seed(tc.seed, step, 0, 0))
                 torch.manual_seed(step_seed(tc.seed, step, 0, 1))
-                x, _ = augment_batch(images, labels, config.augment, gen, train_set.num_classes, data.mean, data.std)
+                x, _ = augment_batch(images, labels, config.augment, gen, sources.num_classes, data.mean, data.std,
+                                     cropped=sources.streamed)  # fmt: skip
                 lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
                 run.set_lr(optimizer, lr)
                 with autocast(device, precision):
@@ -201,7 +199,7 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
                     values = dict(loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), images_per_s=rate, skipped=run.skipped)
                     run.log("steps", values, postfix=dict(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}"))
                 if run.due(eval_every):
-                    test_loss = held_out_loss(model, held_out, tc.batch_size, *evaluation_args())
+                    test_loss = held_out_loss(model, sources.test, tc.batch_size, *evaluation_args())
                     run.write(f"epoch {run.epoch:.2f}  step {run.step}  held-out {p.method} loss {test_loss:.4f}")
                     run.log("epochs", {"epoch": run.epoch, "test_loss": test_loss})
                 if run.due(p.sample_every_steps):
@@ -212,7 +210,7 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
                     break
 
         elapsed = run.elapsed()
-        test_loss = held_out_loss(model, held_out, tc.batch_size, *evaluation_args())
+        test_loss = held_out_loss(model, sources.test, tc.batch_size, *evaluation_args())
         results = {
             "test": {"loss": test_loss}, "method": p.method, "steps": run.step, "epochs": run.epoch,
             "skipped_steps": run.skipped, "train_seconds_this_session": elapsed,
