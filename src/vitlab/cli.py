@@ -151,7 +151,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
     """Linear-probe accuracy of a pretraining run's frozen encoder."""
     from vitlab.eval.probe import probe_run
 
-    result = probe_run(args.run, args.num_train, args.epochs, args.lr, args.batch_size, args.random_init)
+    result = probe_run(args.run, args.num_train, args.epochs, args.lr, args.batch_size, args.random_init, data=args.set)
     print(json.dumps(result, indent=2))
 
 
@@ -355,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--epochs", type=int, default=90, help="epochs of the linear layer (MAE's)")
     probe.add_argument("--lr", type=float, default=0.1, help="learning rate of the linear layer")
     probe.add_argument("--batch-size", type=int, default=256, help="images per step")
+    probe.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
+                       help="probe on other labelled data than the run's, e.g. --set data.name=cifar10 --set data.root=data")
     probe.add_argument("--random-init", action="store_true", help="probe the same encoder untrained (the baseline)")
     probe.set_defaults(func=cmd_probe)
 

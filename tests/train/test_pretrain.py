@@ -90,6 +90,17 @@ def test_pretraining_streams_unlabeled_folders_and_shards(tmp_path: Path, source
     assert len(list((run_dir / "samples").glob("*.png"))) == 2
     assert "(streamed): 24 unlabeled training / 12 held-out images" in capsys.readouterr().out
 
+    # The probe holds its labelled images in memory: a streamed run's data is refused in one line,
+    # another labelled set is probed instead; only data may change.
+    assert main(["probe", str(run_dir), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.name={source} is streamed" in err and "--set data.name=folder" in err
+    builtin = ["--set", "data.name=builtin", "--set", "data.stream=auto", "--set", "data.num_train=16", "--set", "data.num_test=8"]
+    assert main(["probe", str(run_dir), "--epochs", "2", "--batch-size", "8", *builtin]) == 0
+    assert json.loads(capsys.readouterr().out)["train_images"] == 16
+    assert main(["probe", str(run_dir), "--set", "model.name=vit-s/8"]) == 2
+    assert "changes the data only" in capsys.readouterr().err
+
 
 def test_pretrained_encoder_fine_tunes_and_probes_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir = Path(pretrain(tiny_config(tmp_path, "name=mae"), progress=False)["run_dir"])

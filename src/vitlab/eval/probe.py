@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab.config import PretrainConfig
+from vitlab.config import PretrainConfig, apply_overrides, from_dict, merge_defaults
 from vitlab.data import load_splits
 from vitlab.data.augment import normalize
 from vitlab.data.dataset import ImageDataset
+from vitlab.data.sources import streams
+from vitlab.errors import VitlabError
 from vitlab.eval.runs import build_model, load_run
 from vitlab.models.vit import VisionTransformer
 from vitlab.train import checkpoint as ckpt
@@ -75,10 +77,29 @@ def labelled_splits(config: PretrainConfig, num_train: int | None) -> tuple[Imag
     return train, splits.test
 
 
+def probe_data(config: PretrainConfig, overrides: Sequence[str]) -> PretrainConfig:
+    """The run's config with `data.…=value` overrides (another labelled dataset); it must be held in memory."""
+    if overrides:
+        other = [o for o in overrides if not o.startswith("data.")]
+        if other:
+            raise VitlabError(f"vitlab probe --set changes the data only (data.name=…, data.root=…), not {', '.join(other)}")
+        config = from_dict(PretrainConfig, merge_defaults(PretrainConfig, apply_overrides(config.to_dict(), list(overrides), PretrainConfig)))
+        config = config.validate()
+    if streams(config.data):
+        raise VitlabError(f"vitlab probe holds its labelled images in memory and data.name={config.data.name} is streamed; "
+                          "probe on an in-memory labelled set: --set data.name=folder --set data.root=DIR "
+                          "(or cifar10, cifar100) --set data.stream=false")  # fmt: skip
+    return config
+
+
 def probe_run(path: str | Path, num_train: int | None = None, epochs: int = 90, lr: float = 0.1,
-              batch_size: int = 256, random_init: bool = False, seed: int = 0) -> dict:  # fmt: skip
-    """Linear-probe accuracy of a pretraining run's encoder (or, `random_init`, of the same encoder untrained)."""
+              batch_size: int = 256, random_init: bool = False, seed: int = 0, data: Sequence[str] = ()) -> dict:  # fmt: skip
+    """Linear-probe accuracy of a pretraining run's encoder (or, `random_init`, of the same encoder untrained).
+
+    `data`: `data.…=value` overrides, to probe on another labelled dataset than the run's.
+    """
     checkpoint, config, _ = load_run(path, PretrainConfig)
+    config = probe_data(config, data)
     torch.manual_seed(seed)
     encoder = build_model(config, config.data.image_size, num_classes=0)
     if not random_init:
