@@ -119,6 +119,17 @@ def test_decay_all_gives_every_parameter_weight_decay():
     assert 0.0 in default.values() and everything == [0.05]
 
 
+def test_embeddings_and_mask_token_inside_a_pretraining_wrapper_get_no_weight_decay():
+    from vitlab.models.masked import MaskedAutoencoder
+
+    model = MaskedAutoencoder(create_model("vit-ti/16", img_size=32, num_classes=0, depth=1), decoder_dim=16,
+                              decoder_depth=1, decoder_heads=2)  # fmt: skip
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)]: g["weight_decay"] for g in parameter_groups(model, 0.05) for p in g["params"]}
+    assert decay["encoder.pos_embed"] == decay["encoder.cls_token"] == decay["mask_token"] == 0.0
+    assert decay["encoder.patch_embed.proj.weight"] == decay["decoder_embed.weight"] == 0.05
+
+
 def test_finetune_config_is_validated_with_the_key_named(tmp_path):
     with pytest.raises(VitlabError, match="finetune.checkpoint is required"):
         load_config(None, ["finetune={freeze_backbone: true}"])

@@ -24,12 +24,16 @@ def layer_index(name: str, depth: int) -> int:
     return depth + 1
 
 
+NO_DECAY = ("pos_embed", "cls_token", "mask_token")  # tokens and positions: looked up, not multiplied
+
+
 def parameter_groups(
     model: torch.nn.Module, weight_decay: float, layer_decay: float | None = None, decay_all: bool = False
 ) -> list[dict]:
     """Optimizer groups of the trainable parameters, each with an `lr_scale` the loop multiplies the LR by.
 
-    No weight decay on biases, norms, position embedding and class token, unless `decay_all` (the paper's
+    No weight decay on biases, norms, position embedding, class and mask tokens (also inside a wrapper such as
+    MAE's `encoder.pos_embed`), unless `decay_all` (the paper's
     code gave AdamW every parameter). With `layer_decay`, a parameter at depth l (see `layer_index`) of a
     model with L blocks learns at lr·decay^(L+1-l).
     """
@@ -38,7 +42,7 @@ def parameter_groups(
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = decay_all or (param.ndim >= 2 and name not in ("pos_embed", "cls_token"))
+        decay = decay_all or (param.ndim >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY)
         layer = layer_index(name, depth) if layer_decay is not None else 0
         scale = layer_decay ** (depth + 1 - layer) if layer_decay is not None else 1.0
         group = dict(params=[], weight_decay=weight_decay if decay else 0.0, lr_scale=scale)
