@@ -143,8 +143,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from vitlab.train.pretrain import pretrain
 
     results = pretrain(run_config(args, PretrainConfig), resume_dir=args.resume, progress=not args.no_progress)
-    print(f"run {results['run_dir']}: held-out {results['method']} loss {results['test']['loss']:.4f} "
-          f"after {results['epochs']:.2f} epochs; fine-tune it with finetune.checkpoint: {results['run_dir']}")  # fmt: skip
+    if "run_dir" in results:  # the main rank
+        print(f"run {results['run_dir']}: held-out {results['method']} loss {results['test']['loss']:.4f} "
+              f"after {results['epochs']:.2f} epochs; fine-tune it with finetune.checkpoint: {results['run_dir']}")  # fmt: skip
 
 
 def cmd_probe(args: argparse.Namespace) -> None:

@@ -167,3 +167,24 @@ def test_config_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pretrain.mask_ratio=1.5" in err
 
+
+
+def test_two_rank_ddp_pretraining_keeps_replicas_identical_and_splits_the_global_batch(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    def run(name: str, launcher: list[str], strategy: str) -> dict:
+        args = [a for item in [*TINY, "train.epochs=3", f"train.strategy={strategy}", f"out_dir={tmp_path}", f"name={name}"]
+                for a in ("--set", item)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([*launcher, "-m", "vitlab.cli", "pretrain", *args, "--no-progress"], env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    single = run("single", [sys.executable], "single")
+    ddp = run("ddp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "ddp")
+    assert ddp["world_size"] == 2 and ddp["steps"] == single["steps"] == 12  # the global batch of 8 is split, not doubled
+    assert ddp["max_rank_param_difference"] == 0.0
+    assert abs(ddp["test"]["loss"] - single["test"]["loss"]) < 0.15 * single["test"]["loss"]

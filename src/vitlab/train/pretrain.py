@@ -10,7 +10,6 @@ A checkpoint holds the encoder as `model.safetensors` (a classifier's tensors mi
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +24,8 @@ from vitlab.eval.runs import build_model
 from vitlab.models.masked import build_pretrainer
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.classify import augment_batch, lr_factor
-from vitlab.train.distributed import Context, pick_device
+from vitlab.train import distributed, sharding
+from vitlab.train.distributed import Context
 from vitlab.train.optim import build_optimizer
 from vitlab.train.precision import autocast, resolve_precision
 from vitlab.figures import new_figure, save_figure
@@ -72,17 +72,18 @@ def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> to
 
 
 @torch.no_grad()
-def held_out_loss(model: nn.Module, held_out: MemoryEval | StreamEval, batch_size: int, seed: int, device: torch.device,
+def held_out_loss(model: nn.Module, held_out: MemoryEval | StreamEval, batch_size: int, ctx: Context, seed: int,
                   precision: str, mean: Sequence[float], std: Sequence[float]) -> float:  # fmt: skip
-    """The mean loss over the held-out split with masks drawn from `seed` (the same masks at every evaluation)."""
+    """The mean loss over the held-out split, strided across ranks, with masks drawn from `seed` (the same at every evaluation)."""
     model.eval()
-    torch.manual_seed(seed)
-    total, count = 0.0, 0
-    for images, _, _ in held_out.batches(batch_size, rank=0, world_size=1):
-        with autocast(device, precision):
-            total += model(normalize(images.to(device), mean, std)).item() * len(images)
-        count += len(images)
+    torch.manual_seed(seed + ctx.rank)
+    sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    for images, _, _ in held_out.batches(batch_size, ctx.rank, ctx.world_size):
+        with autocast(ctx.device, precision):
+            sums[0] += model(normalize(images.to(ctx.device), mean, std)).double() * len(images)
+        sums[1] += len(images)
     model.train()
+    total, count = distributed.all_reduce(sums).tolist()
     return total / max(count, 1)
 
 
@@ -93,13 +94,13 @@ def first_images(held_out: MemoryEval | StreamEval, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_grid(path: Path, model: nn.Module, images: torch.Tensor, seed: int, device: torch.device,
+def sample_grid(path: Path, model: nn.Module, images: torch.Tensor, ctx: Context, seed: int,
                 precision: str, mean: Sequence[float], std: Sequence[float]) -> Path:  # fmt: skip
     """MAE Fig. 2: original, masked and reconstruction of each image, one image per row."""
     model.eval()
     torch.manual_seed(seed)
-    x = normalize(images.to(device), mean, std)
-    with autocast(device, precision):
+    x = normalize(images.to(ctx.device), mean, std)
+    with autocast(ctx.device, precision):
         masked, reconstruction = model.reconstruct(x)
     model.train()
     columns = {"original": images, "masked": masked, "reconstruction": reconstruction}
@@ -123,16 +124,27 @@ def plot_pretrain_curves(run_dir: Path) -> Path:
 
 
 def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Pretrain an encoder with MAE or MPP (or resume a run: a run directory, or `auto`); returns the final losses."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise VitlabError("pretrain runs in a single process; start it without torchrun")
+    """Pretrain an encoder with MAE or MPP (or resume a run: a run directory, or `auto`); returns the final losses.
+
+    Under torchrun with `train.strategy: ddp`, each rank masks its share of the global batch and
+    DistributedDataParallel averages the gradients.
+    """
+    ctx = distributed.setup(config.train.device)
+    try:
+        return _pretrain(config, ctx, resume_dir, progress)
+    finally:
+        distributed.teardown()
+
+
+def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | None, progress: bool) -> dict:
     tc, oc, data, p = config.train, config.optim, config.data, config.pretrain
-    ctx = Context(rank=0, world_size=1, device=pick_device(tc.device))
-    device = ctx.device
-    precision = resolve_precision(tc.precision, device)
+    precision = resolve_precision(tc.precision, ctx.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    sources = run_data(data, tc.batch_size, tc.seed)  # in memory, or streamed from folders and shards; labels unused
+    if tc.batch_size % ctx.world_size:
+        raise VitlabError(f"train.batch_size={tc.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
+    per_rank = tc.batch_size // ctx.world_size
+    sources = run_data(data, per_rank, tc.seed, ctx.rank, ctx.world_size)  # in memory or streamed; labels unused
     steps_per_epoch = sources.train.steps_per_epoch
     if steps_per_epoch == 0:
         raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the {sources.train_size} training images")
@@ -142,8 +154,8 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
     samples = first_images(sources.test, p.num_samples)
 
     with Run(config, ctx, resume_dir, total_steps, steps_per_epoch, progress) as run:
-        torch.manual_seed(tc.seed)
-        model = build_pretraining(config, data.image_size).to(device)
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank
+        model, net = sharding.wrap_model(lambda: build_pretraining(config, data.image_size), tc.strategy, ctx, precision)
         optimizer = build_optimizer(model, oc)
         if run.checkpoint is not None:
             load_state(run.checkpoint, model)
@@ -151,7 +163,7 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
         (run.dir / "samples").mkdir(exist_ok=True)
         encoder_params = sum(t.numel() for t in model.encoder.parameters())
         run.announce({
-            "device": str(device),
+            "device": f"{ctx.device}, {ctx.world_size} process(es), strategy {tc.strategy if ctx.distributed else 'single'}",
             "precision": f"{precision} (train.precision: {tc.precision})",
             "method": f"{p.method}, mask ratio {model.mask_ratio:g}",
             "model": f"{config.model.name}: {encoder_params:,} encoder parameters "
@@ -165,24 +177,24 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
             run.save(split_state(model), optimizer, {"method": p.method, **(extra or {})})
 
         def evaluation_args() -> tuple:
-            return tc.seed, device, precision, data.mean, data.std
+            return ctx, tc.seed, precision, data.mean, data.std
 
         model.train()
         while run.step < total_steps:
             epoch, start = divmod(run.step, steps_per_epoch)
             for images, labels in run.batches(sources.train.epoch(epoch, start)):
                 step = run.step
-                gen = torch.Generator().manual_seed(step_seed(tc.seed, step, 0, 0))
-                torch.manual_seed(step_seed(tc.seed, step, 0, 1))
+                gen = torch.Generator().manual_seed(step_seed(tc.seed, step, ctx.rank, 0))
+                torch.manual_seed(step_seed(tc.seed, step, ctx.rank, 1))  # the masks differ from rank to rank
                 x, _ = augment_batch(images, labels, config.augment, gen, sources.num_classes, data.mean, data.std,
                                      cropped=sources.streamed)  # fmt: skip
                 lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
                 run.set_lr(optimizer, lr)
-                with autocast(device, precision):
-                    loss = model(x.to(device, non_blocking=True))
+                with autocast(ctx.device, precision):
+                    loss = net(x.to(ctx.device, non_blocking=True))
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm or float("inf"))
-                finite = bool(torch.isfinite(loss.detach() + grad_norm).item())
+                finite = distributed.all_reduce(torch.isfinite(loss.detach() + grad_norm).float(), "min").item() == 1.0
                 if finite:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -196,13 +208,14 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
 
                 if run.due(tc.log_every_steps):
                     rate = run.images_per_s
-                    values = dict(loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), images_per_s=rate, skipped=run.skipped)
-                    run.log("steps", values, postfix=dict(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}"))
+                    mean_loss = distributed.all_reduce(loss.detach().float().clone()).item() / ctx.world_size
+                    values = dict(loss=mean_loss, lr=lr, grad_norm=grad_norm.item(), images_per_s=rate, skipped=run.skipped)
+                    run.log("steps", values, postfix=dict(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}"))
                 if run.due(eval_every):
                     test_loss = held_out_loss(model, sources.test, tc.batch_size, *evaluation_args())
                     run.write(f"epoch {run.epoch:.2f}  step {run.step}  held-out {p.method} loss {test_loss:.4f}")
                     run.log("epochs", {"epoch": run.epoch, "test_loss": test_loss})
-                if run.due(p.sample_every_steps):
+                if run.due(p.sample_every_steps) and ctx.is_main:
                     path = run.dir / "samples" / f"step-{run.step:08d}.png"
                     run.image("samples", sample_grid(path, model, samples, *evaluation_args()))
                 run.end_step(save)
@@ -215,7 +228,8 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
             "test": {"loss": test_loss}, "method": p.method, "steps": run.step, "epochs": run.epoch,
             "skipped_steps": run.skipped, "train_seconds_this_session": elapsed,
             "train_images_per_s": run.seen / elapsed if run.seen else None,
-            "encoder_parameters": encoder_params, "precision": precision,
+            "encoder_parameters": encoder_params, "precision": precision, "world_size": ctx.world_size,
+            "max_rank_param_difference": distributed.max_rank_difference(model),
         }  # fmt: skip
         save({"test": {"loss": test_loss}})
         return run.finish(results, plot_pretrain_curves)
