@@ -132,6 +132,7 @@ class AugmentConfig:
     """Batched augmentation on tensors. The paper's recipe: flips only."""
 
     crop_padding: int = 0  # random crop after zero padding by this many pixels; 0 disables
+    resized_crop: bool = False  # in memory, the Inception crop of data.crop_scale of the area (streams always get it)
     hflip: bool = True
     vflip: bool = True  # the paper flipped vertically too
     flip_prob: float = 0.5  # per flip; the paper's code used 0.33
@@ -147,6 +148,8 @@ class AugmentConfig:
 
     def validate(self) -> None:
         check_fields("augment", self)
+        if self.crop_padding and self.resized_crop:
+            raise VitlabError("augment.crop_padding and augment.resized_crop are two crops; set one of them")
 
 
 @dataclass

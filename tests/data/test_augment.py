@@ -13,6 +13,7 @@ from vitlab.data.augment import (
     rand_augment,
     random_crop,
     random_flip,
+    random_resized_crop,
 )
 from vitlab.errors import VitlabError
 
@@ -193,3 +194,17 @@ def test_flip_probability_sets_the_share_of_mirrored_images() -> None:
     for p in (0.0, 0.33, 1.0):
         flipped = (random_flip(x, _gen(), p=p) != x).flatten(1).any(1).float().mean().item()
         assert abs(flipped - p) < 0.03
+
+
+def test_random_resized_crop_resamples_one_box_per_image_without_padding() -> None:
+    x = torch.rand(8, 3, 16, 16, generator=_gen(1))
+    assert torch.allclose(random_resized_crop(x, _gen(), scale=(1.0, 1.0)), x, atol=1e-6)  # the whole image: unchanged
+
+    ramp = torch.arange(32.0).expand(64, 3, 32, 32)  # pixel value = column
+    out = random_resized_crop(ramp, _gen(), scale=(0.2, 0.5))
+    assert torch.equal(out, random_resized_crop(ramp, _gen(), scale=(0.2, 0.5)))  # same generator, same crops
+    slope = out[:, 0, 0, 2] - out[:, 0, 0, 1]  # a crop of w columns resized to 32: w / 32 columns per pixel
+    assert slope.min() > 0 and slope.max() <= (0.5 * 4 / 3) ** 0.5 + 1e-4 and slope.std() > 0.02
+    steps = out[..., 2:-1] - out[..., 1:-2]  # linear inside the box: no padding (the edge pixels may clamp)
+    assert torch.allclose(steps, slope.view(-1, 1, 1, 1).expand_as(steps), atol=1e-4)
+    assert out.min() >= 0 and out.max() <= 31

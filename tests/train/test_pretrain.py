@@ -142,8 +142,8 @@ def test_linear_probe_separates_separable_features() -> None:
 
 
 def test_sigterm_saves_the_step_in_progress_and_auto_resume_continues_exactly(tmp_path: Path) -> None:
-    settings = ["train.checkpoint_every_steps=1000", "name=mpp", "pretrain.method=mpp",
-                "model.name=vit-ti/8", "model.options.pool=gap"]  # fmt: skip
+    settings = ["train.checkpoint_every_steps=1000", "name=mpp", "pretrain.method=mpp", "model.name=vit-ti/8",
+                "model.options.pool=gap", "augment={resized_crop: true, hflip: true}", "data.crop_scale=[0.2, 1.0]"]  # fmt: skip
     whole = pretrain(tiny_config(tmp_path / "whole", *settings), progress=False)
     run_dir = tmp_path / "cut" / "mpp"
 

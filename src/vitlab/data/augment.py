@@ -50,6 +50,25 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator, mode: str =
     return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
+def random_resized_crop(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.08, 1.0)) -> torch.Tensor:
+    """Each float image's Inception crop (`scale` of the area, aspect 3/4 to 4/3), resized back to its size (bilinear).
+
+    The in-memory twin of the streamed loader's crop (`vitlab.data.crops.inception_box`, the same boxes),
+    done for the whole batch in one `grid_sample`; no padding enters the image, as it does with `random_crop`.
+    """
+    from vitlab.data.crops import inception_box
+
+    n, _, h, w = x.shape
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))
+    boxes = torch.tensor([inception_box(w, h, rng, scale) for _ in range(n)], dtype=torch.float32, device=x.device)
+    left, top, right, bottom = boxes.unbind(1)
+    theta = torch.zeros(n, 2, 3, device=x.device)  # output [-1, 1] → the box in the input's [-1, 1]
+    theta[:, 0, 0], theta[:, 0, 2] = (right - left) / w, (left + right) / w - 1
+    theta[:, 1, 1], theta[:, 1, 2] = (bottom - top) / h, (top + bottom) / h - 1
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def random_flip(
     x: torch.Tensor, gen: torch.Generator, horizontal: bool = True, vertical: bool = False, p: float = 0.5
 ) -> torch.Tensor:

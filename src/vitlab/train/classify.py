@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.config import AugmentConfig, OptimConfig, RunConfig
-from vitlab.data.augment import mixup_cutmix, normalize, rand_augment, random_crop, random_erasing, random_flip
+from vitlab.data.augment import (mixup_cutmix, normalize, rand_augment, random_crop, random_erasing, random_flip,
+                                 random_resized_crop)  # fmt: skip
 from vitlab.data.sources import run_data
 from vitlab.errors import VitlabError
 from vitlab.eval.classification import classification_metrics, dataset_logits, evaluate
@@ -65,16 +66,20 @@ def penalties(
 def augment_batch(
     images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, num_classes: int,
     mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), cropped: bool = False,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 batch → normalised float images and targets (soft when Mixup/CutMix is on), on the batch's device.
 
     `cropped`: the images were cropped and flipped already (by the streaming workers).
+    `crop_scale`: the area range of `augment.resized_crop` (data.crop_scale).
     """
     if cfg.crop_padding and not cropped:  # crops and flips on uint8: a quarter of the bytes of float32
         images = random_crop(images, cfg.crop_padding, gen)
     if (cfg.hflip or cfg.vflip) and not cropped:
         images = random_flip(images, gen, horizontal=cfg.hflip, vertical=cfg.vflip, p=cfg.flip_prob)
     x = images.float() / 255.0
+    if cfg.resized_crop and not cropped:
+        x = random_resized_crop(x, gen, crop_scale)
     if cfg.randaugment_ops:
         x = rand_augment(x, gen, num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
     x = normalize(x, mean, std)
@@ -162,7 +167,7 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                 torch.manual_seed(step_seed(tc.seed, step, ctx.rank, 1))
                 images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
                 x, targets = augment_batch(images, labels, config.augment, gen, num_classes, data.mean, data.std,
-                                           cropped=sources.streamed)  # fmt: skip
+                                           cropped=sources.streamed, crop_scale=data.crop_scale)  # fmt: skip
                 lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
                 run.set_lr(optimizer, lr)
 

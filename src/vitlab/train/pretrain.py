@@ -187,7 +187,7 @@ def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | Non
                 gen = torch.Generator().manual_seed(step_seed(tc.seed, step, ctx.rank, 0))
                 torch.manual_seed(step_seed(tc.seed, step, ctx.rank, 1))  # the masks differ from rank to rank
                 x, _ = augment_batch(images, labels, config.augment, gen, sources.num_classes, data.mean, data.std,
-                                     cropped=sources.streamed)  # fmt: skip
+                                     cropped=sources.streamed, crop_scale=data.crop_scale)  # fmt: skip
                 lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
                 run.set_lr(optimizer, lr)
                 with autocast(ctx.device, precision):
