@@ -1,8 +1,9 @@
 """Self-supervised pretraining (MAE or MPP) of an encoder on unlabeled images: one plain loop on the run scaffold.
 
 Each step: crop and flip a batch (labels are ignored; in memory, or streamed from folders and shards
-as in classification), mask it, and minimise the method's loss (vitlab.models.masked). Randomness (augmentation, masks) is derived from (seed, step) as in the
-classification loop and the LR is a function of the step, so a resumed run continues exactly.
+as in classification), mask it, and minimise the method's loss (vitlab.models.masked). Randomness
+(augmentation, masks) is derived from (seed, step, rank) as in the classification loop and the LR is
+a function of the step, so a resumed run continues exactly.
 A checkpoint holds the encoder as `model.safetensors` (a classifier's tensors minus the head, so
 `finetune.checkpoint: RUN` loads it like any vitlab run) and the rest as `decoder.safetensors`.
 """
@@ -74,7 +75,7 @@ def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> to
 @torch.no_grad()
 def held_out_loss(model: nn.Module, held_out: MemoryEval | StreamEval, batch_size: int, ctx: Context, seed: int,
                   precision: str, mean: Sequence[float], std: Sequence[float]) -> float:  # fmt: skip
-    """The mean loss over the held-out split, strided across ranks, with masks drawn from `seed` (the same at every evaluation)."""
+    """The mean loss over the held-out split, strided across ranks; masks drawn from `seed` (the same at every evaluation)."""
     model.eval()
     torch.manual_seed(seed + ctx.rank)
     sums = torch.zeros(2, dtype=torch.float64, device=ctx.device)
