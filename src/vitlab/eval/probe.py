@@ -83,8 +83,8 @@ def probe_data(config: PretrainConfig, overrides: Sequence[str]) -> PretrainConf
         other = [o for o in overrides if not o.startswith("data.")]
         if other:
             raise VitlabError(f"vitlab probe --set changes the data only (data.name=…, data.root=…), not {', '.join(other)}")
-        config = from_dict(PretrainConfig, merge_defaults(PretrainConfig, apply_overrides(config.to_dict(), list(overrides), PretrainConfig)))
-        config = config.validate()
+        changed = apply_overrides(config.to_dict(), list(overrides), PretrainConfig)
+        config = from_dict(PretrainConfig, merge_defaults(PretrainConfig, changed)).validate()
     if streams(config.data):
         raise VitlabError(f"vitlab probe holds its labelled images in memory and data.name={config.data.name} is streamed; "
                           "probe on an in-memory labelled set: --set data.name=folder --set data.root=DIR "
