@@ -19,8 +19,7 @@ BRANCH_NORMS = ("none", "mlp", "sum")
 BLOCKS = ("serial", "parallel")
 
 
-@functools.cache
-def native_cpu_bf16_gemm() -> bool:
+def _native_cpu_bf16_gemm() -> bool:
     """Whether torch multiplies bf16 matrices natively on this CPU (oneDNN with AVX512 or AMX)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -28,9 +27,14 @@ def native_cpu_bf16_gemm() -> bool:
         return False
 
 
+# Probed once at import: torch.compile cannot trace the probe (it returns a bool), and calling it in every
+# `gemm` broke the compiled graph at every projection.
+NATIVE_CPU_BF16_GEMM = _native_cpu_bf16_gemm()
+
+
 def bf16_gemm_on_fp32(x: torch.Tensor) -> bool:
     """Whether a product with `x` would run in bf16 (autocast or bf16 tensors) on a CPU without bf16 GEMMs."""
-    if x.device.type != "cpu" or native_cpu_bf16_gemm():
+    if x.device.type != "cpu" or NATIVE_CPU_BF16_GEMM:
         return False
     if torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu") == torch.bfloat16
