@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from vitlab import __version__
 from vitlab.errors import VitlabError
+from vitlab.train.allocator import keep_freed_memory
 
 DESCRIPTION = """Train, fine-tune, inspect and export Vision Transformers (the classic ViT and the ViT-22B-style
 parallel block) on a laptop CPU or on GPUs. `vitlab train` with no arguments trains a small model on
@@ -444,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> int:
     """The `vitlab` console script: `main`, ending quietly when the reader of its output goes away (`| head`)."""
+    keep_freed_memory()
     try:
         status = main()
         sys.stdout.flush()  # inside the try: a closed pipe fails here, not at interpreter exit

@@ -79,6 +79,7 @@ def test_tiny_run_learns_and_writes_every_artefact(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"vitlab train: {run_dir} (new run)" in out and "160 (16 per epoch × 10 epochs) of batch 64" in out
     assert "step 160/160  loss" in out and "ETA" in out  # a line per log_every_steps without the progress bar
+    assert "\n  host memory  " in out  # what vitlab.train.allocator did (nothing, called as a library)
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert "curves" in events.Tags()["images"] and "steps/loss" in events.Tags()["scalars"]

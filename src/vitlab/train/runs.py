@@ -35,6 +35,7 @@ from vitlab.errors import VitlabError
 from vitlab.eval.runs import run_command
 from vitlab.train import checkpoint as ckpt
 from vitlab.train import distributed
+from vitlab.train.allocator import host_memory
 from vitlab.train.run_log import RunLog
 
 AUTO = "auto"
@@ -263,6 +264,7 @@ class Run:
         if not self.ctx.is_main:
             return
         state = f"resuming from step {self.step} ({self.checkpoint})" if self.checkpoint else "new run"
+        facts = {**facts, "host memory": host_memory()}
         width = max(map(len, facts))
         lines = [f"vitlab {self.command}: {self.dir} ({state})"]
         lines += [f"  {key:<{width}}  {value}" for key, value in facts.items()]
