@@ -35,13 +35,14 @@ from torch import nn
 
 import vitlab
 from vitlab.models import preset_config
+from vitlab.train.allocator import keep_freed_memory
 
 IMG_SIZE, NUM_CLASSES = 32, 10
-IMPLS = ("vitlab", "reference")
-# glibc gives freed blocks back to the kernel, so the next step page-faults its activations in again: here
-# 0.1-1.1 M minor faults and 0.3-2 s of system time per ViT-S/4 step, by chance more for one model than the
-# other. Keeping freed memory in the process (what jemalloc/tcmalloc do) removes that noise for all workers.
-KEEP_FREED_MEMORY = {"MALLOC_TRIM_THRESHOLD_": str(16 << 30), "MALLOC_TOP_PAD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+# vitlab: the model as `vitlab train` runs it, freed host memory kept in the process (vitlab.train.allocator);
+# reference: the naive model below, in the same process set-up; compiled: vitlab's model under torch.compile
+# (`train.compile: true`); system-malloc: vitlab's model with glibc's defaults, which hand freed memory back
+# to the kernel so that every step page-faults its activations in again.
+IMPLS = ("vitlab", "reference", "compiled", "system-malloc")
 
 
 # ---------------------------------------------------------------- the naive reference
@@ -116,9 +117,9 @@ class RefViT(nn.Module):
 
 
 def build(model: str, impl: str, depth: int) -> nn.Module:
-    if impl == "vitlab":
-        return vitlab.create_model(model, img_size=IMG_SIZE, num_classes=NUM_CLASSES, depth=depth)
-    return RefViT({**preset_config(model), "depth": depth})
+    if impl == "reference":
+        return RefViT({**preset_config(model), "depth": depth})
+    return vitlab.create_model(model, img_size=IMG_SIZE, num_classes=NUM_CLASSES, depth=depth)
 
 
 def step_flops(model: str, depth: int, batch: int) -> float:
@@ -141,21 +142,25 @@ def reply(obj) -> None:
 
 
 def timed(fn, device: torch.device, repeat: int = 1) -> dict:
-    """Wall-clock and CPU seconds of one call of `fn` (the mean of `repeat` calls)."""
+    """Wall-clock and CPU seconds and minor page faults of one call of `fn` (the mean of `repeat` calls)."""
     sync(device)
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu, faults = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(repeat):
         fn()
     sync(device)
-    return {"wall": (time.perf_counter() - wall) / repeat, "cpu": (time.process_time() - cpu) / repeat}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {"wall": (time.perf_counter() - wall) / repeat, "cpu": (time.process_time() - cpu) / repeat, "faults": faults / repeat}
 
 
 def run_worker(spec: dict) -> None:
     """One model: answer each command on stdin ('train', 'infer', 'stats', 'quit') with one JSON line."""
     device = torch.device(spec["device"])
+    if spec["impl"] != "system-malloc":
+        keep_freed_memory()
     torch.manual_seed(0)
     model = build(spec["model"], spec["impl"], spec["depth"]).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)  # 3x faster than foreach on CPU
+    forward = torch.compile(model) if spec["impl"] == "compiled" else model
     x = torch.randn(spec["batch"], 3, IMG_SIZE, IMG_SIZE, device=device)
     y = torch.randint(0, NUM_CLASSES, (spec["batch"],), device=device)
 
@@ -164,7 +169,7 @@ def run_worker(spec: dict) -> None:
 
     def train():
         with amp():
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -172,7 +177,7 @@ def run_worker(spec: dict) -> None:
     def infer():
         model.eval()
         with torch.inference_mode(), amp():
-            model(x)
+            forward(x)
         model.train()
 
     reply({"params": sum(p.numel() for p in model.parameters())})
@@ -189,26 +194,31 @@ def run_worker(spec: dict) -> None:
 
 
 def run_peak(device_name: str) -> None:
-    """Matmul peak in GFLOP/s by torch.mm of square matrices: bf16 once (growing n up to the fp32 size while
-    one product takes < 1 s), then one fp32 sample per 'mm' command, n = 4096 (8192 on CUDA)."""
+    """Matmul peak in GFLOP/s by torch.mm of square matrices. On the first command (sent once the model workers
+    are built and idle) bf16: the fastest size of n = 1024, 2048, ... up to the fp32 size, the median of 3
+    products each, larger sizes only while one product takes < 1 s (on this project's AVX512-BF16 CPU, 1024²
+    ran at 919 GFLOP/s and 4096² at 797). Then one fp32 sample per 'mm' command, n = 4096 (8192 on CUDA; fp32
+    on that CPU ran at 193-205 GFLOP/s at every size)."""
     device = torch.device(device_name)
     n_max, repeat = (8192, 10) if device.type == "cuda" else (4096, 1)
 
     def gflops(n: int, t: dict) -> dict:
         return {"n": n, "wall": 2 * n**3 / t["wall"] / 1e9, "cpu": 2 * n**3 / t["cpu"] / 1e9}
 
-    n = 1024
+    reply({"ready": True})
+    sys.stdin.readline()
+    n, sizes = 1024, []
     while True:
         a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
         timed(lambda: a @ b, device)  # warm-up
         samples = [gflops(n, timed(lambda: a @ b, device, repeat)) for _ in range(3)]
+        sizes.append({k: statistics.median(s[k] for s in samples) for k in ("wall", "cpu")} | {"n": n})
         if samples[0]["wall"] * 1e9 < 2 * n**3 or n >= n_max:  # the product took more than 1 s
             break
         n *= 2
-    bf16 = {k: statistics.median(s[k] for s in samples) for k in ("wall", "cpu")} | {"n": n}
     a, b = (torch.randn(n_max, n_max, device=device) for _ in range(2))
-    timed(lambda: a @ b, device)
-    reply({"bf16": bf16})
+    timed(lambda: a @ b, device)  # warm-up of the fp32 samples
+    reply({"bf16": max(sizes, key=lambda s: s["wall"]) | {"sizes": sizes}})
     for line in sys.stdin:
         if line.strip() == "quit":
             return
@@ -218,9 +228,9 @@ def run_peak(device_name: str) -> None:
 class Worker:
     """A worker subprocess answering one JSON line per command; `ask` returns None once it has timed out."""
 
-    def __init__(self, args: list[str], timeout: float, env: dict | None = None):
+    def __init__(self, args: list[str], timeout: float):
         command = [sys.executable, __file__, *args]
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.timeout, self.timed_out = timeout, False
 
     def read(self, timeout: float):
@@ -251,15 +261,15 @@ class Worker:
 def measure_group(models: list[str], dtype: str, args) -> tuple[dict, dict]:
     """vitlab and the reference of every model side by side, taking turns (ABC..CBA) over warm-up and timed
     steps, with one fp32 matmul-peak sample after each timed round. Returns (results by (model, impl), peaks)."""
-    env = None if args.system_malloc else os.environ | KEEP_FREED_MEMORY
-    peak = Worker(["--peak", args.device], timeout=600, env=env)
+    peak = Worker(["--peak", args.device], timeout=600)
     workers = {}
     for model in models:
-        for impl in IMPLS:
+        for impl in args.impls:
             spec = dict(model=model, impl=impl, dtype=dtype, depth=args.depth, batch=args.batch, device=args.device)
-            workers[model, impl] = Worker(["--worker", json.dumps(spec)], args.max_step_s, env)
-    peaks = {"bf16": peak.read(600)["bf16"], "fp32": []}
+            workers[model, impl] = Worker(["--worker", json.dumps(spec)], args.max_step_s)
+    peak.read(600)
     results = {key: {"params": w.read(600)["params"], "train": [], "infer": []} for key, w in workers.items()}
+    peaks = {"bf16": peak.ask("bf16")["bf16"], "fp32": []}
     keys = list(workers)
     for phase in ("train", "infer"):
         for i in range(args.warmup + args.steps):
@@ -306,12 +316,13 @@ def summarise(args, groups: dict) -> tuple[str, list[dict]]:
             f"{dtype} group: fp32 matmul peak {fp32['wall']:.0f} GFLOP/s wall clock "
             f"[{min(s['wall'] for s in peaks['fp32']):.0f}–{max(s['wall'] for s in peaks['fp32']):.0f}], "
             f"{fp32['cpu']:.0f} GFLOP per CPU-second (torch.mm {peaks['fp32'][0]['n']}², one sample per round); "
-            f"bf16 {peaks['bf16']['wall']:.1f} GFLOP/s (n={peaks['bf16']['n']})"
+            f"bf16 {peaks['bf16']['wall']:.1f} GFLOP/s (n={peaks['bf16']['n']}; "
+            + ", ".join(f"{s['n']}²: {s['wall']:.0f}" for s in peaks["bf16"]["sizes"]) + ")"
         )
         for model in args.models:
             flops = {"train": step_flops(model, args.depth, args.batch)}
             flops["infer"] = flops["train"] / 3
-            by_impl = {impl: results[model, impl] for impl in IMPLS}
+            by_impl = {impl: results[model, impl] for impl in args.impls}
             for impl, r in by_impl.items():
                 row = dict(model=model, dtype=dtype, impl=impl, params=r["params"], peak_rss_mib=r.get("peak_rss_mib"),
                            peak_cuda_mib=r.get("peak_cuda_mib"), train_times=r["train"], infer_times=r["infer"])  # fmt: skip
@@ -357,7 +368,7 @@ def summarise(args, groups: dict) -> tuple[str, list[dict]]:
         f"Machine: {machine(args.device)}",
         f"Depth {args.depth}, batch {args.batch}, {IMG_SIZE} px, AdamW (fused); {args.warmup} warm-up + {args.steps} "
         f"timed steps each, medians; a step slower than {args.max_step_s:.0f} s is stopped and reported as a bound; "
-        f"{'glibc malloc defaults' if args.system_malloc else 'freed memory kept in each worker (KEEP_FREED_MEMORY)'}. "
+        "freed host memory kept in every worker but system-malloc's (vitlab.train.allocator). "
         "MFU of bf16 rows is against the faster of the fp32 and bf16 matmul peaks.",
         *notes,
         "",
@@ -379,27 +390,30 @@ def summarise(args, groups: dict) -> tuple[str, list[dict]]:
             "",
             "CPU time (all threads of the worker; what a step cost whatever the other jobs on the machine took):",
             "",
-            "| model | dtype | impl | train CPU s | × ref | train MFU | infer CPU s | × ref | infer MFU |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+            "| model | dtype | impl | train CPU s | × ref | train MFU | page faults / train step | infer CPU s | × ref | infer MFU |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
+            faults = median_of(r["train_times"], "faults")
             lines.append(
                 f"| {r['model']} | {r['dtype']} | {r['impl']} | {seconds(r, 'train', 'cpu')} | {ratio(r, 'train', 'cpu')} | "
-                f"{pct(r['train_cpu_mfu'])} | {seconds(r, 'infer', 'cpu')} | {ratio(r, 'infer', 'cpu')} | {pct(r['infer_cpu_mfu'])} |"
+                f"{pct(r['train_cpu_mfu'])} | {'—' if faults is None else f'{faults:,.0f}'} | {seconds(r, 'infer', 'cpu')} | "
+                f"{ratio(r, 'infer', 'cpu')} | {pct(r['infer_cpu_mfu'])} |"
             )
     by_key = {(r["model"], r["dtype"], r["impl"]): r for r in rows}
     serial, parallel = args.models[0], args.models[-1]
     lines.append("")
     for dtype in args.dtypes:
-        s, p = by_key.get((serial, dtype, "vitlab")), by_key.get((parallel, dtype, "vitlab"))
-        if not s or not p or s is p:
-            continue
-        parts = []
-        for clock in ("wall", "cpu") if args.device == "cpu" else ("wall",):
-            for phase in ("train", "infer"):
-                if s[f"{phase}_{clock}_s"] and p[f"{phase}_{clock}_s"]:
-                    parts.append(f"{phase} {s[f'{phase}_{clock}_s'] / p[f'{phase}_{clock}_s']:.2f}× ({clock})")
-        lines.append(f"{parallel} / {serial} speed (vitlab, {dtype}): {', '.join(parts)}  ")
+        for impl in args.impls:
+            s, p = by_key.get((serial, dtype, impl)), by_key.get((parallel, dtype, impl))
+            if not s or not p or s is p:
+                continue
+            parts = []
+            for clock in ("wall", "cpu") if args.device == "cpu" else ("wall",):
+                for phase in ("train", "infer"):
+                    if s[f"{phase}_{clock}_s"] and p[f"{phase}_{clock}_s"]:
+                        parts.append(f"{phase} {s[f'{phase}_{clock}_s'] / p[f'{phase}_{clock}_s']:.2f}× ({clock})")
+            lines.append(f"{parallel} / {serial} speed ({impl}, {dtype}): {', '.join(parts)}  ")
     return "\n".join(lines), rows
 
 
@@ -413,7 +427,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--max-step-s", type=float, default=90.0, help="stop a configuration whose step takes longer")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--system-malloc", action="store_true", help="leave glibc malloc's defaults (see KEEP_FREED_MEMORY)")
+    parser.add_argument("--impls", default="vitlab,reference", help=f"comma-separated, of {', '.join(IMPLS)}; "
+                        "ratios are to the reference, which is always measured")  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the markdown tables here, and the raw numbers beside it as .json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--peak", help=argparse.SUPPRESS)
@@ -423,6 +438,10 @@ def main() -> None:
     if args.peak:
         return run_peak(args.peak)
     args.models, args.dtypes = args.models.split(","), args.dtypes.split(",")
+    args.impls = list(dict.fromkeys(["vitlab", "reference", *args.impls.split(",")]))
+    for impl in args.impls:
+        if impl not in IMPLS:
+            parser.error(f"--impls: {impl!r} is not one of {', '.join(IMPLS)}")
     for dtype in args.dtypes:
         if dtype not in ("fp32", "bf16"):
             parser.error(f"--dtypes: {dtype!r} is not fp32 or bf16")

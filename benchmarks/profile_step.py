@@ -4,8 +4,8 @@
     python benchmarks/profile_step.py --model vit22b-s/4 --depth 2 --by-shape aten::copy_,aten::cat
     python benchmarks/profile_step.py --model vit22b-s/4 --option qk_norm=false --compile
 
-The step of benchmarks/bench_models.py (32 px, batch 128, 10 classes, fused AdamW, freed memory kept in the
-process as there: `KEEP_FREED_MEMORY`), two steps for warm-up and then `--steps` under the profiler; prints
+The step of benchmarks/bench_models.py (32 px, batch 128, 10 classes, fused AdamW, freed host memory kept in
+the process as the vitlab command does: vitlab.train.allocator), two steps for warm-up and then `--steps` under the profiler; prints
 the ops by self CPU time per step and the GEMMs' share of the step, or with --by-shape the named ops split
 by input shape. `--compile` profiles the model under torch.compile (what `train.compile: true` runs).
 """
@@ -13,16 +13,13 @@ by input shape. `--compile` profiles the model under torch.compile (what `train.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
 import vitlab
-from bench_models import KEEP_FREED_MEMORY
+from vitlab.train.allocator import keep_freed_memory
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")
 
@@ -41,8 +38,8 @@ def main() -> None:
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc malloc's defaults")
     parser.add_argument("--by-shape", help="comma-separated op names (aten::copy_) to split by input shape")
     args = parser.parse_args()
-    if not args.system_malloc and any(os.environ.get(k) != v for k, v in KEEP_FREED_MEMORY.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | KEEP_FREED_MEMORY)  # glibc reads them at start
+    if not args.system_malloc:
+        keep_freed_memory()
     torch.manual_seed(0)
     options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
     model = vitlab.create_model(args.model, img_size=32, num_classes=10, depth=args.depth, **options)
