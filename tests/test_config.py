@@ -44,6 +44,8 @@ def test_yaml_and_overrides_are_applied(tmp_path):
         ("", ["model.options={img_size: 64}"], ["data.image_size"]),
         ("", ["data.name=imagenet"], ["data.name", "'cifar10'"]),
         ("", ["data.name=cifar10"], ["data.root"]),
+        ("", ["data.builtin.num_train=256"], ["data.builtin", "'num_train'", "noise_std", "data.num_train"]),
+        ("", ["data.builtin.noise_std=-1"], ["noise_std=-1", ">= 0"]),
         ("", ["optim.milestones=[30, 60]"], ["fractions"]),
         ("", ["train.epochs"], ["key.sub=value"]),
         ("optim: [1, 2\n", [], ["not valid YAML"]),

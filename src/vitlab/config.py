@@ -19,6 +19,7 @@ from vitlab.errors import (
     AT_LEAST_0, AT_LEAST_1, BELOW_1, FRACTION, POSITIVE, Range, VitlabError, brief, check_choice, check_range,
 )  # fmt: skip
 from vitlab.data import DATASETS
+from vitlab.data.builtin import difficulty_knobs
 from vitlab.data.unpaired import PAIR_DATASETS, PAIRINGS
 from vitlab.eval.table2 import PROTOCOLS
 from vitlab.models.gan import DISCRIMINATORS, NORMS
@@ -125,6 +126,7 @@ class DataConfig:
             raise VitlabError(f"data.mean={list(self.mean)} and data.std={list(self.std)} must both have 1 or 3 entries (per channel)")
         if self.name != "builtin" and not self.root:
             raise VitlabError(f"data.root is required for data.name={self.name!r}: the folder holding the dataset")
+        difficulty_knobs(self.builtin)
 
 
 @dataclass
@@ -573,6 +575,7 @@ class PairDataConfig:
         if self.crop_size > self.load_size:
             raise VitlabError(f"data.crop_size={self.crop_size} must be at most data.load_size={self.load_size}; "
                               "lower it")  # fmt: skip
+        difficulty_knobs(self.builtin)
 
 
 @dataclass

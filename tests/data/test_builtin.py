@@ -45,7 +45,7 @@ def test_shapes_dtypes_and_balanced_labels() -> None:
 
 
 def test_difficulty_options_are_checked() -> None:
-    with pytest.raises(VitlabError, match="unknown builtin dataset option.*'noise'.*allowed.*noise_std"):
+    with pytest.raises(VitlabError, match="data.builtin: unknown key.*'noise'.*knobs.*noise_std"):
         builtin_splits(num_train=10, num_test=10, noise=0.1)
     with pytest.raises(VitlabError, match="scale_range"):
         BuiltinDifficulty(scale_range=(0.3, 0.2))

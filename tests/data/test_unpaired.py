@@ -42,7 +42,7 @@ def test_tone_curves_are_monotone_so_the_mapping_is_invertible() -> None:
 
 
 def test_unknown_builtin_knob_is_named() -> None:
-    with pytest.raises(VitlabError, match="unknown builtin pair option.*'noise'"):
+    with pytest.raises(VitlabError, match="data.builtin: unknown key.*'noise'"):
         builtin_pair(num_train=2, num_test=2, noise=0.1)
 
 

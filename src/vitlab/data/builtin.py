@@ -223,15 +223,22 @@ def make_builtin(
     return ImageDataset(images=images, labels=labels, classes=list(BUILTIN_CLASSES))
 
 
+def difficulty_knobs(knobs: dict, section: str = "data") -> BuiltinDifficulty:
+    """`section.builtin` of a config as BuiltinDifficulty; an unknown key fails in one line naming the allowed ones."""
+    allowed = [f.name for f in fields(BuiltinDifficulty)]
+    unknown = sorted(set(knobs) - set(allowed))
+    if unknown:
+        sizes = f"; sizes and the seed are {section}.num_train, {section}.num_test, {section}.seed" if set(unknown) & {
+            "num_train", "num_test", "seed", "image_size"} else ""  # fmt: skip
+        raise VitlabError(f"{section}.builtin: unknown key(s) {unknown}; it takes the difficulty knobs {allowed}{sizes}")
+    return BuiltinDifficulty(**knobs)
+
+
 def builtin_splits(
     num_train: int = 20000, num_test: int = 2000, seed: int = 0, image_size: int = 32, **difficulty: object
 ) -> DataSplits:
     """Train and test splits of the shape dataset; `difficulty` takes the fields of BuiltinDifficulty."""
-    allowed = [f.name for f in fields(BuiltinDifficulty)]
-    unknown = sorted(set(difficulty) - set(allowed))
-    if unknown:
-        raise VitlabError(f"unknown builtin dataset option(s) {unknown}; allowed: {allowed}")
-    knobs = BuiltinDifficulty(**difficulty)  # type: ignore[arg-type]
+    knobs = difficulty_knobs(difficulty)
     train_seed, test_seed = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
     return DataSplits(
         train=make_builtin(num_train, train_seed, image_size, knobs),

@@ -14,12 +14,12 @@ onto that of B while keeping the scene.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vitlab.data.builtin import BuiltinDifficulty, make_builtin
+from vitlab.data.builtin import BuiltinDifficulty, difficulty_knobs, make_builtin
 from vitlab.data.images import image_files, read_images
 from vitlab.errors import VitlabError
 
@@ -90,11 +90,7 @@ def builtin_pair(
     with_train: bool = True, **difficulty: object,
 ) -> UnpairedData:  # fmt: skip
     """The built-in sepia ↔ cyanotype pair; `difficulty` takes the fields of BuiltinDifficulty."""
-    allowed = [f.name for f in fields(BuiltinDifficulty)]
-    unknown = sorted(set(difficulty) - set(allowed))
-    if unknown:
-        raise VitlabError(f"unknown builtin pair option(s) {unknown}; allowed: {allowed}")
-    knobs = BuiltinDifficulty(**difficulty)  # type: ignore[arg-type]
+    knobs = difficulty_knobs(difficulty)
     seeds = torch.randint(2**62, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
     train_a, train_b = no_images(load_size), no_images(load_size)
     if with_train:
