@@ -1,10 +1,11 @@
 """Host memory of a CPU run: keep what glibc's malloc frees inside the process instead of handing it back.
 
 With glibc's defaults a training step's activations go back to the kernel when they are freed, and the next
-step page-faults them in again: about 300 000 minor faults (1.2 GB zeroed again) per step of ViT-S/4 at depth
-6, batch 128, and 1.08-1.14x slower steps in bf16 and fp32 (benchmarks/README.md, "Host memory"). jemalloc and
-tcmalloc keep freed memory by design; with glibc three `mallopt` settings do the same. The vitlab command
-applies them at start (`keep_freed_memory`); VITLAB_SYSTEM_MALLOC=1 leaves glibc as it is.
+step page-faults them in again: 81 000-212 000 minor faults per step of ViT-S/4 or ViT-22B-S/4 at depth 6,
+batch 128, which then trained at 0.78-0.89x the speed with freed memory kept (0 faults; benchmarks/README.md,
+"Models on an AVX512-BF16 CPU"). jemalloc and tcmalloc keep freed memory by design; with glibc three
+`mallopt` settings do the same. The vitlab command applies them at start (`keep_freed_memory`);
+VITLAB_SYSTEM_MALLOC=1 leaves glibc as it is.
 """
 
 from __future__ import annotations
