@@ -22,6 +22,7 @@ def test_dry_run_runs_every_section_and_writes_the_table(tmp_path):
         assert f"| {section} |" in table
     assert "| tests | pytest -m gpu on cpu | ok |" in table
     assert "| train | vit22b-b/16 bf16 compiled | ok |" in table
+    assert "| train | vit22b-b/16 qk_norm=false bf16 | ok |" in table and "qk_norm=false bf16 compiled" not in table
 
 
 def test_a_failing_section_is_recorded_and_the_rest_still_run(tmp_path):
