@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 import vitlab
+from vitlab.config import apply_overrides
 from vitlab.models import preset_config
 from vitlab.train.precision import resolve_precision
 
@@ -197,8 +197,7 @@ def build_model(name: str, plan: Plan) -> torch.nn.Module:
 
         return timm.create_model(name.removeprefix("timm:"), pretrained=False, **plan.model_overrides())
     preset, *options = name.split()
-    options = {key: yaml.safe_load(value) for key, value in (option.split("=", 1) for option in options)}
-    return vitlab.create_model(preset, **plan.model_overrides(), **options)
+    return vitlab.create_model(preset, **plan.model_overrides(), **apply_overrides({}, options))
 
 
 def model_shape(plan: Plan) -> dict:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.profiler import ProfilerActivity, profile
 
 import vitlab
+from vitlab.config import apply_overrides
 from vitlab.train.allocator import keep_freed_memory
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")
@@ -41,7 +41,7 @@ def main() -> None:
     if not args.system_malloc:
         keep_freed_memory()
     torch.manual_seed(0)
-    options = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.option)}
+    options = apply_overrides({}, args.option)
     model = vitlab.create_model(args.model, img_size=32, num_classes=10, depth=args.depth, **options)
     forward = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -60,17 +60,18 @@ def main() -> None:
             step()
     print(f"{args.model} {' '.join(args.option)} {args.precision}{' compiled' if args.compile else ''}, depth {args.depth}, batch {args.batch}; "
           f"ms per step, mean of {args.steps}")  # fmt: skip
-    events = prof.key_averages(group_by_input_shape=bool(args.by_shape))
+    by_op = prof.key_averages()
+    events = prof.key_averages(group_by_input_shape=True) if args.by_shape else by_op
     if args.by_shape:
         names = args.by_shape.split(",")
         events = [e for e in events if e.key in names]
     events = sorted(events, key=lambda e: -e.self_cpu_time_total)
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    total = sum(e.self_cpu_time_total for e in by_op)
     for e in events[: args.rows]:
         shapes = f"  {str(e.input_shapes)[:90]}" if args.by_shape else ""
         print(f"{e.key[:44]:44s} {e.self_cpu_time_total / 1e3 / args.steps:8.1f} ms {e.self_cpu_time_total / total:6.1%}"
               f"  n={e.count // args.steps:3d}{shapes}")  # fmt: skip
-    gemm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMMS)
+    gemm = sum(e.self_cpu_time_total for e in by_op if e.key in GEMMS)
     print(f"{'total':44s} {total / 1e3 / args.steps:8.1f} ms; GEMMs ({', '.join(GEMMS)}) {gemm / total:.1%}")
 
 
