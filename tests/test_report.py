@@ -65,3 +65,44 @@ def test_report_of_something_that_is_not_a_run_is_a_one_line_error(tmp_path: Pat
         fig2([tmp_path], tmp_path / "out")
     assert main(["report", "fig2", str(tmp_path)]) == 2
     assert "not a finished run" in capsys.readouterr().err
+
+
+def report_error(capsys, *argv: str) -> str:
+    assert main(["report", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_a_run_of_the_wrong_kind_is_one_line_with_the_next_step(tmp_path: Path, capsys) -> None:
+    config = {"model": {"name": "vit-s/4"}, "data": {"name": "cifar10"}, "pretrain": {"method": "mae"}}
+    pretraining = fake_run(tmp_path, "mae", config, {"test": {"loss": 0.5}})
+    assert "made by `vitlab pretrain`" in (err := report_error(capsys, "fig2", str(pretraining))) and "`vitlab finetune`" in err
+    err = report_error(capsys, "table2", str(classifier(tmp_path, "c", "vit-s/4", [0.5])))
+    assert "made by `vitlab train`, not `vitlab translate-train`" in err and "report fig2" in err
+
+
+def test_a_torn_results_json_or_corrupt_epochs_csv_names_the_file_and_the_fix(tmp_path: Path, capsys) -> None:
+    torn = classifier(tmp_path, "torn", "vit-s/4", [0.5])
+    (torn / "results.json").write_text('{"test": {"acc')
+    assert f"{torn / 'results.json'} is torn" in (err := report_error(capsys, "fig2", str(torn)))
+    assert f"vitlab train --resume {torn}" in err
+    corrupt = classifier(tmp_path, "corrupt", "vit-s/4", [0.5])
+    (corrupt / "epochs.csv").write_text("step,epoch,test_acc1\n10,1,0.5\n20,2,0.5,9,9\n30,3,\x00garbage\n")
+    assert f"{corrupt / 'epochs.csv'} is corrupt" in (err := report_error(capsys, "fig2", str(corrupt)))
+    assert "delete it to report the final accuracy only" in err
+
+
+def test_a_run_given_twice_is_refused(tmp_path: Path, capsys) -> None:
+    run = classifier(tmp_path, "a", "vit-s/4", [0.5])
+    err = report_error(capsys, "fig2", str(run), f"{run}/.", "--out", str(tmp_path / "r"))
+    assert f"{run}/. is given twice (also as {run})" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("out", ["file", "file/sub"])
+def test_an_output_path_that_cannot_be_a_folder_is_one_line(tmp_path: Path, capsys, out: str) -> None:
+    run = classifier(tmp_path, "a", "vit-s/4", [0.5])
+    (tmp_path / "file").write_text("mine")
+    err = report_error(capsys, "fig2", str(run), "--out", str(tmp_path / out))
+    assert f"{tmp_path / 'file'} is a file, not a folder; give another --out" in err and (tmp_path / "file").read_text() == "mine"

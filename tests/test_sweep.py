@@ -10,6 +10,7 @@ import yaml
 from vitlab.cli import main
 from vitlab.errors import VitlabError
 from vitlab.sweep import run_sweep, sweep_commands
+from vitlab.train.runs import Run
 
 TINY = {
     "model": {"options": {"depth": 1, "embed_dim": 16, "num_heads": 2, "mlp_dim": 32}},
@@ -19,17 +20,25 @@ TINY = {
 }
 
 
-def tiny(tmp_path: Path, name: str, model: str) -> str:
+PRETRAIN = {
+    "model": {"name": "vit-ti/8", "options": TINY["model"]["options"]},
+    "data": {"name": "builtin", "image_size": 16, "num_train": 16, "num_test": 8},
+    "pretrain": {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2, "num_samples": 2},
+    "optim": {"warmup_epochs": 0},
+    "train": {"epochs": 1, "batch_size": 8, "threads": 1, "precision": "fp32"},
+}
+
+
+def tiny(tmp_path: Path, name: str, model: str, base: dict = TINY) -> str:
     path = tmp_path / f"{name}.yaml"
-    config = {**TINY, "name": name, "out_dir": str(tmp_path / "runs"), "model": {**TINY["model"], "name": model}}
+    config = {**base, "name": name, "out_dir": str(tmp_path / "runs"), "model": {**base["model"], "name": model}}
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
 
 def test_sweep_trains_each_config_in_order_then_draws_fig2(tmp_path: Path) -> None:
     paths = [tiny(tmp_path, "vit", "vit-ti/8"), tiny(tmp_path, "code22b", "ai602-vit22b-ti/8")]
-    reports = run_sweep(paths, ["train.epochs=2"], tmp_path / "report", progress=False)
-    table, figure = reports["fig2"]
+    table, figure = run_sweep(paths, ["train.epochs=2"], tmp_path / "report", progress=False).reports["fig2"]
     text = table.read_text()
     assert "`vit-ti/8`" in text and "`ai602-vit22b-ti/8`" in text and figure.is_file()
     assert (tmp_path / "runs" / "vit" / "results.json").is_file()
@@ -50,4 +59,56 @@ def test_a_bad_config_stops_the_sweep_before_anything_trains(tmp_path: Path) -> 
     good = tiny(tmp_path, "vit", "vit-ti/8")
     with pytest.raises(VitlabError, match="does not exist"):
         run_sweep([good, str(tmp_path / "missing.yaml")], [], tmp_path / "report", progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_config_does_not_stop_the_sweep_and_a_rerun_only_finishes_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    models = {"a": "vit-ti/8", "b": "vit22b-ti/8", "c": "ai602-vit22b-ti/8"}
+    paths = [tiny(tmp_path, name, model) for name, model in models.items()]
+    finish = Run.finish
+
+    def fail_b(run: Run, *args, **kwargs) -> dict:  # b fails after its last checkpoint, before results.json
+        if run.config.name == "b":
+            raise RuntimeError("b broke")
+        return finish(run, *args, **kwargs)
+
+    monkeypatch.setattr(Run, "finish", fail_b)
+    args = ["sweep", *paths, "--out", str(tmp_path / "report"), "--no-progress"]
+    assert main(args) == 2
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]
+    assert "1 of 3 configs failed" in last and f"{paths[1]}: b broke" in last and "run the same sweep again" in last
+    runs = tmp_path / "runs"
+    assert (runs / "c" / "results.json").is_file() and not (runs / "b" / "results.json").is_file()
+    report = (tmp_path / "report" / "fig2.md").read_text()
+    assert "`vit-ti/8`" in report and "`ai602-vit22b-ti/8`" in report and "`vit22b-ti/8`" not in report
+    steps = {name: (runs / name / "steps.csv").read_bytes() for name in ("a", "c")}
+
+    monkeypatch.setattr(Run, "finish", finish)  # the failure fixed: the same sweep again
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("is finished; skipped") == 2 and "b (resuming from step 2" in out
+    assert sorted(p.name for p in runs.iterdir()) == ["a", "b", "c"]  # no a-2, b-2 or c-2
+    assert {name: (runs / name / "steps.csv").read_bytes() for name in ("a", "c")} == steps
+    assert (runs / "b" / "results.json").is_file() and "`vit22b-ti/8`" in (tmp_path / "report" / "fig2.md").read_text()
+
+
+def test_a_sweep_pretrains_a_pretraining_config_and_leaves_it_out_of_the_report(tmp_path: Path) -> None:
+    vit, mae = tiny(tmp_path, "vit", "vit-ti/8"), tiny(tmp_path, "mae", "vit-ti/8", PRETRAIN)
+    assert sweep_commands([vit, mae], [], 2) == [
+        f"torchrun --standalone --nproc_per_node=2 -m vitlab.cli train {vit}",
+        f"torchrun --standalone --nproc_per_node=2 -m vitlab.cli pretrain {mae}",
+        f"vitlab report fig2 {tmp_path / 'runs' / 'vit'} --out report",
+    ]
+    result = run_sweep([mae], [], tmp_path / "report", progress=False)
+    assert result.finished == {mae: tmp_path / "runs" / "mae"} and not result.failed and not result.reports
+    assert "loss" in yaml.safe_load((tmp_path / "runs" / "mae" / "results.json").read_text())["test"]
+
+
+def test_two_configs_of_one_run_directory_are_refused_before_anything_trains(tmp_path: Path) -> None:
+    first = tiny(tmp_path, "vit", "vit-ti/8")
+    second = tmp_path / "other.yaml"
+    second.write_text(Path(first).read_text())
+    with pytest.raises(VitlabError, match=f"both train {tmp_path / 'runs' / 'vit'}; give each config its own name"):
+        run_sweep([first, str(second)], [], tmp_path / "report", progress=False)
     assert not (tmp_path / "runs").exists()

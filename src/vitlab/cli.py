@@ -206,17 +206,19 @@ def cmd_export(args: argparse.Namespace) -> None:
     """Write a run's model for timm or Hugging Face transformers."""
     from vitlab.models.export import export_run
 
-    written = export_run(args.run, args.format, args.out, args.ema)
+    written = export_run(args.run, args.format, args.out, args.ema, args.force)
     print(f"wrote {', '.join(p.name for p in written)} to {args.out}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     """Top-k classes of images under a run's model: a CSV and a labelled grid."""
-    from vitlab.eval.predict import predict_run
+    from vitlab.eval.predict import predict_run, skipped_note
 
     predictions, written = predict_run(args.run, args.images, args.top_k, args.out, args.ema, args.batch_size)
     for file, indices, probs in zip(predictions.files, predictions.indices.tolist(), predictions.probabilities.tolist()):
         print(f"{file}: " + ", ".join(f"{predictions.classes[i]} {100 * p:.1f} %" for i, p in zip(indices, probs)))
+    if predictions.skipped:
+        print(f"vitlab predict: {skipped_note(predictions.skipped)}", file=sys.stderr)
     print(f"wrote {' and '.join(map(str, written))}")
 
 
@@ -251,8 +253,10 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if args.print:
         print("\n".join(sweep_commands(args.configs, args.set, args.nproc, args.out)))
         return
-    for table, figure in run_sweep(args.configs, args.set, args.out, progress=not args.no_progress).values():
+    result = run_sweep(args.configs, args.set, args.out, progress=not args.no_progress)
+    for table, figure in result.reports.values():
         print(f"wrote {table} and {figure}")
+    result.check()  # after the report of the runs that finished
 
 
 def add_run_options(parser: argparse.ArgumentParser, what: str = "config") -> None:
@@ -339,10 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = command("export", "write a run's model for timm (safetensors + create_model arguments) or Hugging Face")
     export.add_argument("run", help="run directory or checkpoint folder")
-    export.add_argument("out", help="output folder")
+    export.add_argument("out", help="output folder: new or empty, outside the run (see --force)")
     export.add_argument("--format", required=True, choices=("timm", "hf"),
                         help="timm: model.safetensors + create_model.json; hf: a ViTForImageClassification folder")  # fmt: skip
     export.add_argument("--ema", action="store_true", help="export the EMA weights")
+    export.add_argument("--force", action="store_true", help="replace an earlier export in OUT, or write a new folder inside "
+                        "a run directory (never over a run's own files or into its checkpoints/)")  # fmt: skip
     export.set_defaults(func=cmd_export)
 
     pretrain = command("pretrain", "self-supervised pretraining: MAE or masked patch prediction (pretrain.method)")
@@ -391,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="report", help="output folder")
     report.set_defaults(func=cmd_report)
 
-    sweep = command("sweep", "train several configs one after another, then draw Fig. 2 / Table 2")
-    sweep.add_argument("configs", nargs="+", metavar="CONFIG", help="classification and/or translation configs")
+    sweep = command("sweep", "train configs one after another (run again: finished skipped, others resumed), then Fig. 2 / Table 2")
+    sweep.add_argument("configs", nargs="+", metavar="CONFIG", help="classification, translation and/or pretraining configs")
     add_run_options(sweep)
     sweep.add_argument("--print", action="store_true", help="print the torchrun / vitlab commands instead of running")
     sweep.add_argument("--nproc", type=int, default=1, help="processes per torchrun command with --print")

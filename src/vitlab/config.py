@@ -727,6 +727,16 @@ class MaskedModelingConfig:
         if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
             raise VitlabError(f"pretrain.decoder_dim={self.decoder_dim} must be divisible by 4 and by decoder_heads={self.decoder_heads}")
 
+    def check_patches(self, patches: int, geometry: str) -> None:
+        """Refuse a geometry or mask ratio that masks none of the `patches` or keeps none (MAE and MPP mask round(n·ratio))."""
+        if patches < 2:
+            raise VitlabError(f"{geometry} is {patches} patch, and pretraining masks some patches and keeps others; "
+                              "raise data.image_size or choose a model with a smaller patch")  # fmt: skip
+        masked = round(patches * self.mask_ratio) if self.mask_ratio is not None else 1  # the papers' ratios fit any grid but 1x1
+        if not 0 < masked < patches:
+            raise VitlabError(f"pretrain.mask_ratio={self.mask_ratio:g} masks {masked} of the {patches} patches of {geometry}; "
+                              f"set it in [{1 / patches:.6g}, {1 - 1 / patches:.6g}] to mask some and keep some")  # fmt: skip
+
 
 @dataclass
 class PretrainConfig(Experiment):
@@ -751,5 +761,21 @@ class PretrainConfig(Experiment):
                               "cutmix_alpha and random_erasing to 0")  # fmt: skip
         if self.train.strategy == "fsdp" or self.train.ema_decay is not None or self.train.accumulate_steps != 1:
             raise VitlabError("pretraining supports train.strategy single or ddp, without train.ema_decay and train.accumulate_steps")
+        classifier_only = {k: getattr(self.train, k) for k in ("label_smoothing", "z_loss", "grad_penalty") if getattr(self.train, k)}
+        if classifier_only:
+            keys = ", ".join(f"train.{k}={v:g}" for k, v in classifier_only.items())
+            raise VitlabError(f"{keys}: a classifier's loss terms; pretraining has no logits to apply them to, so unset them")
         check_buildable("model", lambda: create_model(self.model.name, img_size=self.data.image_size, **self.model.options))
+        patch = {**preset_config(self.model.name), **self.model.options}["patch_size"]
+        grid = self.data.image_size // patch
+        self.pretrain.check_patches(grid**2, f"data.image_size={self.data.image_size} in patches of {patch}: {grid}x{grid}")
         return self
+
+
+def config_kind(keys) -> type:
+    """The config class of a config (a YAML file's or a run's saved one) from its top-level keys (sections)."""
+    if "variants" in keys:
+        return StabilityConfig
+    if "generator" in keys:
+        return TranslateConfig
+    return PretrainConfig if "pretrain" in keys else RunConfig

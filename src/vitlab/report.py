@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,11 @@ import yaml
 from PIL import Image
 
 from vitlab.errors import VitlabError
+from vitlab.eval.figures import output_folder
+from vitlab.eval.runs import check_made_by
 from vitlab.figures import new_figure, save_figure
 from vitlab.models.presets import SIZES, parse_name
+from vitlab.train.checkpoint import write_text_atomic
 from vitlab.train.run_log import read_csv
 
 FAMILY_TITLES = {"vit": "ViT", "ai602-vit": "ViT", "vit22b": "ViT-22B", "ai602-vit22b": "ViT-22B"}
@@ -22,24 +27,59 @@ BEST_NOTE = {
 }
 
 
-def read_run(run_dir: str | Path) -> tuple[Path, dict, dict]:
-    """A finished run's directory, config and results; an error that names what is missing otherwise."""
+def read_mapping(path: Path, parse: Callable[[str], object], fix: str) -> dict:
+    """A run's YAML or JSON file as a mapping; one line naming the file and `fix` when it is torn or not the run's."""
+    try:
+        value = parse(path.read_text())
+    except (ValueError, yaml.YAMLError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        value = None
+    if not isinstance(value, dict):
+        raise VitlabError(f"{path} is torn or is not a run's {path.suffix[1:].upper()} file; {fix}")
+    return value
+
+
+def read_run(run_dir: str | Path, needed: str) -> tuple[Path, dict, dict]:
+    """A finished run of `vitlab needed`: its directory, config and results; an error that names what is wrong otherwise."""
     run_dir = Path(run_dir)
     missing = [name for name in ("config.yaml", "results.json") if not (run_dir / name).is_file()]
     if missing:
         raise VitlabError(f"{run_dir} is not a finished run (no {' or '.join(missing)}); give run directories")
-    return run_dir, yaml.safe_load((run_dir / "config.yaml").read_text()), json.loads((run_dir / "results.json").read_text())
+    config = read_mapping(run_dir / "config.yaml", yaml.safe_load, f"restore it from a copy of the run, or leave {run_dir} out")
+    check_made_by(run_dir, config, needed)
+    results = read_mapping(run_dir / "results.json", json.loads,
+                           f"delete it and resume the run to write it again: `vitlab {needed} --resume {run_dir}`")  # fmt: skip
+    return run_dir, config, results
+
+
+def read_runs(run_dirs: list[str | Path], needed: str) -> list[tuple[Path, dict, dict]]:
+    """`read_run` of each run, refusing a run named twice (it would be drawn twice)."""
+    resolved = [Path(path).resolve() for path in run_dirs]
+    for i, path in enumerate(resolved):
+        if path in resolved[:i]:
+            raise VitlabError(f"{run_dirs[i]} is given twice (also as {run_dirs[resolved.index(path)]}); name each run once")
+    return [read_run(path, needed) for path in run_dirs]
+
+
+def read_epochs(path: Path) -> dict[str, list[float]]:
+    """A classification run's epochs.csv as columns ({} without one); one line naming it when it is corrupt."""
+    if not path.is_file():
+        return {}
+    try:
+        epochs = read_csv(path)
+    except (ValueError, TypeError, csv.Error):  # a cell that is no number, a torn row, bytes that are no text
+        epochs = None
+    if epochs is None or (epochs and not {"epoch", "test_acc1"} <= epochs.keys()):
+        raise VitlabError(f"{path} is corrupt (not the epoch, test_acc1, … columns of numbers vitlab writes); "
+                          "restore it from a copy of the run, or delete it to report the final accuracy only")  # fmt: skip
+    return epochs
 
 
 def fig2_rows(run_dirs: list[str | Path]) -> list[dict]:
     """One row per classification run: dataset, model, family, size, final and best test acc@1."""
     rows = []
-    for path in run_dirs:
-        run_dir, config, results = read_run(path)
-        if "model" not in config:
-            raise VitlabError(f"{run_dir} is not a classification run; `vitlab report fig2` reads `vitlab train` runs")
+    for run_dir, config, results in read_runs(run_dirs, "train"):
         family, size, _ = parse_name(config["model"]["name"])
-        epochs = read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").is_file() else {}
+        epochs = read_epochs(run_dir / "epochs.csv")
         accs = epochs.get("test_acc1", [])
         chooser = epochs.get("val_acc1", accs)  # the minival (data.val_fraction) where the run held one out
         scores = [(a, i) for i, a in enumerate(chooser) if math.isfinite(a)]
@@ -62,15 +102,14 @@ def percent(value: float | None) -> str:
 def fig2(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
     """Fig. 2: test accuracy per dataset and size, ViT beside ViT-22B, final and best; writes fig2.md and fig2.png."""
     rows = fig2_rows(run_dirs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(out_dir)
     lines = ["| dataset | size | family | model | final acc@1 | best acc@1 (epoch) |", "|---|---|---|---|---:|---:|"]
     for r in rows:
         best = f"{percent(r['best'])} ({r['best_epoch']:g})" if r["best"] is not None else "–"
         lines.append(f"| {r['dataset']} | {r['size']} | {r['family']} | `{r['model']}` | {percent(r['final'])} | {best} |")
     table = out_dir / "fig2.md"
     notes = "\n".join(f"Best: {BEST_NOTE[chosen]}." for chosen in sorted({r["chosen_on"] for r in rows}))
-    table.write_text("\n".join(lines) + f"\n\n{notes}\n")
+    write_text_atomic(table, "\n".join(lines) + f"\n\n{notes}\n")
 
     datasets = sorted({r["dataset"] for r in rows})
     fig = new_figure(6 * len(datasets), 4)
@@ -114,16 +153,16 @@ def table2_row(run_dir: Path, config: dict, results: dict) -> dict:
 
 def table2(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
     """Table 2 (FID per domain and average) as table2.md, and table2.png with each run's sample grid (Fig. 4/5)."""
-    rows = [table2_row(*read_run(path)) for path in run_dirs]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [table2_row(*run) for run in read_runs(run_dirs, "translate-train")]
+    out_dir = output_folder(out_dir)
     lines = ["| dataset | generator | # params | FID per column (lower is better) | features |", "|---|---|---:|---|---|"]
     for r in rows:
         scores = ", ".join(f"{k} {v:.3f}" for k, v in r["columns"].items())
         params = f"{r['params'] / 1e6:.1f} M" if r["params"] else "–"
         lines.append(f"| {r['dataset']} | `{r['generator']}` | {params} | {scores} | {r['features']} |")
     table = out_dir / "table2.md"
-    table.write_text("\n".join(lines) + "\n\nEach column compares a domain's real test images with translations into it.\n")
+    note = "Each column compares a domain's real test images with translations into it."
+    write_text_atomic(table, "\n".join(lines) + f"\n\n{note}\n")
     fig = new_figure(8, 4 * len(rows))
     axes = fig.subplots(len(rows), 1, squeeze=False)
     for ax, r in zip(axes[:, 0], rows):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vitlab.data.crops import CropDecoder, centre_box, inception_box
+from vitlab.data.images import UnusableImage, decode_image
 from vitlab.data.sampler import EpochBatchSampler, SampleKey
 from vitlab.data.samples import Sample
 from vitlab.data.stream_loader import DataWait, make_loader
@@ -192,3 +193,39 @@ def test_data_wait_measures_the_time_spent_in_next() -> None:
     for _ in wait.wrap(slow()):
         time.sleep(0.02)
     assert 0.06 <= wait.waited < wait.elapsed and 0.3 < wait.fraction < 0.7
+
+
+def test_streamed_folders_skip_links_out_of_the_root_as_the_in_memory_reader_does(tmp_path: Path) -> None:
+    root = _write_folder(tmp_path / "root", per_class=2)
+    _photo(0, (40, 30)).save(tmp_path / "private.png")
+    (root / "train" / "dog" / "leak.png").symlink_to(tmp_path / "private.png")
+    (root / "train" / "dog" / "inside.png").symlink_to(root / "train" / "cat" / "000.JPEG")
+    with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) under .*train: .*leak.png \(a link to .*private.png, outside"):
+        train = stream_splits(root, image_size=16).train
+    assert sorted(os.fsdecode(f) for f in train.table.files if b"dog" in f) == ["dog/000.JPEG", "dog/001.JPEG", "dog/inside.png"]
+    (tmp_path / "elsewhere").mkdir()
+    _photo(1, (40, 30)).save(tmp_path / "elsewhere" / "0.png")
+    (root / "train" / "emu").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(VitlabError, match=r"class folder .*emu holds only links outside .*root; copy the files in"):
+        scan_split(root / "train")
+
+
+def test_the_crop_decoder_scales_sixteen_bit_and_caps_pixels_as_the_in_memory_reader(tmp_path: Path) -> None:
+    ramp = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    out = CropDecoder(16, train=False, crop_fraction=1.0)(str(tmp_path / "ramp.png"))
+    assert all(torch.equal(channel, torch.from_numpy((ramp >> 8).astype(np.uint8))) for channel in out)  # 40000 -> 156, not 255
+    assert torch.equal(out, torch.from_numpy(decode_image(tmp_path / "ramp.png", 16).copy()).permute(2, 0, 1))
+    Image.new("1", (8200, 8200)).save(tmp_path / "huge.png")  # 67 MP: over the 64 MP cap, refused before decoding
+    with pytest.raises(UnusableImage, match=r"^8200x8200 pixels, over the cap of 64000000; downscale it$"):
+        CropDecoder(16, train=False)(str(tmp_path / "huge.png"))
+    with pytest.raises(UnusableImage, match="30x10 pixels, over the cap of 200"):
+        CropDecoder(8, train=False, max_pixels=200)(io.BytesIO(_jpeg(_photo(0, (30, 10)))))
+
+
+def test_an_image_over_pillows_own_limit_is_over_the_cap_in_both_decoders(tmp_path: Path) -> None:
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")  # 400 MP: Pillow refuses it at open, before our check
+    with pytest.raises(UnusableImage, match=r"bomb.png \(more than \d+ pixels, over the cap of 64000000; downscale it\)"):
+        decode_image(tmp_path / "bomb.png", 16)
+    with pytest.raises(UnusableImage, match=r"^more than \d+ pixels, over the cap of 64000000; downscale it$"):
+        CropDecoder(16, train=False)(str(tmp_path / "bomb.png"))

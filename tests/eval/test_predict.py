@@ -74,3 +74,30 @@ def test_bad_inputs_are_named(tmp_path):
         predict_run(run, [run])
     with pytest.raises(VitlabError, match="--top-k 0"):
         predict_run(run, [folder], top_k=0)
+
+
+def test_an_unreadable_image_is_skipped_and_named_and_the_rest_predicted(tmp_path, capsys):
+    run, folder = saved_run(tmp_path), image_folder(tmp_path, count=2)
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    predictions, _ = predict_run(run, [folder], top_k=1, out=tmp_path / "out")
+    assert [p.name for p in predictions.files] == ["img0.png", "img1.png"] and len(predictions.indices) == 2
+    assert predictions.skipped == [f"{folder / 'broken.png'} (unreadable)"]
+    assert main(["predict", str(run), str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count(".png:") == 2
+    assert captured.err == f"vitlab predict: skipped 1 unreadable image(s): {folder / 'broken.png'} (unreadable)\n"
+    (folder / "img0.png").write_bytes(b"")
+    (folder / "img1.png").write_bytes(b"")
+    with pytest.raises(VitlabError, match="skipped 3 unreadable image.*no image is left"):
+        predict_run(run, [folder], out=tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.parametrize("out", ["file", "file/sub"])
+def test_an_output_path_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, out):
+    run, folder = saved_run(tmp_path), image_folder(tmp_path, count=1)
+    (tmp_path / "file").write_text("mine")
+    assert main(["predict", str(run), str(folder), "--out", str(tmp_path / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{tmp_path / 'file'} is a file, not a folder; give another --out" in err
+    assert (tmp_path / "file").read_text() == "mine"

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,10 +10,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from vitlab import VitlabError, create_model
-from vitlab.models.export import export_model
+from vitlab.config import DataConfig
+from vitlab.models.export import FORMATS, export_model, run_preprocessing
 from vitlab.models.weights import load_hf_checkpoint, load_timm_checkpoint
 
 DIM, HEADS, DEPTH, MLP, PATCH, IMG, CLASSES = 48, 3, 2, 96, 8, 32, 5
+DATA = run_preprocessing(DataConfig(image_size=IMG), streamed=False)
 
 
 def tiny(family: str = "vit", **overrides):
@@ -72,7 +75,7 @@ def timm_parallel_logits(sd: dict, args: dict, x: torch.Tensor) -> torch.Tensor:
 )
 def test_timm_export_reimports_through_vitlabs_timm_loader_with_the_same_logits(tmp_path, family, overrides):
     model = randomised(tiny(family, **overrides))
-    files = export_model(model, "timm", tmp_path, [f"shape {i}" for i in range(CLASSES)])
+    files = export_model(model, "timm", tmp_path, DATA, [f"shape {i}" for i in range(CLASSES)])
     assert [f.name for f in files] == ["model.safetensors", "create_model.json", "class_names.json"]
     args = json.loads((tmp_path / "create_model.json").read_text())
     assert (args["embed_dim"], args["depth"], args["num_heads"], int(args["mlp_ratio"] * DIM)) == (DIM, DEPTH, HEADS, MLP)
@@ -100,21 +103,21 @@ def test_timm_export_reimports_through_vitlabs_timm_loader_with_the_same_logits(
 )
 def test_options_without_an_equivalent_are_refused_by_name(tmp_path, fmt, overrides, named):
     with pytest.raises(VitlabError, match=named):
-        export_model(tiny(**overrides), fmt, tmp_path)
+        export_model(tiny(**overrides), fmt, tmp_path, DATA)
 
 
 def test_parallel_blocks_with_a_branch_norm_or_for_hf_are_refused(tmp_path):
     with pytest.raises(VitlabError, match="branch_norm='mlp'"):
-        export_model(tiny("vit22b", branch_norm="mlp"), "timm", tmp_path)
+        export_model(tiny("vit22b", branch_norm="mlp"), "timm", tmp_path, DATA)
     with pytest.raises(VitlabError, match="block='parallel'"):
-        export_model(tiny("vit22b"), "hf", tmp_path)
+        export_model(tiny("vit22b"), "hf", tmp_path, DATA)
     with pytest.raises(VitlabError, match="--format"):
-        export_model(tiny(), "onnx", tmp_path)
+        export_model(tiny(), "onnx", tmp_path, DATA)
 
 
 def test_hf_export_reads_back_into_vitlab_with_the_same_logits(tmp_path):
     model = randomised(tiny(norm_bias=False, qkv_bias=False))
-    export_model(model, "hf", tmp_path)
+    export_model(model, "hf", tmp_path, DATA)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "vit" and config["qkv_bias"] is False and config["id2label"]["4"] == "class 4"
     names = set(load_file(tmp_path / "model.safetensors"))
@@ -128,7 +131,7 @@ def test_hf_export_reads_back_into_vitlab_with_the_same_logits(tmp_path):
 def test_transformers_vit_computes_the_exported_models_logits(tmp_path):
     transformers = pytest.importorskip("transformers")
     model = randomised(tiny(norm_bias=False))
-    export_model(model, "hf", tmp_path, [f"shape {i}" for i in range(CLASSES)])
+    export_model(model, "hf", tmp_path, DATA, [f"shape {i}" for i in range(CLASSES)])
     hf = transformers.ViTForImageClassification.from_pretrained(tmp_path).eval()
     assert hf.config.id2label[2] == "shape 2"
     with torch.no_grad():
@@ -155,7 +158,7 @@ def test_a_transformers_vit_saved_with_save_pretrained_loads_with_equal_logits(t
 
 
 def test_hf_checkpoints_that_do_not_fit_are_refused_with_the_reason(tmp_path):
-    export_model(tiny(), "hf", tmp_path)
+    export_model(tiny(), "hf", tmp_path, DATA)
     with pytest.raises(VitlabError, match="set num_heads=3"):
         load_hf_checkpoint(tiny(num_heads=6), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -187,3 +190,131 @@ def test_vitlab_export_writes_a_runs_model_with_its_class_names(tmp_path, name, 
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), model.eval()(x))
+
+
+def one_line_error(capsys) -> str:
+    """The error `vitlab` printed: one line, no traceback."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_export_never_writes_over_a_run_or_into_its_checkpoints(tmp_path, capsys):
+    from tests.eval.test_predict import saved_run
+    from vitlab.cli import main
+
+    run = saved_run(tmp_path)
+    step = next((run / "checkpoints").glob("step-*"))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for out, force in [(step, False), (step, True), (run / "checkpoints" / "new", True), (run, False), (run, True),
+                       (run / "hf", False)]:  # fmt: skip
+        assert main(["export", str(run), str(out), "--format", "hf", *(["--force"] * force)]) == 2
+        assert str(out) in one_line_error(capsys)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing of the run was replaced
+    assert main(["export", str(run), str(run / "hf"), "--format", "hf", "--force"]) == 0  # a new folder inside: allowed
+    assert sorted(p.name for p in (run / "hf").iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+
+
+def test_force_replaces_an_earlier_export_whole_and_nothing_else(tmp_path, capsys):
+    from tests.eval.test_predict import saved_run
+    from vitlab.cli import main
+
+    run, out = saved_run(tmp_path), tmp_path / "exports" / "model"
+    assert main(["export", str(run), str(out), "--format", "hf"]) == 0
+    assert main(["export", str(run), str(out), "--format", "timm"]) == 2
+    assert "--force" in one_line_error(capsys)
+    assert main(["export", str(run), str(out), "--format", "timm", "--force"]) == 0  # the hf files go with the old folder
+    assert sorted(p.name for p in out.iterdir()) == ["class_names.json", "create_model.json", "model.safetensors"]
+    assert [p.name for p in out.parent.iterdir()] == ["model"]  # no staging folder left beside it
+    (out / "notes.txt").write_text("mine")
+    assert main(["export", str(run), str(out), "--format", "timm", "--force"]) == 2
+    assert "notes.txt" in one_line_error(capsys) and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_file_or_a_forbidden_target_is_one_line_without_a_set_option(tmp_path, capsys, monkeypatch):
+    from tests.eval.test_predict import saved_run
+    from vitlab.cli import main
+
+    run = saved_run(tmp_path)
+    (tmp_path / "file").write_text("keep")
+    for out in (tmp_path / "file", tmp_path / "file" / "below"):
+        assert main(["export", str(run), str(out), "--format", "timm"]) == 2
+        assert "is a file" in one_line_error(capsys)
+    assert (tmp_path / "file").read_text() == "keep"
+
+    def forbidden(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", forbidden)
+    assert main(["export", str(run), str(tmp_path / "locked" / "out"), "--format", "timm"]) == 2
+    err = one_line_error(capsys)
+    assert "Permission denied" in err and "another output folder" in err and "--set" not in err
+
+
+def test_non_finite_weights_are_not_exported(tmp_path):
+    model = tiny()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.weight[0, 0] = float("nan")
+        model.head.bias[2] = float("inf")
+    for fmt in FORMATS:
+        with pytest.raises(VitlabError, match=r"blocks\.1\.mlp\.fc1\.weight, head\.bias hold NaN or infinite") as info:
+            export_model(model, fmt, tmp_path / fmt, DATA)
+        assert "export an earlier checkpoint" in str(info.value) and not (tmp_path / fmt).exists()
+
+
+IMAGENET = ["data.mean=[0.485, 0.456, 0.406]", "data.std=[0.229, 0.224, 0.225]"]
+STREAMED = ["data.name=folder", "data.root=unused", "data.stream=true", "augment.crop_padding=0", "augment.vflip=false"]
+
+
+def test_the_runs_own_normalisation_crop_and_resampling_are_exported(tmp_path):
+    from tests.eval.test_predict import saved_run
+    from vitlab.cli import main
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    run = saved_run(tmp_path / "memory", overrides=tuple(IMAGENET))
+    assert main(["export", str(run), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    processor = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert (processor["image_mean"], processor["image_std"], processor["resample"]) == (mean, std, 3)
+    assert main(["export", str(run), str(tmp_path / "timm"), "--format", "timm"]) == 0
+    overlay = json.loads((tmp_path / "timm" / "create_model.json").read_text())["pretrained_cfg_overlay"]
+    assert (overlay["mean"], overlay["std"], overlay["interpolation"]) == (mean, std, "bicubic")
+    assert (overlay["crop_pct"], overlay["crop_mode"]) == (1.0, "squash")  # the whole image, resized to the square
+    # A streamed run is evaluated on the centre crop of data.crop_fraction, resized bilinearly.
+    run = saved_run(tmp_path / "streamed", overrides=(*STREAMED, "data.crop_fraction=0.8", *IMAGENET))
+    assert main(["export", str(run), str(tmp_path / "hf-streamed"), "--format", "hf"]) == 0
+    processor = json.loads((tmp_path / "hf-streamed" / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"shortest_edge": 40} and processor["crop_size"] == {"height": 32, "width": 32}
+    assert (processor["image_mean"], processor["resample"]) == (mean, 2)
+    assert main(["export", str(run), str(tmp_path / "timm-streamed"), "--format", "timm"]) == 0
+    overlay = json.loads((tmp_path / "timm-streamed" / "create_model.json").read_text())["pretrained_cfg_overlay"]
+    assert (overlay["mean"], overlay["crop_pct"], overlay["interpolation"]) == (mean, 0.8, "bilinear")
+    assert overlay["crop_mode"] == "center"
+
+
+def test_transformers_preprocesses_as_the_run_did(tmp_path):
+    """The exported image processor gives the pixels vitlab's own evaluation gives, ImageNet normalisation included."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    from tests.eval.test_predict import saved_run
+    from vitlab.cli import main
+    from vitlab.data.augment import normalize
+    from vitlab.data.crops import CropDecoder
+    from vitlab.data.images import read_images
+
+    gen = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.rand(1, 3, 6, 8, generator=gen), size=(60, 80), mode="bilinear", align_corners=False)
+    Image.fromarray((smooth[0] * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / "photo.png")
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for name, overrides, vitlab_pixels in [
+        ("memory", IMAGENET, lambda: read_images([tmp_path / "photo.png"], IMG)),
+        ("streamed", [*STREAMED, *IMAGENET],
+         lambda: CropDecoder(size=IMG, train=False)(tmp_path / "photo.png")[None]),
+    ]:  # fmt: skip
+        run = saved_run(tmp_path / name, overrides=tuple(overrides))
+        assert main(["export", str(run), str(tmp_path / f"hf-{name}"), "--format", "hf"]) == 0
+        processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / f"hf-{name}")
+        theirs = torch.as_tensor(processor(Image.open(tmp_path / "photo.png"), return_tensors="np")["pixel_values"])
+        ours = normalize(vitlab_pixels(), mean, std)
+        # Resampling differs a little (about 0.04); a warped instead of cropped image, or mean/std 0.5, is off by 0.4.
+        assert theirs.shape == ours.shape and (theirs - ours).abs().mean() < 0.1, name

@@ -1,16 +1,20 @@
 """timm-format checkpoints load into the serial ViT and give the reference model's logits."""
 
 import argparse
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from vitlab import VitlabError, create_model
-from vitlab.models.weights import load_google_vit_checkpoint, load_timm_checkpoint, resample_pos_embed
+from vitlab.models.weights import (
+    load_google_vit_checkpoint, load_hf_checkpoint, load_timm_checkpoint, resample_pos_embed, to_hf,
+)  # fmt: skip
 
 DIM, HEADS, DEPTH, MLP, PATCH, IMG, CLASSES = 48, 3, 2, 96, 8, 32, 10
 
@@ -206,3 +210,93 @@ def test_resampled_position_embedding_keeps_the_prefix_and_interpolates_the_grid
     assert resample_pos_embed(pos, (4, 4), 1) is pos
     with pytest.raises(VitlabError, match="not a square grid"):
         resample_pos_embed(pos, (6, 6), num_prefix_tokens=0)
+
+
+def hf_folder(folder, sd: dict):
+    """timm-named tensors `sd` as a Hugging Face ViT folder (config.json and model.safetensors)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit", "num_attention_heads": HEADS}))
+    save_file({k: v.contiguous().clone() for k, v in to_hf(sd).items()}, folder / "model.safetensors")
+    return folder
+
+
+def spoiled(name: str, value) -> dict:
+    """timm_state_dict() with one entry of `name` set to `value` (a float) or cast to `value` (a dtype)."""
+    sd = timm_state_dict()
+    sd[name] = sd[name].to(value) if isinstance(value, torch.dtype) else sd[name].index_fill(0, torch.tensor([0]), value)
+    return sd
+
+
+def test_non_finite_or_non_float_weights_are_refused_with_the_tensor_named(tmp_path):
+    save_file(spoiled("blocks.1.mlp.fc2.weight", float("nan")), tmp_path / "nan.safetensors")
+    torch.save({"model": spoiled("pos_embed", float("-inf"))}, tmp_path / "inf.pth")
+    save_file(spoiled("norm.weight", torch.int64), tmp_path / "int.safetensors")
+    hf_folder(tmp_path / "hf", spoiled("blocks.0.mlp.fc1.bias", float("inf")))
+    params = google_params()
+    params["cls"][0, 0, 0] = float("nan")
+    np.savez(tmp_path / "nan.npz", **google_npz(params, "big_vision"))
+    loads = [
+        (lambda: load_timm_checkpoint(tiny_vit(), tmp_path / "nan.safetensors"), r"blocks\.1\.mlp\.fc2\.weight hold NaN or inf"),
+        (lambda: load_timm_checkpoint(tiny_vit(), tmp_path / "inf.pth"), r"pos_embed hold NaN or infinite"),
+        (lambda: load_timm_checkpoint(tiny_vit(), tmp_path / "int.safetensors"), r"norm\.weight \(torch\.int64\) are not floating"),
+        (lambda: load_hf_checkpoint(tiny_vit(), tmp_path / "hf"), r"vit\.encoder\.layer\.0\.intermediate\.dense\.bias hold NaN"),
+        (lambda: load_google_vit_checkpoint(tiny_vit(), tmp_path / "nan.npz"), r"params/cls hold NaN"),
+    ]  # fmt: skip
+    for load, named in loads:
+        with pytest.raises(VitlabError, match=named):
+            load()
+
+
+def _garbage(folder):
+    (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+
+
+def _truncated(folder):
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:1000])
+
+
+def _link_out(folder):
+    (folder / "model.safetensors").rename(folder.parent / "elsewhere.safetensors")
+    (folder / "model.safetensors").symlink_to(folder.parent / "elsewhere.safetensors")
+
+
+def _dangling(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(folder.parent / "missing.safetensors")
+
+
+def _query_shape(folder):
+    sd = load_file(folder / "model.safetensors")
+    sd["vit.encoder.layer.1.attention.attention.query.weight"] = torch.zeros(DIM, DIM - 8)
+    save_file(sd, folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_garbage, r"model\.safetensors is damaged .*download or export it again"),
+    (_truncated, r"model\.safetensors is damaged"),
+    (_dangling, r"model\.safetensors is a broken link"),
+    (_query_shape, r"vit\.encoder\.layer\.1\.attention\.attention\.\{query,key,value\}\.weight have unequal shapes"),
+    (lambda folder: (folder / "config.json").write_bytes(b'{"model_type": "vit\xff"}'), r"cannot read .*config\.json as JSON"),
+    (lambda folder: (folder / "config.json").write_text("[1, 2]"), r"config\.json holds a JSON list"),
+])  # fmt: skip
+def test_a_damaged_hugging_face_folder_is_one_error_naming_the_file(tmp_path, damage, message):
+    folder = hf_folder(tmp_path / "hf", timm_state_dict())
+    damage(folder)
+    with pytest.raises(VitlabError, match=message) as info:
+        load_hf_checkpoint(tiny_vit(), folder)
+    assert "\n" not in str(info.value)
+
+
+def test_a_link_leading_out_of_the_folder_is_refused_but_the_hub_caches_links_into_its_blobs_are_followed(tmp_path):
+    """A snapshot folder of the Hub's cache links each file to ../../blobs/HASH: that is no link leading out."""
+    _link_out(hf_folder(tmp_path / "plain", timm_state_dict()))
+    with pytest.raises(VitlabError, match=r"model\.safetensors is a link to .*elsewhere\.safetensors, outside .*; copy the file in"):
+        load_hf_checkpoint(tiny_vit(), tmp_path / "plain")
+    cache = tmp_path / "models--google--vit" / "snapshots" / "abc123"
+    hf_folder(cache, timm_state_dict())
+    (tmp_path / "models--google--vit" / "blobs").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (cache / name).rename(tmp_path / "models--google--vit" / "blobs" / name.upper())
+        (cache / name).symlink_to(Path("..") / ".." / "blobs" / name.upper())
+    model = load_hf_checkpoint(tiny_vit(), cache)
+    assert torch.equal(model.pos_embed, timm_state_dict()["pos_embed"])

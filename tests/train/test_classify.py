@@ -17,7 +17,7 @@ from vitlab import create_model
 from vitlab.config import OptimConfig, load_config
 from vitlab.train import checkpoint as ckpt
 from vitlab.eval.classification import evaluate_checkpoint
-from vitlab.train.classify import lr_factor, train
+from vitlab.train.classify import train
 from vitlab.train.optim import build_optimizer
 from vitlab.train.runs import TrainingDiverged
 
@@ -39,21 +39,6 @@ TINY = [
 
 def tiny_config(tmp_path, *extra):
     return load_config(None, TINY + [f"out_dir={tmp_path}", *extra])
-
-
-def test_multistep_halves_at_30_60_90_percent():
-    cfg = OptimConfig(schedule="multistep", milestones=(0.3, 0.6, 0.9), gamma=0.5)
-    factors = [lr_factor(s, 100, 0, cfg) for s in (0, 29, 30, 59, 60, 89, 90, 99)]
-    assert factors == [1, 1, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125]
-
-
-def test_warmup_then_cosine_to_floor():
-    cfg = OptimConfig(schedule="cosine", min_lr_ratio=0.1)
-    assert lr_factor(0, 100, 10, cfg) == pytest.approx(0.1)
-    assert lr_factor(9, 100, 10, cfg) == pytest.approx(1.0)
-    assert lr_factor(10, 100, 10, cfg) == pytest.approx(1.0)
-    assert lr_factor(55, 100, 10, cfg) == pytest.approx(0.55)
-    assert lr_factor(100, 100, 10, cfg) == pytest.approx(0.1)
 
 
 def test_no_weight_decay_on_biases_norms_and_embeddings():

@@ -19,7 +19,7 @@ from vitlab.config import CycleLossConfig, TranslateConfig, load_config
 from vitlab.errors import VitlabError
 from vitlab.models.ai602 import Ai602Discriminator
 from vitlab.train.cyclegan import (
-    ImagePool, discriminator_loss, generator_loss, lr_factor, lsgan_loss, train_translation,
+    ImagePool, discriminator_loss, generator_loss, lsgan_loss, train_translation,
 )  # fmt: skip
 from vitlab.train.runs import TrainingDiverged
 
@@ -85,11 +85,6 @@ def test_generator_loss_parts_by_hand() -> None:
 def test_discriminator_loss_is_halved() -> None:
     real, fake = torch.full((1, 3, 2, 2), 0.5), torch.full((1, 3, 2, 2), 0.3)
     assert discriminator_loss(ChannelMean(), real, fake).item() == pytest.approx(0.5 * ((0.5 - 1) ** 2 + 0.3**2))
-
-
-def test_lr_constant_then_linear_to_zero() -> None:
-    factors = [lr_factor(s, 100, 200) for s in (0, 99, 100, 150, 199, 200)]
-    assert factors == pytest.approx([1, 1, 1, 0.5, 0.01, 0])
 
 
 def test_pool_fills_first_then_swaps_half_of_the_fakes_for_older_ones() -> None:

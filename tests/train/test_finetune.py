@@ -11,14 +11,14 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from tests.models.test_weights import google_npz, google_params
 from vitlab import VitlabError, create_model
 from vitlab.cli import main
-from vitlab.config import FinetuneConfig, OptimConfig, load_config
+from vitlab.config import DataConfig, FinetuneConfig, OptimConfig, load_config
 from vitlab.data.builtin import make_builtin
-from vitlab.models.export import export_model
+from vitlab.models.export import export_model, run_preprocessing
 from vitlab.models.weights import resample_pos_embed
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.classify import train
@@ -80,12 +80,36 @@ def test_timm_and_google_files_are_found_by_their_suffix_and_fitted_alike(tmp_pa
 
 def test_a_hugging_face_vit_folder_is_found_by_its_config_and_fitted_like_the_others(tmp_path):
     source = small_vit(32, 10)
-    export_model(source, "hf", tmp_path / "hf")  # the layout of google/vit-base-patch16-224: config.json + model.safetensors
+    # The layout of google/vit-base-patch16-224: config.json + model.safetensors.
+    export_model(source, "hf", tmp_path / "hf", run_preprocessing(DataConfig(), streamed=False))
     assert checkpoint_format(tmp_path / "hf") == "hf"
     tuned = prepare_model(small_vit(48, 3), FinetuneConfig(checkpoint=str(tmp_path / "hf")), load=True)
     torch.testing.assert_close(tuned.pos_embed, resample_pos_embed(source.pos_embed, (6, 6), 1))
     torch.testing.assert_close(tuned.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
     assert not tuned.head.weight.any()
+
+
+def test_a_vitlab_run_with_non_finite_weights_is_refused_with_the_tensor_named(tmp_path):
+    source = small_vit(32, 10)
+    with torch.no_grad():
+        source.blocks[0].attn.proj.weight[1, 2] = float("nan")
+    with pytest.raises(VitlabError, match=r"blocks\.0\.attn\.proj\.weight hold NaN or infinite values"):
+        prepare_model(small_vit(32, 3), FinetuneConfig(checkpoint=str(saved_run(tmp_path, source))), load=True)
+
+
+def test_a_hugging_face_folder_of_another_model_or_with_a_bad_config_or_tensor_is_named(tmp_path):
+    export_model(small_vit(32, 10), "hf", tmp_path / "hf", run_preprocessing(DataConfig(), streamed=False))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    tuned = FinetuneConfig(checkpoint=str(tmp_path / "hf"))
+    for written, named in [(config | {"model_type": "bert"}, "a 'bert' model"), ([config], "config.json holds a JSON list")]:
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(written))
+        with pytest.raises(VitlabError, match=named):  # not "no checkpoint found"
+            prepare_model(small_vit(48, 3), tuned, load=True)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "hf" / "model.safetensors") | {"vit.embeddings.position_embeddings": torch.zeros(7)}
+    save_file(tensors, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(VitlabError, match=r"pos_embed: checkpoint \(7,\) vs model \(1, 37, 48\)"):
+        prepare_model(small_vit(48, 3), tuned, load=True)
 
 
 def test_keep_head_keeps_it_and_a_new_head_drops_the_pretrained_pre_logits(tmp_path):
@@ -139,6 +163,21 @@ def test_finetune_config_is_validated_with_the_key_named(tmp_path):
         load_config(None, ["optim.layer_decay=1.5"])
     (tmp_path / "plain.yaml").write_text("name: plain\n")
     assert main(["finetune", str(tmp_path / "plain.yaml")]) == 2
+
+
+def test_a_fine_tuning_run_that_never_takes_an_optimizer_step_fails(tmp_path, capsys):
+    """Every step's loss is infinite (an absurd z-loss weight): no step reaches the optimizer, so no accuracy is reported."""
+    config = {
+        "name": "ft", "out_dir": str(tmp_path), "model": {"name": "vit-ti/8", "options": SMALL},
+        "data": {"name": "builtin", "image_size": 32, "num_train": 32, "num_test": 16},
+        "train": {"epochs": 1, "batch_size": 16, "precision": "fp32", "threads": 1, "z_loss": 1e300, "max_bad_steps": 100},
+        "finetune": {"checkpoint": str(saved_run(tmp_path, small_vit(32, 10)))},
+    }  # fmt: skip
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    assert main(["finetune", str(tmp_path / "ft.yaml"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no optimizer step was taken: all 2 steps had a non-finite loss" in err
+    assert not (tmp_path / "ft" / "results.json").exists()
 
 
 def write_folder(root: Path, image_size: int, classes: int, counts: dict[str, int], seed: int, **difficulty) -> Path:

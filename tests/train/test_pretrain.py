@@ -168,6 +168,46 @@ def test_config_errors_name_the_key(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert err.count("\n") == 1 and "pretrain.mask_ratio=1.5" in err
 
 
+@pytest.mark.parametrize("setting", ["pretrain.mask_ratio=0.001", "pretrain.mask_ratio=0.9", "data.image_size=8"])
+def test_a_mask_that_hides_no_patch_or_every_patch_is_refused_before_a_run_starts(tmp_path: Path, capsys, setting: str) -> None:
+    assert main(["pretrain", "--no-progress", *[a for s in [*TINY, setting, f"out_dir={tmp_path}"] for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+    if setting.startswith("pretrain"):
+        assert f"{setting} masks" in err and "of the 4 patches" in err and "set it in [0.25, 0.75]" in err
+    else:
+        assert "1x1 is 1 patch" in err
+
+
+
+def test_fp16_pretraining_scales_the_loss_and_saves_the_scaler(tmp_path: Path) -> None:
+    results = pretrain(tiny_config(tmp_path, "train.precision=fp16", "train.epochs=1"), progress=False)
+    meta = json.loads((Path(results["run_dir"]) / "checkpoints" / "step-00000004" / "meta.json").read_text())
+    assert results["precision"] == "fp16" and results["skipped_steps"] == 0
+    assert meta["grad_scaler"]["scale"] > 1  # a loss scaler ran, and resumes from its state
+
+
+def test_warmup_steps_clip_grad_value_and_compile_are_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitlab.train import sharding
+
+    compiled = []
+    wrap = sharding.wrap_model
+    monkeypatch.setattr(sharding, "wrap_model", lambda *a, **k: compiled.append(a[4] if len(a) > 4 else k.get("compile")) or wrap(*a[:4]))
+    plain = steps_table(Path(pretrain(tiny_config(tmp_path, "name=plain", "train.epochs=1"), progress=False)["run_dir"]))
+    changed = tiny_config(tmp_path, "name=changed", "train.epochs=1", "optim.warmup_steps=2", "optim.clip_grad_value=1e-6",
+                          "train.compile=true")  # fmt: skip
+    steps = steps_table(Path(pretrain(changed, progress=False)["run_dir"]))
+    lr = float(changed.optim.lr)
+    assert float(steps[0]["lr"]) == pytest.approx(lr / 2) and float(plain[0]["lr"]) == pytest.approx(lr / 4)
+    assert compiled == [False, True]
+    assert steps[0]["loss"] == plain[0]["loss"] and steps[-1]["loss"] != plain[-1]["loss"]  # clipped steps move less
+
+
+@pytest.mark.parametrize("key", ["label_smoothing=0.1", "z_loss=1e-4", "grad_penalty=0.1"])
+def test_classifier_loss_terms_are_refused_at_load(tmp_path: Path, key: str) -> None:
+    with pytest.raises(VitlabError, match=f"train.{key.split('=')[0]}"):
+        tiny_config(tmp_path, f"train.{key}")
+
 
 def test_two_rank_ddp_pretraining_keeps_replicas_identical_and_splits_the_global_batch(tmp_path: Path) -> None:
     import os

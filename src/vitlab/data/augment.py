@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vitlab.errors import VitlabError
+
+if TYPE_CHECKING:
+    from vitlab.config import AugmentConfig
 
 
 def normalize(
@@ -289,3 +293,31 @@ def random_erasing(
     mask = (inside_rows[:, :, None] & inside_cols[:, None, :] & erase[:, None, None])[:, None]
     noise = torch.randn(x.shape, generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
     return torch.where(mask, noise, x)
+
+
+def augment_batch(
+    images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, num_classes: int,
+    mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), cropped: bool = False,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 batch → normalised float images and targets (soft when Mixup/CutMix is on), on the batch's device.
+
+    `cropped`: the images were cropped and flipped already (by the streaming workers).
+    `crop_scale`: the area range of `augment.resized_crop` (data.crop_scale).
+    """
+    if cfg.crop_padding and not cropped:  # crops and flips on uint8: a quarter of the bytes of float32
+        images = random_crop(images, cfg.crop_padding, gen)
+    if (cfg.hflip or cfg.vflip) and not cropped:
+        images = random_flip(images, gen, horizontal=cfg.hflip, vertical=cfg.vflip, p=cfg.flip_prob)
+    x = images.float() / 255.0
+    if cfg.resized_crop and not cropped:
+        x = random_resized_crop(x, gen, crop_scale)
+    if cfg.randaugment_ops:
+        x = rand_augment(x, gen, num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
+    x = normalize(x, mean, std)
+    if cfg.random_erasing:
+        x = random_erasing(x, gen, p=cfg.random_erasing)
+    if cfg.mixup_alpha or cfg.cutmix_alpha:
+        onehot = F.one_hot(labels, num_classes).float()
+        return mixup_cutmix(x, onehot, gen, cfg.mixup_alpha, cfg.cutmix_alpha)
+    return x, labels

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vitlab.data.images import MAX_PIXELS, open_image, to_rgb
 from vitlab.errors import VitlabError
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom, in pixels
@@ -76,7 +77,11 @@ def _draft(image: Image.Image, box: Box, size: int) -> Box:
 
 @dataclass(frozen=True)
 class CropDecoder:
-    """Decode one encoded image to uint8 (3, size, size): Inception crop + flip (train) or centre crop (eval)."""
+    """Decode one encoded image to uint8 (3, size, size): Inception crop + flip (train) or centre crop (eval).
+
+    Opened and converted as every other reader does (images.open_image, images.to_rgb): an image over
+    `max_pixels` raises UnusableImage before decoding, 16-bit greyscale is scaled to 8 bits.
+    """
 
     size: int = 224
     train: bool = True
@@ -84,6 +89,7 @@ class CropDecoder:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     crop_fraction: float = 0.875
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 < self.crop_fraction <= 1:
@@ -96,15 +102,14 @@ class CropDecoder:
         """The crop of the image at `source` (a path or a file object); `rng` draws the train crop and flip."""
         if self.train and rng is None:
             raise VitlabError("a train CropDecoder needs an rng")
-        with Image.open(source) as image:
+        with open_image(source, self.max_pixels) as image:
             if self.train:
                 box = inception_box(*image.size, rng, self.scale, self.ratio)
             else:
                 box = centre_box(*image.size, self.crop_fraction)
             if image.format == "JPEG":
                 box = _draft(image, box, self.size)
-            rgb = image if image.mode == "RGB" else image.convert("RGB")
-            pixels = np.array(rgb.crop(box))  # decodes (a truncated file raises OSError here), copies the box
+            pixels = np.array(to_rgb(image.crop(box)))  # decodes (a truncated file raises OSError here), copies the box
         region = torch.from_numpy(pixels).permute(2, 0, 1)[None]
         if region.shape[-2:] != (self.size, self.size):
             region = F.interpolate(region.contiguous(memory_format=torch.channels_last), size=(self.size, self.size),

@@ -20,10 +20,8 @@ import numpy as np
 import torch
 
 from vitlab.data.dataset import DataSplits, ImageDataset
-from vitlab.data.images import IMAGE_SUFFIXES, MAX_PIXELS, UnusableImage, decode_images, listed_images
+from vitlab.data.images import IMAGE_SUFFIXES, MAX_PIXELS, UnusableImage, decode_images, listed_images, named
 from vitlab.errors import VitlabError
-
-_SHOWN = 5  # skipped files named in the warning
 
 
 def _layout(root: Path) -> str:
@@ -84,6 +82,5 @@ def folder_splits(root: str | Path, image_size: int, max_pixels: int = MAX_PIXEL
         test=_load_split(root / "test", test_classes, image_size, max_pixels, skipped),
     )
     if skipped:
-        shown = ", ".join(skipped[:_SHOWN]) + (", ..." if len(skipped) > _SHOWN else "")
-        warnings.warn(f"skipped {len(skipped)} unusable image(s) under {root}: {shown}", stacklevel=2)
+        warnings.warn(f"skipped {len(skipped)} unusable image(s) under {root}: {named(skipped)}", stacklevel=2)
     return splits

@@ -1,15 +1,20 @@
 """Reading image files: decode with Pillow, 8-bit RGB, resize, within a pixel cap and inside the folder given.
 
 The one reader behind image-folder datasets, CycleGAN folders, `vitlab inspect --image`, `vitlab predict`
-and `vitlab translate`. 16-bit greyscale PNGs are scaled to 8 bits; images over `max_pixels` (a
+and `vitlab translate`; the streamed crop decoder (folders and shards) opens and converts through the
+same `open_image` and `to_rgb`. 16-bit greyscale PNGs are scaled to 8 bits; images over `max_pixels` (a
 decompression-bomb guard) and links leading outside the folder are unusable, each with a message
 naming the file; decoding runs on torch's thread count, which `train.threads` sets.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -19,13 +24,28 @@ from vitlab.errors import VitlabError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_PIXELS = 64_000_000  # per image, 8K × 8K; Pillow itself only warns below 179 MP (537 MB decoded as RGB)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError)  # what Pillow raises on a file it cannot decode (UnusableImage included)
 
 
 class UnusableImage(VitlabError):
-    """An image file that cannot be used; the message names the file and why."""
+    """An image file that cannot be used; the message says why (and names the file where the reader knows it)."""
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+@contextmanager
+def open_image(source: str | Path | BinaryIO, max_pixels: int = MAX_PIXELS) -> Iterator[Image.Image]:
+    """`source` opened by Pillow, header only; an image over `max_pixels` raises UnusableImage before a pixel is decoded."""
+    try:
+        image = Image.open(source)
+    except Image.DecompressionBombError:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS, fires before ours
+        limit = 2 * Image.MAX_IMAGE_PIXELS
+        raise UnusableImage(f"more than {limit} pixels, over the cap of {max_pixels}; downscale it") from None
+    with image:
+        if image.width * image.height > max_pixels:
+            raise UnusableImage(f"{image.width}x{image.height} pixels, over the cap of {max_pixels}; downscale it")
+        yield image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB; 16-bit greyscale (mode I;16, or I in older Pillow) is scaled by its bit depth, not clipped."""
     if image.mode.startswith("I"):
         image = Image.fromarray((np.asarray(image).clip(0, 65535).astype(np.uint16) >> 8).astype(np.uint8), "L")
@@ -35,13 +55,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def decode_image(path: Path, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """The image as (image_size, image_size, 3) uint8; raises UnusableImage when it cannot be used."""
     try:
-        with Image.open(path) as image:
-            size = image.size
-            rgb = _to_rgb(image) if size[0] * size[1] <= max_pixels else None  # decodes fully: truncation fails here
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        with open_image(path, max_pixels) as image:
+            rgb = to_rgb(image)  # decodes fully: truncation fails here
+    except UnusableImage as exc:
+        raise UnusableImage(f"{path} ({exc})") from None
+    except DECODE_ERRORS as exc:
         raise UnusableImage(f"{path} (unreadable)") from exc
-    if rgb is None:
-        raise UnusableImage(f"{path} ({size[0]}x{size[1]} pixels, over the cap of {max_pixels}; downscale it)")
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(rgb)
@@ -60,20 +79,41 @@ def decode_images(files: list[Path], image_size: int, max_pixels: int = MAX_PIXE
         return list(pool.map(lambda path: _attempt(path, image_size, max_pixels), files))
 
 
+def outside_note(path: Path, root: Path) -> str | None:
+    """A note naming `path` when it resolves outside `root` (a link leading out of it), else None."""
+    real = path.resolve()
+    return None if real.is_relative_to(root.resolve()) else f"{path} (a link to {real}, outside {root}; copy the file in)"
+
+
 def listed_images(folder: Path, root: Path) -> tuple[list[Path], list[str]]:
-    """The image files of `folder`, sorted, and a skip note for each that is a link leading outside `root`."""
-    inside, outside = [], []
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            (inside if path.resolve().is_relative_to(root.resolve()) else outside).append(path)
-    return inside, [f"{path} (a link to {path.resolve()}, outside {root}; copy the file in)" for path in outside]
+    """The image files of `folder`, sorted, and a skip note for each that is a link leading outside `root`.
+
+    The one rule for every reader of image folders, in memory or streamed, and for `vitlab shard`.
+    Only links (and the files of a folder that resolves elsewhere) are resolved: a scan of a million files stays fast.
+    """
+    inside, notes = [], []
+    folder_inside = outside_note(folder, root) is None
+    with os.scandir(folder) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+                path = folder / entry.name
+                note = outside_note(path, root) if entry.is_symlink() or not folder_inside else None
+                if note:
+                    notes.append(note)
+                else:
+                    inside.append(path)
+    return inside, notes
+
+
+def named(notes: list[str], shown: int = 5) -> str:
+    """The first `shown` notes, joined for a one-line message."""
+    return ", ".join(notes[:shown]) + (", ..." if len(notes) > shown else "")
 
 
 def refuse(unusable: list[str]) -> None:
     """Raise a VitlabError naming the first few unusable files, if any."""
     if unusable:
-        shown = ", ".join(unusable[:5]) + (", ..." if len(unusable) > 5 else "")
-        raise VitlabError(f"cannot read {len(unusable)} image(s): {shown}")
+        raise VitlabError(f"cannot read {len(unusable)} image(s): {named(unusable)}")
 
 
 def image_files(inputs: list[str | Path] | str | Path) -> list[Path]:

@@ -2,8 +2,14 @@
 
 Each sample in a shard holds the original encoded bytes (`<key>.jpg` or `<key>.png`), the class
 index (`<key>.cls`) and the file's path below its split (`<key>.name`); `info.json` beside the
-shards lists the class names and every shard's sample count. Reading and writing go through the
+shards lists the class names and every shard's sample count. Writing and parsing go through the
 `webdataset` package, so any tool that reads WebDataset reads these shards.
+
+Nothing in a shard folder is executed. `info.json` is checked when read (read_info): its shard names
+must be plain `*.tar` file names, and shard_paths turns them into files inside the folder (a link
+leading out of it is refused). Shards are opened here as plain files and only parsed by webdataset,
+whose own opener would run a `pipe:` name through a shell. Every sample's key and label are checked
+(a sample number of its split, a class index), each error naming the shard and the sample.
 
 Resume guarantee. WebDataset by itself gives none: its shuffles are seeded from the clock, and a
 restarted iterator starts the shards over. Here a rank's shards (every world_size-th) are split
@@ -22,7 +28,8 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +38,16 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vitlab.data.crops import CropDecoder
+from vitlab.data.images import outside_note
 from vitlab.data.samples import Sample, collate
 from vitlab.data.stream_loader import StreamLoader
 from vitlab.data.streaming import DECODE_ERRORS, EVAL_SPLITS, holdout, scan_split
-from vitlab.errors import VitlabError
+from vitlab.errors import VitlabError, brief
 
 INFO = "info.json"
 _IMAGE_FIELDS = ("jpg", "png")
+_SHARD_NAME = re.compile(r"\w[\w.-]*\.tar")  # a plain file name: no folder, no `..`, no `scheme:`
+_REWRITE = "rewrite the shards with `vitlab shard`"
 
 
 def write_shards(folder: str | Path, out_dir: str | Path, max_count: int = 10_000, max_size: float = 1e9,
@@ -53,7 +63,12 @@ def write_shards(folder: str | Path, out_dir: str | Path, max_count: int = 10_00
         raise VitlabError(f"shards need max_count >= 1 and max_size > 0, got {max_count}, {max_size}")
     if not (folder / "train").is_dir():
         raise VitlabError(f"expected {folder}/train/<class>/*.jpg (and val/ or test/)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VitlabError(f"{out_dir} is a file, not a folder; give a new or existing folder for the shards")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VitlabError(f"cannot create the shard folder {out_dir} ({exc.strerror}); give one that can be written") from None
     train = scan_split(folder / "train")
     kept, held = holdout(train.labels, val_fraction, seed)
     tables = {"train": train.subset(kept)}
@@ -85,27 +100,80 @@ def write_shards(folder: str | Path, out_dir: str | Path, max_count: int = 10_00
 
 
 def read_info(path: str | Path) -> dict:
-    """The `info.json` that write_shards put beside the shards."""
+    """The `info.json` that write_shards put beside the shards, checked: anything else is a one-line VitlabError."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        info = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise VitlabError(f"cannot read the shard info {path}: {exc}; it is written by `vitlab shard`") from None
+    problem = _info_problem(info)
+    if problem:
+        raise VitlabError(f"{path} is not a shard info of `vitlab shard`: {problem}; "
+                          f"rewrite it with `vitlab shard FOLDER {path.parent}`")  # fmt: skip
+    return info
+
+
+def _count(value: object) -> bool:
+    """Whether `value` is a JSON whole number >= 0 (not a bool, a float or a string)."""
+    return type(value) is int and value >= 0
+
+
+def _info_problem(info: object) -> str | None:
+    """What keeps `info` from being what write_shards writes, or None."""
+    if not isinstance(info, dict) or not isinstance(info.get("classes"), list) or not isinstance(info.get("splits"), dict):
+        return "it needs a 'classes' list and a 'splits' map"
+    classes = info["classes"]
+    if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
+        return f"'classes' must be a non-empty list of distinct names, got {brief(classes)}"
+    listed: set[str] = set()
+    for split, facts in info["splits"].items():
+        if not isinstance(facts, dict) or not _count(facts.get("samples")) or not isinstance(facts.get("shards"), dict) \
+                or not isinstance(facts.get("pattern", ""), str):  # fmt: skip
+            return f"split {brief(split)} needs 'samples' (a count), 'shards' (file name: count) and at most a 'pattern' string"
+        for name, count in facts["shards"].items():
+            if not _SHARD_NAME.fullmatch(name):
+                return f"shard {brief(name)} of split {brief(split)} is not a plain *.tar file name"
+            if name in listed:
+                return f"shard {name} is listed twice"
+            if not _count(count):
+                return f"shard {name} has {brief(count)} samples, not a count"
+            listed.add(name)
+        if sum(facts["shards"].values()) != facts["samples"]:
+            return f"split {brief(split)} has {facts['samples']} samples but its shards hold {sum(facts['shards'].values())}"
+    return None
+
+
+def shard_paths(root: str | Path, info: dict, split: str) -> list[Path]:
+    """The shard files of `split` listed in `info` (from read_info), sorted: each a file inside `root`, never a link out of it."""
+    root = Path(root).absolute()
+    paths = [root / name for name in sorted(info["splits"][split]["shards"])]
+    for path in paths:
+        if not path.is_file():
+            raise VitlabError(f"shard {path}, listed in {root / INFO}, is not a file; {_REWRITE}")
+        note = outside_note(path, root)
+        if note:
+            raise VitlabError(f"cannot read shard {note}")
+    return paths
 
 
 class ShardStream(IterableDataset):
-    """One rank's share of a shard pattern, as Samples: split by rank then worker, buffer-shuffled, cropped.
+    """One rank's share of a list of shard files, as Samples: split by rank then worker, buffer-shuffled, cropped.
 
-    An epoch is `samples_per_epoch` samples over all ranks, cut to whole batches per worker; a
+    `shards` are file paths (shard_paths gives a split's), `info` what read_info returns. An epoch is `samples_per_epoch` samples over all ranks, cut to whole batches per worker; a
     worker that runs out of shards starts its (reshuffled) list again. Evaluation (`decoder.train`
     False) reads every shard once, in order, without shuffling; ranks may then get different numbers
     of batches, so gather evaluation results after the loop rather than reducing them batch by batch.
     """
 
-    def __init__(self, pattern: str, decoder: CropDecoder, batch_size: int, *, info: dict, seed: int = 0,
+    def __init__(self, shards: Sequence[str | Path], decoder: CropDecoder, batch_size: int, *, info: dict, seed: int = 0,
                  rank: int = 0, world_size: int = 1, samples_per_epoch: int | None = None,
                  shuffle_buffer: int = 2000):  # fmt: skip
-        self.urls = wds.shardlists.expand_urls(pattern)
+        if isinstance(shards, (str, Path)):
+            raise VitlabError(f"ShardStream takes a list of shard files (see shard_paths), not one pattern: {brief(str(shards))}")
+        self.urls = [os.path.abspath(shard) for shard in shards]  # opened as plain files, never as URLs
         self.counts = {name: n for split in info["splits"].values() for name, n in split["shards"].items()}
+        # a sample's key is its number in its split: below the split's size
+        self.split_sizes = {name: split["samples"] for split in info["splits"].values() for name in split["shards"]}
         unknown = [url for url in self.urls if os.path.basename(url) not in self.counts]
         if unknown:
             raise VitlabError(f"shard(s) {unknown[:3]} are not listed in the shard info; rewrite it with `vitlab shard`")
@@ -133,19 +201,28 @@ class ShardStream(IterableDataset):
         return batches
 
     def _shard_samples(self, url: str) -> Iterator[dict]:
-        """The raw samples of one shard; a shard that is cut short or unreadable is a VitlabError naming it."""
+        """The raw samples of one shard; a shard cut short, unreadable or not of its listed size is a VitlabError naming it."""
         def fail(exc: Exception) -> bool:
-            if isinstance(exc, VitlabError):  # webdataset hands an error to each of its nested stages
-                raise exc
+            if isinstance(exc, VitlabError):  # webdataset appends its stream and url to the args of an error passing through
+                raise VitlabError(exc.args[0]) from None
             reason = str(exc.args[0]).split(" @ ")[0] if exc.args else ""  # webdataset appends " @ <stream>"
-            raise VitlabError(f"shard {url} is truncated or unreadable ({type(exc).__name__}: {reason})")
+            raise VitlabError(f"shard {url} is truncated or unreadable ({type(exc).__name__}: {reason}); {_REWRITE}")
 
         expected, seen = self.counts[os.path.basename(url)], 0
-        for sample in wds.tarfile_to_samples(handler=fail)(iter([{"url": url}])):
-            seen += 1
-            yield sample
+        try:
+            stream = open(url, "rb")  # a plain file: webdataset's own opener (gopen) would run a "pipe:" name in a shell
+        except OSError as exc:
+            raise VitlabError(f"cannot open shard {url} ({exc.strerror}); {_REWRITE}") from None
+        with stream:
+            files = wds.tariterators.tar_file_expander(iter([{"url": url, "stream": stream}]), handler=fail)
+            for sample in wds.tariterators.group_by_keys(files, handler=fail):
+                seen += 1
+                if seen > expected:
+                    raise VitlabError(f"shard {url} holds more than the {expected} samples info.json lists; "
+                                      "rewrite info.json with `vitlab shard`")  # fmt: skip
+                yield sample
         if seen != expected:
-            raise VitlabError(f"shard {url} is truncated: it holds {seen} of its {expected} samples")
+            raise VitlabError(f"shard {url} is truncated: it holds {seen} of the {expected} samples info.json lists; {_REWRITE}")
 
     def _stream(self, shards: list[str], role: int) -> Iterator[dict]:
         """A worker's raw samples: its shards over and over, each pass in a new order through its own shuffle buffer.
@@ -182,8 +259,8 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict, role: int, position: int) -> Sample:
         """Crop one raw sample; an undecodable image comes back as a Sample with its error set."""
-        label, index = int(sample["cls"]), int(sample["__key__"])
-        name = f"{os.path.basename(sample['__url__'])}:{sample.get('name', b'?').decode()}"
+        label, index = self._label_and_index(sample)
+        name = f"{os.path.basename(sample['__url__'])}:{sample.get('name', b'?').decode(errors='backslashreplace')}"
         data = next((sample[f] for f in _IMAGE_FIELDS if f in sample), None)
         if data is None:
             return Sample(None, label, index, name, error=f"no {'/'.join(_IMAGE_FIELDS)} field")
@@ -192,6 +269,28 @@ class ShardStream(IterableDataset):
             return Sample(self.decoder(io.BytesIO(data), rng), label, index, name)
         except DECODE_ERRORS as exc:
             return Sample(None, label, index, name, error=f"{type(exc).__name__}: {exc}")
+
+    def _label_and_index(self, sample: dict) -> tuple[int, int]:
+        """A raw sample's class index and number in its split, as `vitlab shard` writes them; anything else is a VitlabError."""
+        key, label, url = sample["__key__"], sample.get("cls"), sample["__url__"]
+        size = self.split_sizes[os.path.basename(url)]
+        where = f"sample {brief(key)} of shard {url}"
+        index = _below(key, size)
+        if index is None:
+            raise VitlabError(f"{where}: its key is not a sample number below {size}, as `vitlab shard` writes; {_REWRITE}")
+        if label is None:
+            raise VitlabError(f"{where} has no .cls label; {_REWRITE}")
+        number = _below(label, len(self.classes))
+        if number is None:
+            shown = brief(label.decode(errors="backslashreplace"))
+            raise VitlabError(f"{where}: label {shown} is not a class index in [0, {len(self.classes)}); {_REWRITE}")
+        return number, index
+
+
+def _below(text: str | bytes, bound: int) -> int | None:
+    """`text` as a whole number in [0, bound), or None."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 19 and int(text) < bound else None
 
 
 def make_shard_loader(stream: ShardStream, *, workers: int = 4, prefetch_factor: int = 2,

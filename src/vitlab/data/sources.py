@@ -149,21 +149,20 @@ def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, 
 
 def shard_data(data, crop, centre, batch_size: int, seed: int, rank: int, world_size: int, train: bool) -> RunData:
     """WebDataset shards written by `vitlab shard`: `data.root` is their folder (with info.json)."""
-    from vitlab.data.shards import INFO, ShardStream, make_shard_loader, read_info
+    from vitlab.data.shards import INFO, ShardStream, make_shard_loader, read_info, shard_paths
 
     root = Path(data.root)
-    info = read_info(root / INFO)
+    info = read_info(root / INFO)  # checked: plain shard names, counts, classes
     splits = info["splits"]
-
-    def pattern(split: str) -> str:
-        return "::".join(str(root / name) for name in sorted(splits[split]["shards"]))  # webdataset's list separator
 
     def count(split: str) -> int:
         return sum(splits[split]["shards"].values())
 
     def evaluation(split: str) -> StreamEval:
+        paths = shard_paths(root, info, split)
+
         def loader(b: int, r: int, w: int):
-            return make_shard_loader(ShardStream(pattern(split), centre, b, info=info, rank=r, world_size=w), workers=data.workers)
+            return make_shard_loader(ShardStream(paths, centre, b, info=info, rank=r, world_size=w), workers=data.workers)
 
         return StreamEval(loader, count(split))
 
@@ -172,7 +171,8 @@ def shard_data(data, crop, centre, batch_size: int, seed: int, rank: int, world_
         raise VitlabError(f"{root / INFO} lists no train and test/val shards; write them with `vitlab shard FOLDER {root}`")
     source = None
     if train:
-        stream = ShardStream(pattern("train"), crop, batch_size, info=info, seed=seed, rank=rank, world_size=world_size)
+        stream = ShardStream(shard_paths(root, info, "train"), crop, batch_size, info=info, seed=seed, rank=rank,
+                             world_size=world_size)  # fmt: skip
         source = StreamTrain(make_shard_loader(stream, workers=data.workers))
     minival = evaluation("minival") if "minival" in splits else None
     return RunData(source, evaluation(test), minival, list(info["classes"]), count("train"), streamed=True)

@@ -10,20 +10,19 @@ whichever worker builds it and whenever the epoch was started.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from vitlab.data.crops import CropDecoder
-from vitlab.data.folders import IMAGE_SUFFIXES
+from vitlab.data.images import DECODE_ERRORS, IMAGE_SUFFIXES, listed_images, named
 from vitlab.data.sampler import SampleKey
 from vitlab.data.samples import Sample
 from vitlab.errors import VitlabError
 
 EVAL_SPLITS = ("test", "val")  # the first that exists is the evaluation split; ImageNet ships val/
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,10 @@ class FileTable:
 
 
 def scan_split(split: str | Path, classes: tuple[str, ...] | None = None) -> FileTable:
-    """The images of `split/<class>/` (.png/.jpg/.jpeg, any case), sorted; `classes` fixes the class list."""
+    """The images of `split/<class>/` (.png/.jpg/.jpeg, any case), sorted; `classes` fixes the class list.
+
+    Links leading outside the dataset root (`split`'s parent) are skipped with one warning, as the in-memory reader does.
+    """
     split = Path(split)
     if not split.is_dir():
         raise VitlabError(f"{split} is not a folder; expected {split}/<class>/*.jpg, one sub-folder per class")
@@ -60,15 +62,19 @@ def scan_split(split: str | Path, classes: tuple[str, ...] | None = None) -> Fil
             f"{split} has other class folders than train: missing {sorted(set(classes) - set(found))}, "
             f"extra {sorted(set(found) - set(classes))}"
         )
-    files, labels = [], []
+    files, labels, skipped = [], [], []
     for label, name in enumerate(found):
-        entries = os.scandir(split / name)
-        names = sorted(e.name for e in entries if e.is_file() and Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
-        if not names:
-            suffixes = "/".join(IMAGE_SUFFIXES)
-            raise VitlabError(f"class folder {split / name} holds no {suffixes} images; add some or remove it")
-        files += [os.fsencode(f"{name}/{n}") for n in names]
-        labels += [label] * len(names)
+        paths, outside = listed_images(split / name, split.parent)
+        if not paths:
+            held = f"no {'/'.join(IMAGE_SUFFIXES)} images; add some or remove it"
+            if outside:
+                held = f"only links outside {split.parent}; copy the files in"
+            raise VitlabError(f"class folder {split / name} holds {held}")
+        files += [os.fsencode(f"{name}/{path.name}") for path in paths]
+        labels += [label] * len(paths)
+        skipped += outside
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} image(s) under {split}: {named(skipped)}", stacklevel=2)
     return FileTable(split, np.array(files, dtype=np.bytes_), np.array(labels, dtype=np.int64), found)
 
 

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_auroc
 
+from vitlab.data import DATASETS
 from vitlab.data.augment import normalize
 from vitlab.data.sources import MemoryEval, StreamEval, run_data
-from vitlab.errors import VitlabError
+from vitlab.errors import AT_LEAST_1, VitlabError, check_range
 from vitlab.eval.runs import load_checkpoint_model
 from vitlab.train import distributed
 from vitlab.train.precision import autocast, resolve_precision
@@ -66,6 +67,10 @@ def evaluate_checkpoint(
     path: str | Path, data_name: str | None = None, data_root: str | None = None, batch_size: int = 256, ema: bool = False
 ) -> dict[str, float]:
     """Rebuild a checkpoint's model and evaluate it on its run's test split (or another dataset)."""
+    if data_root and not data_name:
+        raise VitlabError(f"--data-root {data_root} without --data would evaluate the run's own data; "
+                          f"pass --data too (one of {', '.join(DATASETS)})")  # fmt: skip
+    check_range("--batch-size", batch_size, AT_LEAST_1)
     model, config = load_checkpoint_model(path, ema)
     data = config.data
     if data_name:

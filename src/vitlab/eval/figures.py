@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
+from vitlab.errors import VitlabError
 from vitlab.figures import image_array, new_figure, save_figure
 
 _NAMED_TICKS = 30  # more classes than this: tick labels would overlap, so indices only
 _COUNTS_SHOWN = 12  # more classes than this: cells too small to print their counts in
+
+
+def output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """Create the folder that results go to; a one-line error naming `flag` when it is a file or cannot be made or written."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        file = next(p for p in (path, *path.parents) if os.path.lexists(p) and not p.is_dir())
+        raise VitlabError(f"{flag} {path}: {file} is a file, not a folder; give another {flag} (or move the file away)") from None
+    except OSError as exc:
+        raise VitlabError(f"{flag} {path} cannot be created ({exc.filename}: {exc.strerror}); give another {flag}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise VitlabError(f"{flag} {path} is not writable; fix its permissions or give another {flag}")
+    return path
 
 
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

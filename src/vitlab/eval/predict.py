@@ -3,29 +3,40 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vitlab.data.augment import normalize
-from vitlab.data.images import IMAGE_SUFFIXES, image_files, read_images
+from vitlab.data.images import IMAGE_SUFFIXES, UnusableImage, decode_images, image_files
 from vitlab.errors import VitlabError
-from vitlab.eval.figures import save_prediction_grid
+from vitlab.eval.figures import output_folder, save_prediction_grid
+from vitlab.train.checkpoint import write_text_atomic
 from vitlab.train.precision import autocast
 
 GRID_IMAGES = 64  # images drawn in the grid at most; the CSV lists all
+SHOWN = 5  # unreadable files named at most
 
 
 @dataclass
 class Predictions:
-    """Image files, their top-k class indices and probabilities (N, k), and the class names."""
+    """Image files, their top-k class indices and probabilities (N, k), the class names, and the files skipped as unreadable."""
 
     files: list[Path]
     indices: torch.Tensor
     probabilities: torch.Tensor
     classes: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+
+def skipped_note(skipped: list[str]) -> str:
+    """`skipped N unreadable image(s): ` and the first few, each with why."""
+    shown = ", ".join(skipped[:SHOWN]) + (", ..." if len(skipped) > SHOWN else "")
+    return f"skipped {len(skipped)} unreadable image(s): {shown}"
 
 
 @torch.no_grad()
@@ -44,15 +55,15 @@ def predict_images(
 
 
 def write_csv(path: Path, predictions: Predictions) -> Path:
-    """One row per image: the file, then class and probability for each of the top k."""
+    """One row per image: the file, then class and probability for each of the top k (written atomically, folder made)."""
     k = predictions.indices.shape[1]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file"] + [f"{field}_{rank}" for rank in range(1, k + 1) for field in ("class", "probability")])
-        for file, indices, probs in zip(predictions.files, predictions.indices.tolist(), predictions.probabilities.tolist()):
-            cells = [value for i, p in zip(indices, probs) for value in (predictions.classes[i], f"{p:.6f}")]
-            writer.writerow([str(file), *cells])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["file"] + [f"{name}_{rank}" for rank in range(1, k + 1) for name in ("class", "probability")])
+    for file, indices, probs in zip(predictions.files, predictions.indices.tolist(), predictions.probabilities.tolist()):
+        cells = [value for i, p in zip(indices, probs) for value in (predictions.classes[i], f"{p:.6f}")]
+        writer.writerow([str(file), *cells])
+    write_text_atomic(output_folder(path.parent) / path.name, text.getvalue())
     return path
 
 
@@ -77,12 +88,18 @@ def predict_run(
     model, config = load_checkpoint_model(run, ema)
     classes = class_names(config.data, model.num_classes, ckpt.read_meta(ckpt.find_checkpoint(run)).get("classes"))
     device = pick_device(config.train.device)
-    images = read_images(files, config.data.image_size)
+    decoded = decode_images(files, config.data.image_size)  # an unreadable file is skipped and named, as in training
+    skipped = [str(image) for image in decoded if isinstance(image, UnusableImage)]
+    kept = [(file, image) for file, image in zip(files, decoded) if isinstance(image, np.ndarray)]
+    if not kept:
+        raise VitlabError(f"{skipped_note(skipped)}, and no image is left to predict; give PNG or JPEG files Pillow can open")
+    out = output_folder(out or Path(run) / "predictions")
+    files = [file for file, _ in kept]
+    images = torch.from_numpy(np.stack([image for _, image in kept])).permute(0, 3, 1, 2).contiguous()
     precision = resolve_precision(config.train.precision, device)
     probabilities = predict_images(model, images, device, precision, batch_size, config.data.mean, config.data.std)
     top = probabilities.topk(min(top_k, len(classes)), dim=-1)
-    predictions = Predictions(files, top.indices, top.values, classes)
-    out = Path(out) if out else Path(run) / "predictions"
+    predictions = Predictions(files, top.indices, top.values, classes, skipped)
     titles = [f"{f.name[:24]}\n{classes[i[0]]} ({100 * p[0]:.1f} %)" for f, i, p in
               zip(files, top.indices.tolist(), top.values.tolist())][:GRID_IMAGES]  # fmt: skip
     written = [write_csv(out / "predictions.csv", predictions), save_prediction_grid(out / "predictions.png", images[:GRID_IMAGES], titles)]

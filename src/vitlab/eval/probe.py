@@ -20,7 +20,7 @@ from vitlab.data import load_splits
 from vitlab.data.augment import normalize
 from vitlab.data.dataset import ImageDataset
 from vitlab.data.sources import streams
-from vitlab.errors import VitlabError
+from vitlab.errors import AT_LEAST_1, POSITIVE, VitlabError, check_range
 from vitlab.eval.runs import build_model, load_run
 from vitlab.models.vit import VisionTransformer
 from vitlab.train import checkpoint as ckpt
@@ -98,6 +98,10 @@ def probe_run(path: str | Path, num_train: int | None = None, epochs: int = 90, 
 
     `data`: `data.…=value` overrides, to probe on another labelled dataset than the run's.
     """
+    for flag, value, allowed in (("--num-train", num_train, AT_LEAST_1), ("--epochs", epochs, AT_LEAST_1), ("--lr", lr, POSITIVE),
+                                 ("--batch-size", batch_size, AT_LEAST_1)):  # fmt: skip
+        if value is not None:
+            check_range(flag, value, allowed)
     checkpoint, config, _ = load_run(path, PretrainConfig)
     config = probe_data(config, data)
     torch.manual_seed(seed)

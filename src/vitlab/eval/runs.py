@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitlab.config import GeneratorConfig, PretrainConfig, RunConfig, TranslateConfig, from_dict
+from vitlab.config import GeneratorConfig, PretrainConfig, RunConfig, TranslateConfig, config_kind, from_dict
 from vitlab.errors import VitlabError
 from vitlab.models.gan import ResnetGenerator
 from vitlab.models.presets import create_model
@@ -21,18 +21,33 @@ COMMANDS = {RunConfig: "train", TranslateConfig: "translate-train", PretrainConf
 
 def run_command(config: dict) -> str:
     """The command that made a run, from the config saved with it."""
-    if "generator" in config:
-        return "translate-train"
-    return "pretrain" if "pretrain" in config else "train"
+    return COMMANDS[config_kind(config)]
+
+
+USES = {  # what a run of each kind is for, named where a run of another kind was needed
+    "train": "`vitlab eval`, `predict`, `inspect`, `export` or `report fig2`",
+    "pretrain": "`vitlab probe` or finetune.checkpoint",
+    "translate-train": "`vitlab translate`, `translate-eval` or `report table2`",
+}
+
+
+def check_made_by(path: Path, config: dict, needed: str) -> None:
+    """Refuse a run (or checkpoint) that `vitlab needed` did not make, naming the next step."""
+    made_by = run_command(config)
+    if made_by == needed:
+        return
+    if (made_by, needed) == ("pretrain", "train"):
+        fix = f"fine-tune it into a classifier first with `vitlab finetune` (a config with finetune.checkpoint: {path})"
+    else:
+        fix = f"give a run made by `vitlab {needed}` (this one is for {USES[made_by]})"
+    raise VitlabError(f"{path} is another kind of run (made by `vitlab {made_by}`, not `vitlab {needed}`); {fix}")
 
 
 def load_run(path: str | Path, cls: type = RunConfig) -> tuple[Path, RunConfig | TranslateConfig | PretrainConfig, dict]:
     """A run's checkpoint (from itself or its run directory), its config of kind `cls`, and its metadata."""
     checkpoint = ckpt.find_checkpoint(path)
     meta = ckpt.read_meta(checkpoint)
-    made_by = run_command(meta.get("config", {}))
-    if made_by != COMMANDS[cls]:
-        raise VitlabError(f"{checkpoint} is a checkpoint of another kind of run (made by `vitlab {made_by}`)")
+    check_made_by(checkpoint, meta.get("config", {}), COMMANDS[cls])
     return checkpoint, from_dict(cls, meta["config"]).validate(), meta
 
 

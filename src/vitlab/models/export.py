@@ -1,23 +1,37 @@
 """Export a vitlab ViT for timm (named safetensors + `timm.create_model` arguments) or Hugging Face transformers.
 
 Only what the target computes the same way is written; an option without an equivalent is refused with
-the reason. The tensor names come from `vitlab.models.weights`, which reads the same formats back.
+the reason, and so is a weight that is NaN or infinite. The tensor names come from `vitlab.models.weights`,
+which reads the same formats back; the preprocessing written beside them (mean, std, crop, resampling) is the
+run's own (`run_preprocessing`).
+
+Nothing is overwritten by surprise: the export goes to a new or empty folder, staged beside it under a temporary
+name and renamed into place; `force` replaces an earlier export (a folder holding export files only). `export_run`
+also refuses a folder inside a run directory unless `force`, and inside its checkpoints/ always, so a run's own
+files are never written to.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from vitlab.config import DataConfig
 from vitlab.errors import VitlabError, check_choice
-from vitlab.models.weights import implied_tensors, to_hf, to_timm
+from vitlab.models.weights import check_weights, implied_tensors, to_hf, to_timm
 
 FORMATS = ("timm", "hf")
-# vitlab's images enter the model as (x - 0.5) / 0.5 (`vitlab.data.augment.normalize`), resized bicubically.
-MEAN, STD = 0.5, 0.5
+EXPORT_FILES = ("model.safetensors", "create_model.json", "class_names.json", "config.json", "preprocessor_config.json")
+_DISK_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
 def unsupported(config: dict, fmt: str) -> list[str]:
@@ -42,16 +56,39 @@ def unsupported(config: dict, fmt: str) -> list[str]:
 
 
 def exported_state_dict(model: torch.nn.Module, fmt: str) -> dict[str, torch.Tensor]:
-    """The model's tensors, those the target stores but vitlab computes included, under `fmt`'s names."""
+    """The model's tensors, those the target stores but vitlab computes included, under `fmt`'s names; all finite."""
     tensors = {**model.state_dict(), **implied_tensors(model)}
     tensors = {k: v.detach().float() for k, v in tensors.items()}
+    check_weights(tensors, "cannot export the model", "its run diverged or started from them: export an earlier checkpoint")
     named = to_timm(tensors, model.config["block"]) if fmt == "timm" else to_hf(tensors)
     return {k: v.contiguous().clone() for k, v in named.items()}  # split views would share storage
 
 
-def timm_arguments(config: dict) -> dict:
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images become the model's input: resized (and centre-cropped), then (x / 255 - mean) / std per channel."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_fraction: float | None  # the centre square of this fraction of the shorter side; None: the whole image, squashed
+    interpolation: str  # "bicubic" or "bilinear"
+
+    def per_channel(self, channels: int) -> tuple[list[float], list[float]]:
+        """Mean and std with one entry per channel."""
+        return tuple([float(v) for v in values] * (channels if len(values) == 1 else 1) for values in (self.mean, self.std))
+
+
+def run_preprocessing(data: DataConfig, streamed: bool) -> Preprocessing:
+    """A run's evaluation preprocessing: a `streamed` run cuts the centre square of data.crop_fraction and resizes it
+    bilinearly (`vitlab.data.crops`); in memory, CIFAR is resized bilinearly and image folders bicubically, whole."""
+    return Preprocessing(tuple(data.mean), tuple(data.std), data.crop_fraction if streamed else None,
+                         "bilinear" if streamed or data.name.startswith("cifar") else "bicubic")  # fmt: skip
+
+
+def timm_arguments(config: dict, preprocessing: Preprocessing) -> dict:
     """Keyword arguments of `timm.create_model` that build the same model (load the weights with checkpoint_path)."""
     c = config
+    mean, std = preprocessing.per_channel(c["in_chans"])
     args = dict(
         # Any registered ViT name will do: every keyword below overrides its defaults. vit_base_patch16_xp_224 is
         # timm's ViT with ParallelScalingBlock (and RmsNorm, pre-norm and no class position, turned off here).
@@ -63,8 +100,9 @@ def timm_arguments(config: dict) -> dict:
         pos_drop_rate=c["dropout"], proj_drop_rate=c["dropout"], attn_drop_rate=c["attn_dropout"],
         drop_path_rate=c["drop_path"],
         pretrained_cfg_overlay=dict(
-            input_size=[c["in_chans"], c["img_size"], c["img_size"]], interpolation="bicubic", crop_pct=1.0,
-            mean=[MEAN] * c["in_chans"], std=[STD] * c["in_chans"], num_classes=c["num_classes"],
+            input_size=[c["in_chans"], c["img_size"], c["img_size"]], interpolation=preprocessing.interpolation,
+            crop_pct=preprocessing.crop_fraction or 1.0, crop_mode="squash" if preprocessing.crop_fraction is None else "center",
+            mean=mean, std=std, num_classes=c["num_classes"],
         ),
     )  # fmt: skip
     if c["block"] == "parallel":
@@ -87,42 +125,133 @@ def hf_config(config: dict, classes: list[str]) -> dict:
     }  # fmt: skip
 
 
-def hf_preprocessor_config(config: dict) -> dict:
-    """preprocessor_config.json: transformers' ViTImageProcessor with vitlab's resize and normalisation."""
-    size, channels = config["img_size"], config["in_chans"]
+def hf_preprocessor_config(config: dict, preprocessing: Preprocessing) -> dict:
+    """preprocessor_config.json: the resize, crop and normalisation as a transformers image processor.
+
+    ViTImageProcessor squashes the whole image to the square; a centre crop is BitImageProcessor's (shorter side to
+    size / crop_fraction, then the centre size x size).
+    """
+    size, crop = config["img_size"], preprocessing.crop_fraction
+    mean, std = preprocessing.per_channel(config["in_chans"])
+    common = {
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean, "image_std": std,
+        "resample": 2 if preprocessing.interpolation == "bilinear" else 3,  # PIL's codes
+    }  # fmt: skip
+    if crop is None:
+        return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size}, **common}
     return {
-        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
-        "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,  # 3: PIL's bicubic
-        "image_mean": [MEAN] * channels, "image_std": [STD] * channels,
+        "image_processor_type": "BitImageProcessor", "do_convert_rgb": True, "do_resize": True,
+        "size": {"shortest_edge": int(size / crop)}, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        **common,
     }  # fmt: skip
 
 
-def export_model(model: torch.nn.Module, fmt: str, out: str | Path, classes: list[str] | None = None) -> list[Path]:
-    """Write `model` to the folder `out` for timm or Hugging Face; returns the files written."""
+def export_target(out: str | Path, force: bool) -> Path:
+    """The folder `out`, resolved, once it is safe to export to (see the module's docstring); else a VitlabError."""
+    target = Path(out).resolve()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise VitlabError(f"{existing} is a file; give the folder to export to (it is created if missing)")
+    held = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if held and not force:
+        raise VitlabError(f"{out} is not empty; give a new or empty folder, or add --force to replace an earlier export there")
+    others = [name for name in held if name not in EXPORT_FILES or (target / name).is_symlink() or not (target / name).is_file()]
+    if others:
+        raise VitlabError(f"{out} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, not an export's "
+                          "files; --force replaces an earlier export only: give a new or empty folder")  # fmt: skip
+    return target
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename the staged folder to `target`, swapping out (then deleting) an earlier export there."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = staging.with_suffix(".old")
+    os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old)
+
+
+@contextmanager
+def _disk_errors(out: str | Path) -> Iterator[None]:
+    """A forbidden path or a full disk met while exporting to `out` as a VitlabError that says what to do."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRORS:
+            raise
+        fix = "free space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"fix the permissions of {exc.filename}"
+        raise VitlabError(f"cannot write the export to {out} ({exc.filename}: {exc.strerror}); {fix}, or give "
+                          "another output folder") from None  # fmt: skip
+
+
+def export_model(model: torch.nn.Module, fmt: str, out: str | Path, preprocessing: Preprocessing,
+                 classes: list[str] | None = None, force: bool = False) -> list[Path]:  # fmt: skip
+    """Write `model`, with the `preprocessing` of its inputs, to the folder `out` for timm or Hugging Face; returns the files."""
     check_choice("--format", fmt, FORMATS)
     config = model.config
     problems = unsupported(config, fmt)
     if problems:
         raise VitlabError(f"cannot export this model for {fmt}: " + "; ".join(problems))
+    tensors = exported_state_dict(model, fmt)
     classes = classes or [f"class {i}" for i in range(config["num_classes"])]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(exported_state_dict(model, fmt), out / "model.safetensors", metadata={"format": "pt"})
     if fmt == "timm":
-        documents = {"create_model.json": timm_arguments(config), "class_names.json": classes}
+        documents = {"create_model.json": timm_arguments(config, preprocessing), "class_names.json": classes}
     else:
-        documents = {"config.json": hf_config(config, classes), "preprocessor_config.json": hf_preprocessor_config(config)}
-    for name, document in documents.items():
-        (out / name).write_text(json.dumps(document, indent=2) + "\n")
-    return [out / "model.safetensors", *(out / name for name in documents)]
+        documents = {"config.json": hf_config(config, classes),
+                     "preprocessor_config.json": hf_preprocessor_config(config, preprocessing)}  # fmt: skip
+    with _disk_errors(out):
+        target = export_target(out, force)
+        staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
+            for name, document in documents.items():
+                (staging / name).write_text(json.dumps(document, indent=2) + "\n")
+            _publish(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return [Path(out) / "model.safetensors", *(Path(out) / name for name in documents)]
 
 
-def export_run(run: str | Path, fmt: str, out: str | Path, ema: bool = False) -> list[Path]:
-    """Export the model of a run's last checkpoint (or of a checkpoint folder), with its class names."""
+def _enclosing_run(path: Path) -> Path | None:
+    """The vitlab run directory that is or holds `path` (it has checkpoints/latest, or config.yaml and a run lock)."""
+    from vitlab.train.checkpoint import LATEST
+    from vitlab.train.runs import LOCK_FILE
+
+    for folder in (path, *path.parents):
+        if (folder / "checkpoints" / LATEST).is_file() or ((folder / "config.yaml").is_file() and (folder / LOCK_FILE).is_file()):
+            return folder
+    return None
+
+
+def export_run(run: str | Path, fmt: str, out: str | Path, ema: bool = False, force: bool = False) -> list[Path]:
+    """Export the model of a run's last checkpoint (or of a checkpoint folder), with its class names and preprocessing.
+
+    A folder inside a run directory is refused unless `force`, and inside its checkpoints/ always; what `force`
+    may then replace is an earlier export only (`export_target`), never a file of the run.
+    """
     from vitlab.data.classes import class_names
-    from vitlab.train import checkpoint as ckpt
+    from vitlab.data.sources import streams
     from vitlab.eval.runs import load_checkpoint_model
+    from vitlab.train import checkpoint as ckpt
 
+    target = Path(out).resolve()
+    inside = _enclosing_run(target)
+    if inside is not None and target.is_relative_to(inside / "checkpoints"):
+        raise VitlabError(f"{out} is inside the checkpoints of the run {inside}; vitlab export never writes there: "
+                          "give a folder outside them")  # fmt: skip
+    if inside is not None and not force:
+        raise VitlabError(f"{out} is inside the run {inside}; give a folder outside it, or add --force to write a new "
+                          "folder there (a run's own files are never replaced)")  # fmt: skip
     model, config = load_checkpoint_model(run, ema)
     saved = ckpt.read_meta(ckpt.find_checkpoint(run)).get("classes")
-    return export_model(model, fmt, out, class_names(config.data, model.num_classes, saved))
+    classes = class_names(config.data, model.num_classes, saved)
+    return export_model(model, fmt, out, run_preprocessing(config.data, streams(config.data)), classes, force)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -23,15 +25,35 @@ _WRAPPER_KEYS = ("state_dict", "model", "module")
 
 # The formats pretrained weights are read in (finetune.format); `auto` tells them apart by the path.
 WEIGHT_FORMATS = ("auto", "vitlab", "timm", "npz", "hf")
+_SHOWN = 3  # tensors named in one error
+
+
+def check_weights(tensors: dict[str, torch.Tensor], source: str,
+                  fix: str = "the file is damaged or its run diverged: use another checkpoint") -> None:  # fmt: skip
+    """Refuse integer or boolean tensors (loading would cast them silently) and NaN or infinite values (`fix`), by name."""
+    for problem, bad, hint in (
+        ("are not floating point", [f"{k} ({v.dtype})" for k, v in tensors.items() if not v.is_floating_point()],
+         "vitlab casts no weights: save them as floats, or use another checkpoint"),
+        ("hold NaN or infinite values",
+         [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()], fix),
+    ):  # fmt: skip
+        if bad:
+            more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+            raise VitlabError(f"{source}: tensor(s) {', '.join(bad[:_SHOWN])}{more} {problem}; {hint}")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a `.safetensors` or `.pth`/`.pt`/`.bin` file (the latter read with weights_only=True)."""
+    """Tensors of a `.safetensors` or `.pth`/`.pt`/`.bin` file (the latter read with weights_only=True), all finite floats."""
     path = Path(path)
     if not path.is_file():
         raise VitlabError(f"checkpoint file {path} does not exist")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as exc:  # a truncated or malformed file
+            raise VitlabError(f"{path} is damaged ({str(exc)[:120]}); download or export it again") from None
+        check_weights(tensors, str(path))
+        return tensors
     if path.suffix not in (".pth", ".pt", ".bin"):
         raise VitlabError(f"cannot read {path.name}: expected a .safetensors, .pth, .pt or .bin file")
     try:
@@ -43,6 +65,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             data = data[key]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise VitlabError(f"{path} does not hold a state dict of tensors")
+    check_weights(data, str(path))
     return {k.removeprefix("module."): v for k, v in data.items()}
 
 
@@ -62,7 +85,8 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
         if items
     ]
     if problems:
-        raise VitlabError(f"{source} does not fit the model; " + "; ".join(problems))
+        raise VitlabError(f"{source} does not fit the model; " + "; ".join(problems)
+                          + "; give the checkpoint of a model with these shapes, or set model.name and model.options to match it")
     model.load_state_dict(state_dict)
 
 
@@ -247,33 +271,52 @@ def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for (index, kind), parts in qkv.items():
         if set(parts) != set(HF_QKV):
             raise VitlabError(f"layer {index} of the Hugging Face checkpoint lacks attention {kind}s of {sorted(set(HF_QKV) - set(parts))}")
+        shapes = {n: tuple(parts[n].shape) for n in HF_QKV}
+        if len(set(shapes.values())) > 1:
+            raise VitlabError(f"the Hugging Face checkpoint's {HF_BLOCKS}{index}.attention.attention.{{query,key,value}}.{kind} "
+                              f"have unequal shapes {shapes}; it is damaged: download or export it again")  # fmt: skip
         out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([parts[n] for n in HF_QKV])
     return out
 
 
-def is_hf_vit_folder(path: str | Path) -> bool:
-    """Whether `path` is a folder with a Hugging Face config.json whose model_type is "vit"."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") == "vit"
-    except (json.JSONDecodeError, AttributeError):
-        return False
+def is_hf_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder with a Hugging Face config.json (`read_hf_folder` checks it)."""
+    return os.path.lexists(Path(path) / "config.json")
+
+
+def _hf_file(folder: Path, name: str) -> Path | None:
+    """`folder/name` if it exists, refused when it is a broken link or a link leading outside the folder.
+
+    The Hugging Face cache's snapshot folders (`…/snapshots/REVISION/`) link every file to `../../blobs/`: allowed.
+    """
+    path = folder / name
+    if not os.path.lexists(path):
+        return None
+    target = path.resolve()
+    if not target.is_file():
+        raise VitlabError(f"{path} is a broken link or not a file; download the model folder again")
+    homes = [folder.resolve()] + ([folder.parent.parent.resolve() / "blobs"] if folder.parent.name == "snapshots" else [])
+    if not any(target.is_relative_to(home) for home in homes):
+        raise VitlabError(f"{path} is a link to {target}, outside {folder}; copy the file in")
+    return path
 
 
 def read_hf_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """config.json and the tensors of a Hugging Face model folder (model.safetensors, else pytorch_model.bin)."""
     folder = Path(path)
-    if not (folder / "config.json").is_file():
+    config_file = _hf_file(folder, "config.json")
+    if config_file is None:
         raise VitlabError(f"{folder} is not a Hugging Face model folder: it has no config.json")
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise VitlabError(f"cannot read {folder / 'config.json'} as JSON: {exc}") from exc
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VitlabError(f"cannot read {config_file} as JSON ({exc}); download or export the model folder again") from None
+    if not isinstance(config, dict):
+        raise VitlabError(f"{config_file} holds a JSON {type(config).__name__}, not the object of a model config; "
+                          "download or export the model folder again")  # fmt: skip
     for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return config, read_state_dict(folder / name)
+        if (weights_file := _hf_file(folder, name)) is not None:
+            return config, read_state_dict(weights_file)
     if (folder / "model.safetensors.index.json").is_file():
         raise VitlabError(f"{folder} holds a sharded checkpoint; merge it into one model.safetensors first")
     raise VitlabError(f"{folder} has no model.safetensors or pytorch_model.bin")
@@ -282,7 +325,8 @@ def read_hf_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def filter_hf_vit(config: dict, state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
     """A Hugging Face ViT checkpoint under `model`'s names, after checking what the tensors cannot show."""
     if config.get("model_type") != "vit":
-        raise VitlabError(f"the Hugging Face checkpoint is a {config.get('model_type')!r} model; vitlab reads model_type 'vit'")
+        raise VitlabError(f"the Hugging Face checkpoint is a {config.get('model_type')!r} model (config.json's model_type); "
+                          "vitlab reads ViT checkpoints (model_type 'vit'): give a ViT's folder")
     if model.config["block"] != "serial":
         raise VitlabError("Hugging Face ViT checkpoints hold serial ViT blocks; build the model with block='serial' (vit-*)")
     heads = config.get("num_attention_heads", model.config["num_heads"])
@@ -365,10 +409,9 @@ def filter_google_vit(arrays: dict[str, np.ndarray], num_heads: int) -> dict[str
     loading lists them.
     """
     prefix = next((p for p in _GOOGLE_PREFIXES if any(k.startswith(p) for k in arrays)), "")
-    a = _unscan({
-        k.removeprefix(prefix): torch.from_numpy(np.asarray(v, dtype=np.float32))
-        for k, v in arrays.items() if k.startswith(prefix)
-    })  # fmt: skip
+    tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items() if k.startswith(prefix)}
+    check_weights(tensors, "the Google ViT checkpoint")
+    a = _unscan({k.removeprefix(prefix): v.float() for k, v in tensors.items()})
     sd: dict[str, torch.Tensor] = {}
     if "embedding/kernel" in a:
         sd["patch_embed.proj.weight"] = rearrange(a.pop("embedding/kernel"), "p q c d -> d c p q")

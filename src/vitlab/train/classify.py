@@ -9,15 +9,13 @@ is a pure function of the step, so the step is the whole scheduler state.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from vitlab.config import AugmentConfig, OptimConfig, RunConfig
-from vitlab.data.augment import (mixup_cutmix, normalize, rand_augment, random_crop, random_erasing, random_flip,
-                                 random_resized_crop)  # fmt: skip
+from vitlab.config import RunConfig
+from vitlab.data.augment import augment_batch
 from vitlab.data.sources import run_data
 from vitlab.errors import VitlabError
 from vitlab.eval.classification import classification_metrics, dataset_logits, evaluate
@@ -28,21 +26,11 @@ from vitlab.train import distributed, sharding
 from vitlab.train.finetune import prepare_model
 from vitlab.train.monitors import StabilityMonitor
 from vitlab.train.optim import build_optimizer
-from vitlab.train.precision import autocast, choose_precision, make_grad_scaler, scaler_backs_off
+from vitlab.train.precision import autocast, choose_precision
 from vitlab.train.run_log import plot_curves
 from vitlab.train.runs import Run, step_seed
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig) -> float:
-    """Multiplier of the base LR at `step`: linear warm-up, then cosine, multistep or constant."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if cfg.schedule == "cosine":
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.schedule == "multistep":  # the paper: decay by gamma at 30 %, 60 %, 90 % of training
-        return cfg.gamma ** sum(step >= m * total_steps for m in cfg.milestones)
-    return 1.0
+from vitlab.train.schedule import lr_factor, warmup_steps
+from vitlab.train.step import OptimizerStep
 
 
 def penalties(
@@ -61,34 +49,6 @@ def penalties(
         (input_grad,) = torch.autograd.grad(loss, images, create_graph=True)
         terms["grad_penalty"] = grad_penalty * input_grad.square().sum(dim=(1, 2, 3)).mean()
     return terms
-
-
-def augment_batch(
-    images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, num_classes: int,
-    mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), cropped: bool = False,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 batch → normalised float images and targets (soft when Mixup/CutMix is on), on the batch's device.
-
-    `cropped`: the images were cropped and flipped already (by the streaming workers).
-    `crop_scale`: the area range of `augment.resized_crop` (data.crop_scale).
-    """
-    if cfg.crop_padding and not cropped:  # crops and flips on uint8: a quarter of the bytes of float32
-        images = random_crop(images, cfg.crop_padding, gen)
-    if (cfg.hflip or cfg.vflip) and not cropped:
-        images = random_flip(images, gen, horizontal=cfg.hflip, vertical=cfg.vflip, p=cfg.flip_prob)
-    x = images.float() / 255.0
-    if cfg.resized_crop and not cropped:
-        x = random_resized_crop(x, gen, crop_scale)
-    if cfg.randaugment_ops:
-        x = rand_augment(x, gen, num_ops=cfg.randaugment_ops, magnitude=cfg.randaugment_magnitude)
-    x = normalize(x, mean, std)
-    if cfg.random_erasing:
-        x = random_erasing(x, gen, p=cfg.random_erasing)
-    if cfg.mixup_alpha or cfg.cutmix_alpha:
-        onehot = F.one_hot(labels, num_classes).float()
-        return mixup_cutmix(x, onehot, gen, cfg.mixup_alpha, cfg.cutmix_alpha)
-    return x, labels
 
 
 def train(config: RunConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
@@ -118,7 +78,7 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
     if steps_per_epoch == 0:
         raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the {sources.train_size} training images per rank")
     total_steps = math.ceil(tc.epochs * steps_per_epoch)
-    warmup_steps = oc.warmup_steps if oc.warmup_steps is not None else round(oc.warmup_epochs * steps_per_epoch)
+    warmup = warmup_steps(oc, steps_per_epoch)
     eval_every = max(1, round(tc.eval_every_epochs * steps_per_epoch))
 
     def evaluate_on(split, network) -> dict[str, float]:
@@ -133,11 +93,10 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
         monitor = StabilityMonitor(model)
         optimizer = build_optimizer(model, oc)
         ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay else None
-        scaler = make_grad_scaler(precision, ctx.device)
+        stepper = OptimizerStep(precision, ctx.device, oc.clip_grad_norm, oc.clip_grad_value)
         if run.checkpoint is not None:
             sharding.load_checkpoint(run.checkpoint, model, optimizer)
-            if scaler.is_enabled() and "grad_scaler" in (meta := ckpt.read_meta(run.checkpoint)):
-                scaler.load_state_dict(meta["grad_scaler"])
+            stepper.load_state_dict(ckpt.read_meta(run.checkpoint))
             if ema is not None:
                 ckpt.load_weights(run.checkpoint, ema.module, "ema")
                 ema.n_averaged.fill_(run.step)  # non-zero: the next update averages instead of copying
@@ -153,9 +112,7 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
         })  # fmt: skip
 
         def save(extra: dict | None = None) -> None:
-            meta = {"num_classes": num_classes, "classes": sources.classes, **(extra or {})}
-            if scaler.is_enabled():
-                meta["grad_scaler"] = scaler.state_dict()
+            meta = {"num_classes": num_classes, "classes": sources.classes, **stepper.state_dict(), **(extra or {})}
             run.save(model, optimizer, meta, ema.module if ema else None)
 
         net.train()
@@ -168,7 +125,7 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                 images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
                 x, targets = augment_batch(images, labels, config.augment, gen, num_classes, data.mean, data.std,
                                            cropped=sources.streamed, crop_scale=data.crop_scale)  # fmt: skip
-                lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
+                lr = oc.lr * lr_factor(step, total_steps, warmup, oc)
                 run.set_lr(optimizer, lr)
 
                 logged = (step + 1) % tc.log_every_steps == 0 or step + 1 == total_steps
@@ -181,24 +138,17 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                             logits = net(xm)
                         micro_loss = F.cross_entropy(logits.float(), tm, label_smoothing=tc.label_smoothing)
                         micro_extra = penalties(micro_loss, logits, xm, tc.z_loss, tc.grad_penalty)
-                        scaler.scale((micro_loss + sum(micro_extra.values())) / tc.accumulate_steps).backward()
+                        stepper.backward((micro_loss + sum(micro_extra.values())) / tc.accumulate_steps)
                     loss = loss + micro_loss.detach() / tc.accumulate_steps
                     extra = {k: extra.get(k, 0) + v.detach() / tc.accumulate_steps for k, v in micro_extra.items()}
-                scaler.unscale_(optimizer)  # clipping and the finiteness check see the true gradients
-                if oc.clip_grad_value is not None:
-                    torch.nn.utils.clip_grad_value_(model.parameters(), oc.clip_grad_value)
-                grad_norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm or float("inf")))
-                finite = distributed.all_reduce(torch.isfinite(loss.detach() + grad_norm).float(), "min").item() == 1.0
-                if logged or not finite:  # on every rank: the largest gradient of FSDP shards is a collective
-                    signals = monitor.collect(logits, grad_norm)  # before zero_grad: it reads the gradients
-                overflow = not finite and math.isfinite(loss.item()) and scaler_backs_off(scaler)
-                if finite:
-                    scaler.step(optimizer)
-                    if ema is not None:
-                        ema.update_parameters(model)
-                scaler.update()
+                result = stepper.step(optimizer, model.parameters(), loss)
+                if logged or not result.finite:  # on every rank: the largest gradient of FSDP shards is a collective
+                    signals = monitor.collect(logits, result.grad_norm)  # before zero_grad: it reads the gradients
+                if result.finite and ema is not None:
+                    ema.update_parameters(model)
+                stepper.update()
                 optimizer.zero_grad(set_to_none=True)
-                run.count(finite, overflow)
+                run.count(result.finite, result.overflow)
                 if run.diverged:
                     failing = dict(loss=loss.item(), lr=lr, images_per_s=0.0, skipped=run.skipped, **signals)
                     run.log("steps", failing, step=step + 1)  # the failing step goes into the curves too
@@ -233,6 +183,7 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                 shown = ", ".join(f"{name} ({why})" for name, why in sources.train.bad_files[:5])
                 run.write(f"epoch {epoch}: skipped {len(sources.train.bad_files)} unreadable image(s): {shown}")
 
+        run.check_stepped()
         elapsed = run.elapsed()
         logits, labels = dataset_logits(ema.module if ema else model, sources.test, tc.batch_size, ctx, precision, data.mean, data.std)
         final = classification_metrics(logits, labels)

@@ -14,7 +14,6 @@ step, and the image pools are saved in the checkpoint, so a resumed run continue
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from pathlib import Path
@@ -34,9 +33,11 @@ from vitlab.models.ai602 import Ai602Discriminator
 from vitlab.models.gan import PatchDiscriminator
 from vitlab.train import checkpoint as ckpt
 from vitlab.train.distributed import Context, pick_device
-from vitlab.train.precision import autocast, choose_precision, make_grad_scaler, scaler_backs_off
+from vitlab.train.precision import autocast, choose_precision
 from vitlab.train.run_log import plot_gan_curves
 from vitlab.train.runs import Run, step_seed
+from vitlab.train.schedule import constant_then_linear
+from vitlab.train.step import OptimizerStep
 
 NETWORKS = ("g_a", "g_b", "d_a", "d_b")
 
@@ -45,13 +46,6 @@ def lsgan_loss(prediction: torch.Tensor, real: bool) -> torch.Tensor:
     """Least-squares GAN loss: mean (D(x) − 1)² for real targets, mean D(x)² for fake ones."""
     prediction = prediction.float()
     return F.mse_loss(prediction, torch.full_like(prediction, float(real)))
-
-
-def lr_factor(step: int, constant_steps: int, total_steps: int) -> float:
-    """Multiplier of the base LR: 1 for `constant_steps`, then linear down to 0 at `total_steps`."""
-    if step < constant_steps:
-        return 1.0
-    return max(0.0, (total_steps - step) / max(1, total_steps - constant_steps))
 
 
 class ImagePool:
@@ -132,20 +126,6 @@ def discriminator_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch
     return 0.5 * (lsgan_loss(discriminator(real), True) + lsgan_loss(discriminator(fake.detach()), False))
 
 
-def scaled_step(scaler: torch.amp.GradScaler, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
-    """Backward and step through the (fp16) loss scaler; False, with no step, when loss or gradients are not finite."""
-    if not torch.isfinite(loss).item():
-        scaler.unscale_(optimizer)  # records "nothing found" so that the scaler's update stays valid
-        return False
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not torch.isfinite(torch.nn.utils.get_total_norm(grads)).item():
-        return False
-    scaler.step(optimizer)
-    return True
-
-
 def training_batch(images: torch.Tensor, crop_size: int, hflip: bool, gen: torch.Generator) -> torch.Tensor:
     """uint8 images at load size → random crop, random flip, [-1, 1] floats."""
     images = random_window(images, crop_size, gen)
@@ -179,17 +159,16 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
     with Run(config, ctx, resume_dir, total_steps, steps_per_epoch, progress) as run:
         torch.manual_seed(tc.seed)
         nets = build_networks(config).to(device)
-        generators = itertools.chain(nets["g_a"].parameters(), nets["g_b"].parameters())
-        discriminators = itertools.chain(nets["d_a"].parameters(), nets["d_b"].parameters())
+        generator_params = [*nets["g_a"].parameters(), *nets["g_b"].parameters()]
+        discriminator_params = [*nets["d_a"].parameters(), *nets["d_b"].parameters()]
         optimizers = {
-            "g": torch.optim.Adam(generators, lr=config.optim.lr, betas=config.optim.betas),
-            "d": torch.optim.Adam(discriminators, lr=config.optim.lr, betas=config.optim.betas),
+            "g": torch.optim.Adam(generator_params, lr=config.optim.lr, betas=config.optim.betas),
+            "d": torch.optim.Adam(discriminator_params, lr=config.optim.lr, betas=config.optim.betas),
         }
         pools = {"a": ImagePool(lc.pool_size), "b": ImagePool(lc.pool_size)}  # fake A images (for D_B), fake B (for D_A)
-        scaler = make_grad_scaler(precision, device)  # one loss scale for both optimizers
+        stepper = OptimizerStep(precision, device)  # one loss scale for both optimizers
         if run.checkpoint is not None:
-            if scaler.is_enabled() and "grad_scaler" in (meta := ckpt.read_meta(run.checkpoint)):
-                scaler.load_state_dict(meta["grad_scaler"])
+            stepper.load_state_dict(ckpt.read_meta(run.checkpoint))
             for name in NETWORKS:
                 ckpt.load_weights(run.checkpoint, nets[name], name)
             ckpt.load_optimizer(run.checkpoint, optimizers)
@@ -206,7 +185,7 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
 
         def save(extra: dict | None = None) -> None:
             tensors = {**{name: nets[name] for name in NETWORKS}, **{f"pool_{k}": p.state_dict() for k, p in pools.items()}}
-            run.save(tensors, optimizers, {**({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {}), **(extra or {})})
+            run.save(tensors, optimizers, {**stepper.state_dict(), **(extra or {})})
 
         nets.train()
         while run.step < total_steps:
@@ -217,26 +196,28 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
                 torch.manual_seed(step_seed(tc.seed, step, 0, 1))
                 real_a = training_batch(data.train_a[idx_a], config.data.crop_size, config.data.hflip, gen).to(device)
                 real_b = training_batch(data.train_b[idx_b], config.data.crop_size, config.data.hflip, gen).to(device)
-                lr = config.optim.lr * lr_factor(step, constant_steps, total_steps)
+                lr = config.optim.lr * constant_then_linear(step, constant_steps, total_steps)
                 run.set_lr(optimizers, lr)
 
                 nets["d_a"].requires_grad_(False)
                 nets["d_b"].requires_grad_(False)
                 with autocast(device, precision):
                     loss_g, parts, fake_a, fake_b = generator_loss(nets, real_a, real_b, lc)
-                bad = not scaled_step(scaler, loss_g, optimizers["g"])
-                if not bad:
+                stepper.backward(loss_g)
+                result = stepper.step(optimizers["g"], generator_params, loss_g)
+                if result.finite:
                     nets["d_a"].requires_grad_(True)
                     nets["d_b"].requires_grad_(True)
                     with autocast(device, precision):
                         parts["d_a"] = discriminator_loss(nets["d_a"], real_b, pools["b"].query(fake_b, gen))
                         parts["d_b"] = discriminator_loss(nets["d_b"], real_a, pools["a"].query(fake_a, gen))
-                    bad = not scaled_step(scaler, parts["d_a"] + parts["d_b"], optimizers["d"])
-                overflow = bad and all(math.isfinite(v.item()) for v in parts.values()) and scaler_backs_off(scaler)
-                scaler.update()
+                    loss_d = parts["d_a"] + parts["d_b"]
+                    stepper.backward(loss_d)
+                    result = stepper.step(optimizers["d"], discriminator_params, loss_d)
+                stepper.update()
                 for optimizer in optimizers.values():
                     optimizer.zero_grad(set_to_none=True)
-                run.count(not bad, overflow)
+                run.count(result.finite, result.overflow)
                 if run.diverged:
                     raise run.divergence(
                         "loss", ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items()),

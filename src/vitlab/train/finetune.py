@@ -16,19 +16,19 @@ from vitlab.config import FinetuneConfig
 from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer
 from vitlab.models.weights import (
-    filter_google_vit, filter_hf_vit, filter_timm_vit, is_hf_vit_folder, load_state_dict_strict, read_hf_folder,
-    read_npz, read_state_dict, resample_pos_embed,
+    check_weights, filter_google_vit, filter_hf_vit, filter_timm_vit, is_hf_folder, load_state_dict_strict,
+    read_hf_folder, read_npz, read_state_dict, resample_pos_embed,
 )  # fmt: skip
 from vitlab.train import checkpoint as ckpt
 
 
 def checkpoint_format(path: str | Path, kind: str = "auto") -> str:
-    """`vitlab`, `timm`, `npz` or `hf`: the given format, or the one `path` looks like."""
+    """`vitlab`, `timm`, `npz` or `hf` (a folder with a config.json, of any model type): the given format, or `path`'s."""
     if kind != "auto":
         return kind
     path = Path(path)
     if path.is_dir():
-        return "hf" if is_hf_vit_folder(path) else "vitlab"
+        return "hf" if is_hf_folder(path) else "vitlab"
     return "npz" if path.suffix == ".npz" else "timm"
 
 
@@ -38,7 +38,10 @@ def pretrained_state_dict(path: str | Path, kind: str, model: VisionTransformer)
         raise VitlabError(f"finetune.checkpoint {path} does not exist")
     kind = checkpoint_format(path, kind)
     if kind == "vitlab":
-        return ckpt.load_tensors(ckpt.find_checkpoint(path))
+        checkpoint = ckpt.find_checkpoint(path)
+        tensors = ckpt.load_tensors(checkpoint)
+        check_weights(tensors, str(checkpoint))
+        return tensors
     if kind == "npz":
         return filter_google_vit(read_npz(path), model.config["num_heads"])
     if kind == "hf":
@@ -57,7 +60,8 @@ def fit_to_model(
     """
     own = model.state_dict()
     fitted = dict(state_dict)
-    if "pos_embed" in fitted and "pos_embed" in own and fitted["pos_embed"].shape != own["pos_embed"].shape:
+    pos = fitted.get("pos_embed")
+    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape and pos.ndim == 3 and len(pos) == 1:
         grid = (model.patch_embed.grid, model.patch_embed.grid)
         fitted["pos_embed"] = resample_pos_embed(fitted["pos_embed"], grid, model.num_prefix_tokens)
     if not keep_head:

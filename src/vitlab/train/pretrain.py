@@ -18,20 +18,21 @@ import torch
 from torch import nn
 
 from vitlab.config import PretrainConfig
-from vitlab.data.augment import normalize
+from vitlab.data.augment import augment_batch, normalize
 from vitlab.data.sources import MemoryEval, StreamEval, run_data
 from vitlab.errors import VitlabError
 from vitlab.eval.runs import build_model
 from vitlab.models.masked import build_pretrainer
 from vitlab.train import checkpoint as ckpt
-from vitlab.train.classify import augment_batch, lr_factor
 from vitlab.train import distributed, sharding
 from vitlab.train.distributed import Context
 from vitlab.train.optim import build_optimizer
-from vitlab.train.precision import autocast, resolve_precision
+from vitlab.train.precision import autocast, choose_precision
 from vitlab.figures import new_figure, save_figure
 from vitlab.train.run_log import read_csv, save_image_grid
 from vitlab.train.runs import Run, step_seed
+from vitlab.train.schedule import lr_factor, warmup_steps
+from vitlab.train.step import OptimizerStep
 
 ENCODER = "encoder."
 
@@ -139,7 +140,7 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
 
 def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | None, progress: bool) -> dict:
     tc, oc, data, p = config.train, config.optim, config.data, config.pretrain
-    precision = resolve_precision(tc.precision, ctx.device)
+    precision, precision_reason = choose_precision(tc.precision, ctx.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if tc.batch_size % ctx.world_size:
@@ -150,22 +151,25 @@ def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | Non
     if steps_per_epoch == 0:
         raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the {sources.train_size} training images")
     total_steps = math.ceil(tc.epochs * steps_per_epoch)
-    warmup_steps = round(oc.warmup_epochs * steps_per_epoch)
+    warmup = warmup_steps(oc, steps_per_epoch)
     eval_every = max(1, round(tc.eval_every_epochs * steps_per_epoch))
     samples = first_images(sources.test, p.num_samples)
 
     with Run(config, ctx, resume_dir, total_steps, steps_per_epoch, progress) as run:
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
-        model, net = sharding.wrap_model(lambda: build_pretraining(config, data.image_size), tc.strategy, ctx, precision)
+        model, net = sharding.wrap_model(lambda: build_pretraining(config, data.image_size), tc.strategy, ctx, precision,
+                                         tc.compile)  # fmt: skip
         optimizer = build_optimizer(model, oc)
+        stepper = OptimizerStep(precision, ctx.device, oc.clip_grad_norm, oc.clip_grad_value)
         if run.checkpoint is not None:
             load_state(run.checkpoint, model)
             ckpt.load_optimizer(run.checkpoint, optimizer)
+            stepper.load_state_dict(ckpt.read_meta(run.checkpoint))
         (run.dir / "samples").mkdir(exist_ok=True)
         encoder_params = sum(t.numel() for t in model.encoder.parameters())
         run.announce({
             "device": f"{ctx.device}, {ctx.world_size} process(es), strategy {tc.strategy if ctx.distributed else 'single'}",
-            "precision": f"{precision} (train.precision: {tc.precision})",
+            "precision": f"{precision} (train.precision: {tc.precision}: {precision_reason})",
             "method": f"{p.method}, mask ratio {model.mask_ratio:g}",
             "model": f"{config.model.name}: {encoder_params:,} encoder parameters "
                      f"(+ {sum(t.numel() for t in model.parameters()) - encoder_params:,} dropped after pretraining)",
@@ -175,7 +179,7 @@ def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | Non
         })  # fmt: skip
 
         def save(extra: dict | None = None) -> None:
-            run.save(split_state(model), optimizer, {"method": p.method, **(extra or {})})
+            run.save(split_state(model), optimizer, {"method": p.method, **stepper.state_dict(), **(extra or {})})
 
         def evaluation_args() -> tuple:
             return ctx, tc.seed, precision, data.mean, data.std
@@ -189,17 +193,16 @@ def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | Non
                 torch.manual_seed(step_seed(tc.seed, step, ctx.rank, 1))  # the masks differ from rank to rank
                 x, _ = augment_batch(images, labels, config.augment, gen, sources.num_classes, data.mean, data.std,
                                      cropped=sources.streamed, crop_scale=data.crop_scale)  # fmt: skip
-                lr = oc.lr * lr_factor(step, total_steps, warmup_steps, oc)
+                lr = oc.lr * lr_factor(step, total_steps, warmup, oc)
                 run.set_lr(optimizer, lr)
                 with autocast(ctx.device, precision):
                     loss = net(x.to(ctx.device, non_blocking=True))
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad_norm or float("inf"))
-                finite = distributed.all_reduce(torch.isfinite(loss.detach() + grad_norm).float(), "min").item() == 1.0
-                if finite:
-                    optimizer.step()
+                stepper.backward(loss)
+                result = stepper.step(optimizer, model.parameters(), loss)
+                grad_norm = result.grad_norm
+                stepper.update()
                 optimizer.zero_grad(set_to_none=True)
-                run.count(finite)
+                run.count(result.finite, result.overflow)
                 if run.diverged:
                     run.log("steps", dict(loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), images_per_s=0.0,
                                           skipped=run.skipped), step=step + 1)  # fmt: skip

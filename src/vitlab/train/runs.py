@@ -215,6 +215,16 @@ class Run:
     def diverged(self) -> bool:
         return self.bad_in_row >= self.tc.max_bad_steps
 
+    def check_stepped(self) -> None:
+        """Fail a run none of whose steps (this session) reached the optimizer: its model is the one it started from."""
+        done = self.step - self.first_step
+        if done and self.skipped == done:
+            raise TrainingDiverged(
+                f"no optimizer step was taken: all {done} steps{' since resuming' if self.first_step else ''} had a "
+                "non-finite loss or gradient and were skipped, so the model was never trained; check the starting "
+                "weights (finetune.checkpoint), lower optim.lr, or set optim.clip_grad_norm"
+            )
+
     def divergence(self, what: str, details: str, hint: str) -> TrainingDiverged:
         """The error that ends a diverged run: where, the values, the last good checkpoint and what to try."""
         last = ckpt.find_checkpoint(self.dir) if has_checkpoint(self.dir) else "none"
