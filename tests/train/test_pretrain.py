@@ -4,6 +4,7 @@ the encoder loaded by `vitlab finetune` with only the head new, `vitlab probe`, 
 from __future__ import annotations
 
 import csv
+import math
 import json
 import shutil
 from pathlib import Path
@@ -201,6 +202,16 @@ def test_warmup_steps_clip_grad_value_and_compile_are_honoured(tmp_path: Path, m
     assert float(steps[0]["lr"]) == pytest.approx(lr / 2) and float(plain[0]["lr"]) == pytest.approx(lr / 4)
     assert compiled == [False, True]
     assert steps[0]["loss"] == plain[0]["loss"] and steps[-1]["loss"] != plain[-1]["loss"]  # clipped steps move less
+
+
+def test_a_pretraining_run_that_never_takes_an_optimizer_step_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vitlab.train.step import OptimizerStep
+
+    step = OptimizerStep.step
+    monkeypatch.setattr(OptimizerStep, "step", lambda self, opt, params, loss: step(self, opt, params, loss * math.nan))
+    with pytest.raises(VitlabError, match="no optimizer step was taken: all 4 steps"):
+        pretrain(tiny_config(tmp_path, "train.epochs=1", "train.max_bad_steps=10"), progress=False)
+    assert not (tmp_path / "pretrain" / "results.json").exists()
 
 
 @pytest.mark.parametrize("key", ["label_smoothing=0.1", "z_loss=1e-4", "grad_penalty=0.1"])

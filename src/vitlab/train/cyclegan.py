@@ -246,6 +246,7 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
                 if run.step >= total_steps:
                     break
 
+        run.check_stepped()
         elapsed = run.elapsed()
         fakes = translate_test_sets(nets, data, tc.batch_size, device, precision)
         metrics = translation_metrics(data, *fakes, config.eval, device)

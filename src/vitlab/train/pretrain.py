@@ -226,6 +226,7 @@ def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | Non
                 if run.step >= total_steps:
                     break
 
+        run.check_stepped()
         elapsed = run.elapsed()
         test_loss = held_out_loss(model, sources.test, tc.batch_size, *evaluation_args())
         results = {
