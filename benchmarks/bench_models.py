@@ -35,10 +35,10 @@ from torch import nn
 
 import vitlab
 from vitlab.models import preset_config
-from vitlab.train.allocator import keep_freed_memory
+from vitlab.runtime.allocator import keep_freed_memory
 
 IMG_SIZE, NUM_CLASSES = 32, 10
-# vitlab: the model as `vitlab train` runs it, freed host memory kept in the process (vitlab.train.allocator);
+# vitlab: the model as `vitlab train` runs it, freed host memory kept in the process (vitlab.runtime.allocator);
 # reference: the naive model below, in the same process set-up; compiled: vitlab's model under torch.compile
 # (`train.compile: true`); system-malloc: vitlab's model with glibc's defaults, which hand freed memory back
 # to the kernel so that every step page-faults its activations in again.
@@ -368,7 +368,7 @@ def summarise(args, groups: dict) -> tuple[str, list[dict]]:
         f"Machine: {machine(args.device)}",
         f"Depth {args.depth}, batch {args.batch}, {IMG_SIZE} px, AdamW (fused); {args.warmup} warm-up + {args.steps} "
         f"timed steps each, medians; a step slower than {args.max_step_s:.0f} s is stopped and reported as a bound; "
-        "freed host memory kept in every worker but system-malloc's (vitlab.train.allocator). "
+        "freed host memory kept in every worker but system-malloc's (vitlab.runtime.allocator). "
         "MFU of bf16 rows is against the faster of the fp32 and bf16 matmul peaks.",
         *notes,
         "",

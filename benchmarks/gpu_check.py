@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import vitlab
 from vitlab.config import apply_overrides
 from vitlab.models import preset_config
-from vitlab.train.precision import resolve_precision
+from vitlab.runtime.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 # "name key=value": the preset with that model option, timed eager only. ViT-22B without its QK LayerNorm
@@ -280,7 +280,7 @@ def fsdp_one_process(plan: Plan, rows: list[Row]) -> None:
     """One bf16 training step of a small ViT-22B sharded by FSDP2 over one process; its loss equals the plain model's."""
     import torch.distributed as dist
 
-    from vitlab.train.distributed import Context
+    from vitlab.runtime.distributed import Context
     from vitlab.train.sharding import wrap_model
 
     def build() -> torch.nn.Module:

@@ -5,7 +5,7 @@
     python benchmarks/profile_step.py --model vit22b-s/4 --option qk_norm=false --compile
 
 The step of benchmarks/bench_models.py (32 px, batch 128, 10 classes, fused AdamW, freed host memory kept in
-the process as the vitlab command does: vitlab.train.allocator), two steps for warm-up and then `--steps` under the profiler; prints
+the process as the vitlab command does: vitlab.runtime.allocator), two steps for warm-up and then `--steps` under the profiler; prints
 the ops by self CPU time per step and the GEMMs' share of the step, or with --by-shape the named ops split
 by input shape. `--compile` profiles the model under torch.compile (what `train.compile: true` runs).
 """
@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import vitlab
 from vitlab.config import apply_overrides
-from vitlab.train.allocator import keep_freed_memory
+from vitlab.runtime.allocator import keep_freed_memory
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")
 

@@ -8,6 +8,7 @@ import yaml
 
 from vitlab import VitlabError
 from vitlab.config import PretrainConfig, RunConfig, StabilityConfig, TranslateConfig, load_config
+from vitlab.runs.kinds import load_experiment
 
 
 def write(tmp_path, text):
@@ -53,7 +54,7 @@ def test_yaml_and_overrides_are_applied(tmp_path):
 )
 def test_bad_configs_name_the_key(tmp_path, text, overrides, words):
     with pytest.raises(VitlabError) as info:
-        load_config(write(tmp_path, text), overrides)
+        load_experiment(write(tmp_path, text), overrides)
     for word in words:
         assert word in str(info.value)
 
@@ -229,10 +230,10 @@ def test_model_options_are_checked_by_building_the_model_on_the_meta_device():
     import time
 
     started = time.perf_counter()
-    load_config(None, ["model.name=vit22b-22b/14", "data.image_size=224", "model.options={}"])  # 22 B parameters, no memory
+    load_experiment(None, ["model.name=vit22b-22b/14", "data.image_size=224", "model.options={}"])  # 22 B parameters, no memory
     assert time.perf_counter() - started < 5
     with pytest.raises(VitlabError, match="model.options: embed_dim=128 is not divisible by num_heads=5"):
-        load_config(None, ["model.options.num_heads=5"])
+        load_experiment(None, ["model.options.num_heads=5"])
 
 
 def test_a_bad_fourth_variant_fails_before_the_first_variant_trains(tmp_path):
@@ -243,7 +244,7 @@ def test_a_bad_fourth_variant_fails_before_the_first_variant_trains(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(VitlabError, match=r"variants.d: model.options: .*num_heads=3"):
-        load_config(path, cls=StabilityConfig)
+        load_experiment(path, cls=StabilityConfig)
     assert not any(tmp_path.glob("stability*"))
 
 

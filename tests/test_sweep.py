@@ -10,7 +10,7 @@ import yaml
 from vitlab.cli import main
 from vitlab.errors import VitlabError
 from vitlab.sweep import run_sweep, sweep_commands
-from vitlab.train.runs import Run
+from vitlab.train.scaffold import Run
 
 TINY = {
     "model": {"options": {"depth": 1, "embed_dim": 16, "num_heads": 2, "mlp_dim": 32}},

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from vitlab import __version__
 from vitlab.errors import VitlabError
-from vitlab.train.allocator import keep_freed_memory
+from vitlab.runtime.allocator import keep_freed_memory
 
 DESCRIPTION = """Train, fine-tune, inspect and export Vision Transformers (the classic ViT and the ViT-22B-style
 parallel block) on a laptop CPU or on GPUs. `vitlab train` with no arguments trains a small model on
@@ -77,9 +77,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune pretrained weights: `vitlab train` with a config that has a `finetune` section."""
-    from vitlab.config import load_config
+    from vitlab.runs.kinds import load_experiment
 
-    if load_config(args.config, args.set).finetune is None:
+    if load_experiment(args.config, args.set).finetune is None:
         raise VitlabError(f"{args.config} has no finetune section; add one with finetune.checkpoint: PATH (see README)")
     cmd_train(args)
 
@@ -89,9 +89,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from vitlab.data.images import read_images
     from vitlab.inspect.images import dataset_images
     from vitlab.inspect.report import inspect_model
-    from vitlab.eval.runs import load_checkpoint_model
+    from vitlab.runs.stored import load_checkpoint_model
 
-    from vitlab.train import checkpoint as ckpt
+    from vitlab.runs import checkpoint as ckpt
     from vitlab.train.run_log import pngs_to_tensorboard
 
     model, config = load_checkpoint_model(args.checkpoint, args.ema)
@@ -115,20 +115,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def run_config(args: argparse.Namespace, cls: type) -> RunConfig | TranslateConfig | PretrainConfig:
     """The config of a loop: the one saved in `--resume RUN_DIR` (with `--set` applied), else CONFIG's (or the defaults)."""
-    from vitlab.config import apply_overrides, from_dict, load_config
-    from vitlab.train.runs import AUTO, load_run_config
+    from vitlab.config import apply_overrides, from_dict
+    from vitlab.runs.kinds import check_experiment, load_experiment
+    from vitlab.train.scaffold import AUTO, load_run_config
 
     if args.resume and args.resume != AUTO:
         saved = load_run_config(Path(args.resume), cls).to_dict()
-        return from_dict(cls, apply_overrides(saved, args.set)).validate()
-    return load_config(args.config, args.set, cls)
+        return check_experiment(from_dict(cls, apply_overrides(saved, args.set)).validate())
+    return load_experiment(args.config, args.set, cls)
 
 
 def cmd_translate_train(args: argparse.Namespace) -> None:
     """Train ViTUnet or the ResNet generator as a CycleGAN, or resume a run."""
     from vitlab.config import TranslateConfig
     from vitlab.train.cyclegan import train_translation
-    from vitlab.train.runs import AUTO
+    from vitlab.train.scaffold import AUTO
 
     if not args.config and args.resume in (None, AUTO):
         raise VitlabError("give a config (e.g. configs/translate-builtin.yaml) or --resume RUN_DIR")
@@ -184,10 +185,11 @@ def cmd_shard(args: argparse.Namespace) -> None:
 
 def cmd_stability(args: argparse.Namespace) -> None:
     """Run a stability study (paper Fig. 1) and print which variants diverged."""
-    from vitlab.config import StabilityConfig, load_config
+    from vitlab.config import StabilityConfig
+    from vitlab.runs.kinds import load_experiment
     from vitlab.train.stability import run_study
 
-    summary = run_study(load_config(args.config, args.set, cls=StabilityConfig), progress=not args.no_progress)
+    summary = run_study(load_experiment(args.config, args.set, cls=StabilityConfig), progress=not args.no_progress)
     for variant, facts in summary.items():
         state = "diverged" if facts["diverged"] else "stable"
         at = facts["first_step_over_threshold"] or facts["first_step_nonfinite"]
@@ -204,7 +206,7 @@ RESUME_HELP = (
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Write a run's model for timm or Hugging Face transformers."""
-    from vitlab.models.export import export_run
+    from vitlab.runs.export import export_run
 
     written = export_run(args.run, args.format, args.out, args.ema, args.force)
     print(f"wrote {', '.join(p.name for p in written)} to {args.out}")
@@ -267,7 +269,7 @@ def add_run_options(parser: argparse.ArgumentParser, what: str = "config") -> No
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    from vitlab.train.distributed import STRATEGIES
+    from vitlab.runtime.distributed import STRATEGIES
 
     parser = argparse.ArgumentParser(prog="vitlab", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
@@ -427,7 +429,7 @@ _DISK_FIXES = {  # errors of the disk, not of vitlab: each names its fix
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vitlab` console script."""
     args = build_parser().parse_args(argv)
-    from vitlab.train.runs import RunInterrupted
+    from vitlab.train.scaffold import RunInterrupted
 
     try:
         args.func(args)

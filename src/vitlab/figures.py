@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -35,3 +36,25 @@ def image_array(image: torch.Tensor) -> np.ndarray:
     """A (C, H, W) uint8 image as an (H, W, C) array for `imshow` (grey for one channel)."""
     array = image.permute(1, 2, 0).cpu().numpy()
     return array[..., 0] if array.shape[-1] == 1 else array
+
+
+def save_image_grid(path: Path, columns: dict[str, torch.Tensor], min_side: int = 128) -> Path:
+    """Write uint8 image sets (K, 3, H, W) side by side as titled columns, one image per row (Fig. 4's layout).
+
+    Small images are enlarged by pixel repetition to at least `min_side` pixels.
+    """
+    images = torch.stack(list(columns.values()), dim=1).cpu()  # (K, columns, 3, H, W)
+    rows, cols, _, h, w = images.shape
+    scale = max(1, -(-min_side // max(h, w)))
+    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    pad, header = 4, 18
+    h, w = h * scale, w * scale
+    canvas = Image.new("RGB", (cols * (w + pad) + pad, header + rows * (h + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for col, title in enumerate(columns):
+        draw.text((pad + col * (w + pad) + w // 2, header // 2), title, fill="black", anchor="mm")
+        for row in range(rows):
+            tile = Image.fromarray(images[row, col].permute(1, 2, 0).numpy())
+            canvas.paste(tile, (pad + col * (w + pad), header + row * (h + pad)))
+    canvas.save(path)
+    return path

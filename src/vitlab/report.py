@@ -14,10 +14,10 @@ from PIL import Image
 
 from vitlab.errors import VitlabError
 from vitlab.eval.figures import output_folder
-from vitlab.eval.runs import check_made_by
+from vitlab.runs.stored import check_made_by
 from vitlab.figures import new_figure, save_figure
 from vitlab.models.presets import SIZES, parse_name
-from vitlab.train.checkpoint import write_text_atomic
+from vitlab.runs.checkpoint import write_text_atomic
 from vitlab.train.run_log import read_csv
 
 FAMILY_TITLES = {"vit": "ViT", "ai602-vit": "ViT", "vit22b": "ViT-22B", "ai602-vit22b": "ViT-22B"}

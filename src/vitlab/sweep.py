@@ -15,11 +15,11 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitlab.config import PretrainConfig, RunConfig, StabilityConfig, TranslateConfig, config_kind, load_config, parse_yaml
+from vitlab.config import PretrainConfig, RunConfig, StabilityConfig, TranslateConfig, config_kind, parse_yaml
 from vitlab.errors import VitlabError
-from vitlab.eval.runs import COMMANDS
+from vitlab.runs.kinds import COMMANDS, load_experiment
 from vitlab.report import fig2, table2
-from vitlab.train.runs import AUTO, RunInterrupted
+from vitlab.train.scaffold import AUTO, RunInterrupted
 
 REPORTS = {RunConfig: ("fig2", fig2), TranslateConfig: ("table2", table2)}  # pretraining runs have no report
 
@@ -33,7 +33,7 @@ def load_sweep_config(path: str | Path, overrides: list[str]):
     kind = config_kind(data if isinstance(data, dict) else {})
     if kind is StabilityConfig:
         raise VitlabError(f"{path} is a stability study; run it with `vitlab stability`")
-    return load_config(path, overrides, cls=kind)
+    return load_experiment(path, overrides, cls=kind)
 
 
 def load_sweep(paths: list[str], overrides: list[str]) -> list:

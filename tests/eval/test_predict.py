@@ -14,8 +14,8 @@ from vitlab.data.augment import normalize
 from vitlab.data.builtin import BUILTIN_CLASSES, make_builtin
 from vitlab.eval.predict import image_files, predict_run
 from vitlab.data.images import read_images
-from vitlab.train import checkpoint as ckpt
-from vitlab.eval.runs import build_model
+from vitlab.runs import checkpoint as ckpt
+from vitlab.runs.builders import build_model
 
 TINY = "model.options={depth: 1, embed_dim: 48, num_heads: 3, mlp_dim: 96}"
 
@@ -45,7 +45,7 @@ def test_predictions_are_the_models_softmax_on_the_runs_preprocessing(tmp_path):
     predictions, written = predict_run(run, [folder], top_k=3, out=tmp_path / "out")
     assert [p.name for p in predictions.files] == [f"img{i}.png" for i in range(5)]
     assert predictions.classes == list(BUILTIN_CLASSES)
-    from vitlab.eval.runs import load_checkpoint_model
+    from vitlab.runs.stored import load_checkpoint_model
 
     model, _ = load_checkpoint_model(run)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vitlab.cli import main
-from vitlab.train import checkpoint as ckpt
+from vitlab.runs import checkpoint as ckpt
 
 
 def run_made_by(tmp_path: Path, section: str) -> Path:

@@ -7,6 +7,7 @@ from torch import nn
 
 from vitlab import VitlabError, create_model
 from vitlab.config import ModelConfig
+from vitlab.runs.kinds import check_model
 from vitlab.models.ai602 import (
     Ai602Discriminator, Ai602ViTUnet, FullWidthAttention, PreNormBlock, SumNormParallelBlock, resize_width,
 )  # fmt: skip
@@ -80,9 +81,9 @@ def test_class_token_and_position_embedding_are_standard_normal():
 
 
 def test_configs_validate_ai602_options_against_its_own_class():
-    ModelConfig(name="ai602-vit22b-ti/16", options={"head_batchnorm": False}).validate()
+    check_model(ModelConfig(name="ai602-vit22b-ti/16", options={"head_batchnorm": False}), 32)
     with pytest.raises(VitlabError, match="qk_norm"):
-        ModelConfig(name="ai602-vit-ti/16", options={"qk_norm": True}).validate()
+        check_model(ModelConfig(name="ai602-vit-ti/16", options={"qk_norm": True}), 32)
 
 
 def test_resize_width_interpolates_the_channel_axis_by_nearest_neighbour():

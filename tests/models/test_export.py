@@ -174,7 +174,7 @@ def test_vitlab_export_writes_a_runs_model_with_its_class_names(tmp_path, name, 
     from tests.eval.test_predict import saved_run
     from vitlab.cli import main
     from vitlab.data.builtin import BUILTIN_CLASSES
-    from vitlab.eval.runs import load_checkpoint_model
+    from vitlab.runs.stored import load_checkpoint_model
 
     run = saved_run(tmp_path, name)
     assert main(["export", str(run), str(tmp_path / "out"), "--format", fmt]) == 0

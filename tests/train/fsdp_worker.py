@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tests.train.test_classify import TINY
 from vitlab import create_model
 from vitlab.config import load_config
-from vitlab.train import distributed
+from vitlab.runtime import distributed
 from vitlab.train.classify import train
 from vitlab.train.sharding import wrap_model
 

@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 from vitlab import create_model
 from vitlab.config import OptimConfig, load_config
-from vitlab.train import checkpoint as ckpt
+from vitlab.runs import checkpoint as ckpt
 from vitlab.eval.classification import evaluate_checkpoint
 from vitlab.train.classify import train
 from vitlab.train.optim import build_optimizer
-from vitlab.train.runs import TrainingDiverged
+from vitlab.train.scaffold import TrainingDiverged
 
 # A run small enough for the test suite: an uncluttered built-in set, learnable in seconds.
 TINY = [
@@ -64,7 +64,7 @@ def test_tiny_run_learns_and_writes_every_artefact(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"vitlab train: {run_dir} (new run)" in out and "160 (16 per epoch × 10 epochs) of batch 64" in out
     assert "step 160/160  loss" in out and "ETA" in out  # a line per log_every_steps without the progress bar
-    assert "\n  host memory  " in out  # what vitlab.train.allocator did (nothing, called as a library)
+    assert "\n  host memory  " in out  # what vitlab.runtime.allocator did (nothing, called as a library)
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     assert "curves" in events.Tags()["images"] and "steps/loss" in events.Tags()["scalars"]
@@ -179,7 +179,7 @@ def test_a_finished_run_is_not_resumed(tmp_path):
 
 def load_run_config_with(run_dir, *overrides):
     from vitlab.config import RunConfig, apply_overrides, from_dict
-    from vitlab.train.runs import load_run_config
+    from vitlab.train.scaffold import load_run_config
 
     return from_dict(RunConfig, apply_overrides(load_run_config(Path(run_dir)).to_dict(), list(overrides))).validate()
 

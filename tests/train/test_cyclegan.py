@@ -21,7 +21,8 @@ from vitlab.models.ai602 import Ai602Discriminator
 from vitlab.train.cyclegan import (
     ImagePool, discriminator_loss, generator_loss, lsgan_loss, train_translation,
 )  # fmt: skip
-from vitlab.train.runs import TrainingDiverged
+from vitlab.train.scaffold import TrainingDiverged
+from vitlab.runs.kinds import load_experiment
 
 TINY = [
     "generator.name=vit-ti/4",
@@ -35,7 +36,7 @@ TINY = [
 
 
 def tiny_config(tmp_path: Path, *extra: str) -> TranslateConfig:
-    return load_config(None, [*TINY, f"out_dir={tmp_path}", *extra], TranslateConfig)
+    return load_experiment(None, [*TINY, f"out_dir={tmp_path}", *extra], TranslateConfig)
 
 
 class Affine(nn.Module):
@@ -216,7 +217,7 @@ def test_paper_configs_cover_table_2_with_the_cyclegan_recipe() -> None:
 
 
 def test_sigterm_saves_the_step_in_progress_and_auto_resume_continues_exactly(tmp_path: Path) -> None:
-    from vitlab.train.runs import RunInterrupted
+    from vitlab.train.scaffold import RunInterrupted
 
     settings = ["train.checkpoint_every_steps=1000", "name=gan"]
     whole = train_translation(tiny_config(tmp_path / "whole", *settings), progress=False)

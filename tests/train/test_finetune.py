@@ -20,7 +20,7 @@ from vitlab.config import DataConfig, FinetuneConfig, OptimConfig, load_config
 from vitlab.data.builtin import make_builtin
 from vitlab.models.export import export_model, run_preprocessing
 from vitlab.models.weights import resample_pos_embed
-from vitlab.train import checkpoint as ckpt
+from vitlab.runs import checkpoint as ckpt
 from vitlab.train.classify import train
 from vitlab.train.optim import build_optimizer, parameter_groups
 from vitlab.train.finetune import checkpoint_format, prepare_model

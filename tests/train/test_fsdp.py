@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 from tests.train.test_classify import read_losses, tiny_config
 from vitlab import VitlabError, create_model
 from vitlab.config import OptimConfig, load_config
-from vitlab.train import checkpoint as ckpt
+from vitlab.runs import checkpoint as ckpt
 from vitlab.eval.classification import evaluate_checkpoint
-from vitlab.eval.runs import build_model
+from vitlab.runs.builders import build_model
 from vitlab.train.classify import train
 from vitlab.train.optim import build_optimizer
-from vitlab.train.distributed import Context
-from vitlab.train.runs import load_run_config
+from vitlab.runtime.distributed import Context
+from vitlab.train.scaffold import load_run_config
 from vitlab.train.sharding import consolidate, load_checkpoint, wrap_model
 
 

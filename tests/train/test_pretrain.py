@@ -23,7 +23,7 @@ from vitlab.config import FinetuneConfig, PretrainConfig, load_config
 from vitlab.eval.probe import linear_probe
 from vitlab.train.finetune import fit_to_model, pretrained_state_dict, prepare_model
 from vitlab.train.pretrain import pretrain
-from vitlab.train.runs import RunInterrupted
+from vitlab.train.scaffold import RunInterrupted
 
 MODEL = "{depth: 2, embed_dim: 32, num_heads: 2, mlp_dim: 64}"
 TINY = [

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from vitlab import VitlabError
-from vitlab.train import checkpoint as ckpt
+from vitlab.runs import checkpoint as ckpt
 from vitlab.train.run_log import CsvLog, read_csv
-from vitlab.train.runs import RunLock, new_run_dir
+from vitlab.train.scaffold import RunLock, new_run_dir
 
 
 def test_runs_started_together_get_distinct_directories(tmp_path):

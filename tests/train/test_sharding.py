@@ -19,12 +19,13 @@ from vitlab import safe_pickle
 from vitlab.cli import main
 from vitlab.config import OptimConfig
 from vitlab.errors import VitlabError
-from vitlab.train import checkpoint as ckpt
-from vitlab.eval.runs import build_model, load_checkpoint_model
+from vitlab.runs import checkpoint as ckpt
+from vitlab.runs.builders import build_model
+from vitlab.runs.stored import load_checkpoint_model
 from vitlab.train.classify import train
 from vitlab.train.optim import build_optimizer
 from vitlab.train.finetune import pretrained_state_dict
-from vitlab.train.runs import load_run_config
+from vitlab.train.scaffold import load_run_config
 from vitlab.train.sharding import consolidate, load_checkpoint
 
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from vitlab.train.precision import autocast
+from vitlab.runtime.precision import autocast
 from vitlab.train.step import OptimizerStep
 
 CPU = torch.device("cpu")

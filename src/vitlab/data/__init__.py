@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vitlab.config import DATASETS
 from vitlab.data.dataset import DataSplits, resize_splits
 from vitlab.errors import VitlabError
 
-DATASETS = ("builtin", "cifar10", "cifar100", "folder", "wds")  # wds: WebDataset shards, always streamed
 
 
 def load_splits(

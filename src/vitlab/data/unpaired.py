@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
+from vitlab.config import PAIR_DATASETS, PAIRING_NAMES
 from vitlab.data.builtin import BuiltinDifficulty, difficulty_knobs, make_builtin
 from vitlab.data.images import image_files, read_images
 from vitlab.errors import VitlabError
 
 FOLDERS = ("trainA", "trainB", "testA", "testB")
-PAIR_DATASETS = ("builtin", "folder")
 
 # Tone curves of the built-in domains: RGB colours at grey levels 0, 1/2 and 1, linear in between.
 SEPIA = ((0.10, 0.03, 0.00), (0.78, 0.42, 0.16), (1.00, 0.94, 0.78))
@@ -168,7 +168,7 @@ def index_batches(
     return [(batch, batch) for batch in order]
 
 
-PAIRINGS = {"random": unpaired_batches, "index": index_batches}
+PAIRINGS = dict(zip(PAIRING_NAMES, (unpaired_batches, index_batches)))  # data.pairing → its batch pairs
 
 
 def epoch_length(pairing: str, n_a: int, n_b: int, batch_size: int) -> int:

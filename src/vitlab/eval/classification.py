@@ -13,9 +13,9 @@ from vitlab.data import DATASETS
 from vitlab.data.augment import normalize
 from vitlab.data.sources import MemoryEval, StreamEval, run_data
 from vitlab.errors import AT_LEAST_1, VitlabError, check_range
-from vitlab.eval.runs import load_checkpoint_model
-from vitlab.train import distributed
-from vitlab.train.precision import autocast, resolve_precision
+from vitlab.runs.stored import load_checkpoint_model
+from vitlab.runtime import distributed
+from vitlab.runtime.precision import autocast, resolve_precision
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -15,8 +15,8 @@ from vitlab.data.augment import normalize
 from vitlab.data.images import IMAGE_SUFFIXES, UnusableImage, decode_images, image_files
 from vitlab.errors import VitlabError
 from vitlab.eval.figures import output_folder, save_prediction_grid
-from vitlab.train.checkpoint import write_text_atomic
-from vitlab.train.precision import autocast
+from vitlab.runs.checkpoint import write_text_atomic
+from vitlab.runtime.precision import autocast
 
 GRID_IMAGES = 64  # images drawn in the grid at most; the CSV lists all
 SHOWN = 5  # unreadable files named at most
@@ -73,10 +73,10 @@ def predict_run(
 ) -> tuple[Predictions, list[Path]]:
     """Predict the images under a run's model with its preprocessing; write predictions.csv and predictions.png."""
     from vitlab.data.classes import class_names
-    from vitlab.eval.runs import load_checkpoint_model
-    from vitlab.train import checkpoint as ckpt
-    from vitlab.train.distributed import pick_device
-    from vitlab.train.precision import resolve_precision
+    from vitlab.runs.stored import load_checkpoint_model
+    from vitlab.runs import checkpoint as ckpt
+    from vitlab.runtime.distributed import pick_device
+    from vitlab.runtime.precision import resolve_precision
 
     if top_k < 1:
         raise VitlabError(f"--top-k {top_k} must be at least 1")

@@ -21,11 +21,12 @@ from vitlab.data.augment import normalize
 from vitlab.data.dataset import ImageDataset
 from vitlab.data.sources import streams
 from vitlab.errors import AT_LEAST_1, POSITIVE, VitlabError, check_range
-from vitlab.eval.runs import build_model, load_run
+from vitlab.runs.builders import build_model
+from vitlab.runs.stored import load_run
 from vitlab.models.vit import VisionTransformer
-from vitlab.train import checkpoint as ckpt
-from vitlab.train.distributed import pick_device
-from vitlab.train.precision import autocast, resolve_precision
+from vitlab.runs import checkpoint as ckpt
+from vitlab.runtime.distributed import pick_device
+from vitlab.runtime.precision import autocast, resolve_precision
 
 
 @torch.no_grad()

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from vitlab.config import PROTOCOLS
 from vitlab.eval.fid import Features, fid_kid, image_features, inception_features
 
-PROTOCOLS = ("vitlab", "paper-table2")  # eval.protocol: vitlab's FID/KID per direction, or Table 2 as the code measured it
 
 FEATURES = "inception-64"
 

@@ -13,14 +13,14 @@ from vitlab.config import FidConfig, TranslateConfig
 from vitlab.data.augment import normalize
 from vitlab.data.images import image_files, read_images
 from vitlab.data.unpaired import UnpairedData, load_pair
+from vitlab.figures import save_image_grid
 from vitlab.errors import VitlabError
 from vitlab.eval.fid import distances, resolve_features
-from vitlab.eval.runs import load_generators, load_run
+from vitlab.runs.stored import load_generators, load_run
 from vitlab.eval.table2 import table2_features, table2_scores
-from vitlab.train import checkpoint as ckpt
-from vitlab.train.distributed import pick_device
-from vitlab.train.precision import autocast, resolve_precision
-from vitlab.train.run_log import save_image_grid
+from vitlab.runs import checkpoint as ckpt
+from vitlab.runtime.distributed import pick_device
+from vitlab.runtime.precision import autocast, resolve_precision
 
 DIRECTIONS = ("AtoB", "BtoA")
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vitlab.config import DISCRIMINATORS, NORMS
 from vitlab.errors import VitlabError, check_choice
 
-NORMS = ("instance", "none")
-DISCRIMINATORS = ("patchgan", "ai602")  # ai602: the paper code's small sigmoid one (vitlab.models.ai602)
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:

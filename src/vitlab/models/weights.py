@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from vitlab.config import WEIGHT_FORMATS
 from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer
 
@@ -24,7 +25,6 @@ _WRAPPER_KEYS = ("state_dict", "model", "module")
 
 
 # The formats pretrained weights are read in (finetune.format); `auto` tells them apart by the path.
-WEIGHT_FORMATS = ("auto", "vitlab", "timm", "npz", "hf")
 _SHOWN = 3  # tensors named in one error
 
 

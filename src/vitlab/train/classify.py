@@ -20,15 +20,17 @@ from vitlab.data.sources import run_data
 from vitlab.errors import VitlabError
 from vitlab.eval.classification import classification_metrics, dataset_logits, evaluate
 from vitlab.eval.figures import save_confusion_matrix
-from vitlab.eval.runs import build_model
-from vitlab.train import checkpoint as ckpt
-from vitlab.train import distributed, sharding
+from vitlab.runs.builders import build_model
+from vitlab.runs.kinds import check_experiment
+from vitlab.runs import checkpoint as ckpt
+from vitlab.runtime import distributed
+from vitlab.train import sharding
 from vitlab.train.finetune import prepare_model
 from vitlab.train.monitors import StabilityMonitor
 from vitlab.train.optim import build_optimizer
-from vitlab.train.precision import autocast, choose_precision
+from vitlab.runtime.precision import autocast, choose_precision
 from vitlab.train.run_log import plot_curves
-from vitlab.train.runs import Run, step_seed
+from vitlab.train.scaffold import Run, step_seed
 from vitlab.train.schedule import lr_factor, warmup_steps
 from vitlab.train.step import OptimizerStep
 
@@ -53,6 +55,7 @@ def penalties(
 
 def train(config: RunConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Train a classifier from scratch (or resume one: a run directory, or `auto`); returns the final test metrics."""
+    check_experiment(config)  # configs built in code get the checks `load_experiment` makes
     ctx = distributed.setup(config.train.device)
     try:
         return _train(config, ctx, resume_dir, progress)

@@ -22,20 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitlab.config import CycleLossConfig, DiscriminatorConfig, TranslateConfig
+from vitlab.config import CycleLossConfig, TranslateConfig
 from vitlab.data.augment import normalize, random_flip
 from vitlab.data.unpaired import PAIRINGS, epoch_length, random_window
 from vitlab.errors import VitlabError
-from vitlab.eval.runs import build_generator
+from vitlab.runs.builders import build_discriminator, build_generator
+from vitlab.runs.kinds import check_experiment
 from vitlab.eval.table2 import table2_features
 from vitlab.eval.translation import DIRECTIONS, load_data, sample_grid, translate_test_sets, translation_metrics
-from vitlab.models.ai602 import Ai602Discriminator
-from vitlab.models.gan import PatchDiscriminator
-from vitlab.train import checkpoint as ckpt
-from vitlab.train.distributed import Context, pick_device
-from vitlab.train.precision import autocast, choose_precision
+from vitlab.runs import checkpoint as ckpt
+from vitlab.runtime.distributed import Context, pick_device
+from vitlab.runtime.precision import autocast, choose_precision
 from vitlab.train.run_log import plot_gan_curves
-from vitlab.train.runs import Run, step_seed
+from vitlab.train.scaffold import Run, step_seed
 from vitlab.train.schedule import constant_then_linear
 from vitlab.train.step import OptimizerStep
 
@@ -86,13 +85,6 @@ class ImagePool:
         self.images = [image.to(device) for image in state["images"]]
 
 
-def build_discriminator(d: DiscriminatorConfig) -> nn.Module:
-    """CycleGAN's PatchGAN, or the paper code's small sigmoid discriminator (`kind: ai602`)."""
-    if d.kind == "ai602":
-        return Ai602Discriminator()
-    return PatchDiscriminator(base_channels=d.base_channels, num_layers=d.num_layers, norm=d.norm)
-
-
 def build_networks(config: TranslateConfig) -> nn.ModuleDict:
     """The two generators and the two discriminators of a run."""
     return nn.ModuleDict({
@@ -136,6 +128,7 @@ def training_batch(images: torch.Tensor, crop_size: int, hflip: bool, gen: torch
 
 def train_translation(config: TranslateConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Train a CycleGAN (or resume one: a run directory, or `auto`); returns the final metrics."""
+    check_experiment(config)  # configs built in code get the checks `load_experiment` makes
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise VitlabError("translate-train runs in a single process; start it without torchrun")
     tc, lc = config.train, config.loss

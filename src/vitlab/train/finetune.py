@@ -19,7 +19,7 @@ from vitlab.models.weights import (
     check_weights, filter_google_vit, filter_hf_vit, filter_timm_vit, is_hf_folder, load_state_dict_strict,
     read_hf_folder, read_npz, read_state_dict, resample_pos_embed,
 )  # fmt: skip
-from vitlab.train import checkpoint as ckpt
+from vitlab.runs import checkpoint as ckpt
 
 
 def checkpoint_format(path: str | Path, kind: str = "auto") -> str:

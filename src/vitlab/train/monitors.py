@@ -19,7 +19,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from vitlab.models.blocks import watch_attention
-from vitlab.train import distributed
+from vitlab.runtime import distributed
 
 
 def attention_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -21,34 +21,21 @@ from vitlab.config import PretrainConfig
 from vitlab.data.augment import augment_batch, normalize
 from vitlab.data.sources import MemoryEval, StreamEval, run_data
 from vitlab.errors import VitlabError
-from vitlab.eval.runs import build_model
-from vitlab.models.masked import build_pretrainer
-from vitlab.train import checkpoint as ckpt
-from vitlab.train import distributed, sharding
-from vitlab.train.distributed import Context
+from vitlab.runs.builders import build_pretraining
+from vitlab.runs.kinds import check_experiment
+from vitlab.runs import checkpoint as ckpt
+from vitlab.runtime import distributed
+from vitlab.train import sharding
+from vitlab.runtime.distributed import Context
 from vitlab.train.optim import build_optimizer
-from vitlab.train.precision import autocast, choose_precision
-from vitlab.figures import new_figure, save_figure
-from vitlab.train.run_log import read_csv, save_image_grid
-from vitlab.train.runs import Run, step_seed
+from vitlab.runtime.precision import autocast, choose_precision
+from vitlab.figures import new_figure, save_figure, save_image_grid
+from vitlab.train.run_log import read_csv
+from vitlab.train.scaffold import Run, step_seed
 from vitlab.train.schedule import lr_factor, warmup_steps
 from vitlab.train.step import OptimizerStep
 
 ENCODER = "encoder."
-
-
-def build_pretraining(config: PretrainConfig, image_size: int) -> nn.Module:
-    """The method's module around a headless encoder built from `config.model`."""
-    p = config.pretrain
-    encoder = build_model(config, image_size, num_classes=0)
-    if p.method == "mae":
-        options = dict(decoder_dim=p.decoder_dim, decoder_depth=p.decoder_depth, decoder_heads=p.decoder_heads,
-                       norm_pix_loss=p.norm_pix_loss)  # fmt: skip
-    else:
-        options = dict(mean=tuple(config.data.mean), std=tuple(config.data.std))
-    if p.mask_ratio is not None:
-        options["mask_ratio"] = p.mask_ratio
-    return build_pretrainer(p.method, encoder, **options)
 
 
 def split_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -131,6 +118,7 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
     Under torchrun with `train.strategy: ddp`, each rank masks its share of the global batch and
     DistributedDataParallel averages the gradients.
     """
+    check_experiment(config)  # configs built in code get the checks `load_experiment` makes
     ctx = distributed.setup(config.train.device)
     try:
         return _pretrain(config, ctx, resume_dir, progress)

@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer, init_weights
-from vitlab.train import checkpoint as ckpt
-from vitlab.train import distributed
-from vitlab.train.distributed import Context
+from vitlab.runs import checkpoint as ckpt
+from vitlab.runtime import distributed
+from vitlab.runtime.distributed import Context
 
 
 def wrap_model(

@@ -17,7 +17,7 @@ from vitlab.errors import VitlabError
 from vitlab.figures import new_figure, save_figure
 from vitlab.train.classify import train
 from vitlab.train.run_log import read_csv
-from vitlab.train.runs import TrainingDiverged
+from vitlab.train.scaffold import TrainingDiverged
 
 
 def first_step(steps: list[float], flags: list[bool]) -> int | None:

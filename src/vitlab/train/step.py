@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vitlab.train import distributed
-from vitlab.train.precision import make_grad_scaler, scaler_backs_off
+from vitlab.runtime import distributed
+from vitlab.runtime.precision import make_grad_scaler, scaler_backs_off
 
 
 @dataclass(frozen=True)

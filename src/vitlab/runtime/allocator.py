@@ -28,7 +28,7 @@ SETTINGS = {
 }
 
 
-_state = "not set by vitlab (library use: call vitlab.train.allocator.keep_freed_memory())"
+_state = "not set by vitlab (library use: call vitlab.runtime.allocator.keep_freed_memory())"
 
 
 def keep_freed_memory() -> str:

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from vitlab.train import allocator
+from vitlab.runtime import allocator
 
 FAULTS_PER_STEP = """
 import json, resource, statistics, sys, torch, torch.nn.functional as F, vitlab
-from vitlab.train.allocator import keep_freed_memory
+from vitlab.runtime.allocator import keep_freed_memory
 state = keep_freed_memory() if sys.argv[1] == "keep" else "glibc defaults"
 torch.manual_seed(0)
 model = vitlab.create_model("vit-s/4", img_size=32, num_classes=10, depth=2)

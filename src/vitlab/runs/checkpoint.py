@@ -41,6 +41,7 @@ from vitlab import safe_pickle
 from vitlab.errors import VitlabError
 
 LATEST = "latest"
+LOCK_FILE = ".lock"  # in a run directory: held by the process training it
 SHARDED = "sharded"
 
 

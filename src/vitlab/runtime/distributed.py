@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from vitlab.config import DEVICES, STRATEGIES
 from vitlab.errors import VitlabError
 
 
@@ -30,8 +31,6 @@ class Context:
         return self.world_size > 1
 
 
-DEVICES = ("auto", "cpu", "cuda")  # `cuda:N` names one GPU
-STRATEGIES = ("single", "ddp", "fsdp")  # one process, DDP replicas, FSDP2 shards (vitlab.train.sharding)
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:

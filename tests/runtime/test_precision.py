@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from vitlab.train import precision as prec
-from vitlab.train.precision import autocast, choose_precision, make_grad_scaler, resolve_precision, scaler_backs_off
+from vitlab.runtime import precision as prec
+from vitlab.runtime.precision import autocast, choose_precision, make_grad_scaler, resolve_precision, scaler_backs_off
 
 CUDA = torch.device("cuda", 0)
 

@@ -7,28 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vitlab.config import GeneratorConfig, PretrainConfig, RunConfig, TranslateConfig, config_kind, from_dict
+from vitlab.config import PretrainConfig, RunConfig, TranslateConfig, from_dict
 from vitlab.errors import VitlabError
-from vitlab.models.gan import ResnetGenerator
-from vitlab.models.presets import create_model
-from vitlab.models.unet import create_unet
 from vitlab.models.vit import VisionTransformer
-from vitlab.train import checkpoint as ckpt
-
-
-COMMANDS = {RunConfig: "train", TranslateConfig: "translate-train", PretrainConfig: "pretrain"}
-
-
-def run_command(config: dict) -> str:
-    """The command that made a run, from the config saved with it."""
-    return COMMANDS[config_kind(config)]
-
-
-USES = {  # what a run of each kind is for, named where a run of another kind was needed
-    "train": "`vitlab eval`, `predict`, `inspect`, `export` or `report fig2`",
-    "pretrain": "`vitlab probe` or finetune.checkpoint",
-    "translate-train": "`vitlab translate`, `translate-eval` or `report table2`",
-}
+from vitlab.runs.builders import build_generator, build_model
+from vitlab.runs.kinds import COMMANDS, KINDS, run_command
+from vitlab.runs import checkpoint as ckpt
 
 
 def check_made_by(path: Path, config: dict, needed: str) -> None:
@@ -39,7 +23,8 @@ def check_made_by(path: Path, config: dict, needed: str) -> None:
     if (made_by, needed) == ("pretrain", "train"):
         fix = f"fine-tune it into a classifier first with `vitlab finetune` (a config with finetune.checkpoint: {path})"
     else:
-        fix = f"give a run made by `vitlab {needed}` (this one is for {USES[made_by]})"
+        uses = next(kind.uses for kind in KINDS.values() if kind.command == made_by)
+        fix = f"give a run made by `vitlab {needed}` (this one is for {uses})"
     raise VitlabError(f"{path} is another kind of run (made by `vitlab {made_by}`, not `vitlab {needed}`); {fix}")
 
 
@@ -51,14 +36,6 @@ def load_run(path: str | Path, cls: type = RunConfig) -> tuple[Path, RunConfig |
     return checkpoint, from_dict(cls, meta["config"]).validate(), meta
 
 
-def build_model(config: RunConfig, image_size: int, num_classes: int) -> VisionTransformer:
-    """The run's model from its config and the data's geometry."""
-    options = dict(config.model.options)
-    if config.train.grad_penalty and options.get("attn_impl", "auto") == "auto":
-        options["attn_impl"] = "matmul"  # the penalty differentiates twice; SDPA's CPU kernel cannot
-    return create_model(config.model.name, img_size=image_size, num_classes=num_classes, **options)
-
-
 def load_checkpoint_model(path: str | Path, ema: bool = False) -> tuple[VisionTransformer, RunConfig]:
     """A run's model with the weights of its last checkpoint (or of a checkpoint folder), and the run's config."""
     checkpoint, config, meta = load_run(path)
@@ -67,13 +44,6 @@ def load_checkpoint_model(path: str | Path, ema: bool = False) -> tuple[VisionTr
         raise VitlabError(f"{checkpoint} holds no EMA weights (the run had train.ema_decay unset)")
     ckpt.load_weights(checkpoint, model, "ema" if ema else "model")
     return model, config
-
-
-def build_generator(cfg: GeneratorConfig, image_size: int) -> nn.Module:
-    """CycleGAN's ResNet generator (`resnet`) or a ViTUnet with the named backbone preset."""
-    if cfg.name == "resnet":
-        return ResnetGenerator(**cfg.options)
-    return create_unet(cfg.name, img_size=image_size, **cfg.options)
 
 
 def load_generators(

@@ -32,14 +32,14 @@ from tqdm import tqdm
 from vitlab.config import RunConfig, from_dict
 from vitlab.data.stream_loader import DataWait
 from vitlab.errors import VitlabError
-from vitlab.eval.runs import run_command
-from vitlab.train import checkpoint as ckpt
-from vitlab.train import distributed
-from vitlab.train.allocator import host_memory
+from vitlab.runs.kinds import run_command
+from vitlab.runs import checkpoint as ckpt
+from vitlab.runs.checkpoint import LOCK_FILE
+from vitlab.runtime import distributed
+from vitlab.runtime.allocator import host_memory
 from vitlab.train.run_log import RunLog
 
 AUTO = "auto"
-LOCK_FILE = ".lock"
 
 
 class TrainingDiverged(VitlabError):
