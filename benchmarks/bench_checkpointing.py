@@ -112,20 +112,26 @@ def main() -> None:
     memory = {mode: child(mode, returned) for mode in ("off", "on")}
     shape = preset_shape(args.model, args.image_size, 1000)
     grads = 4 * parameter_count(shape)
-    print(f"{args.model}, {args.image_size} px, batch {args.batch}, fp32, AdamW, {args.threads} thread(s), "
-          f"{platform.machine()}, torch {torch.__version__}")  # fmt: skip
+    print(
+        f"{args.model}, {args.image_size} px, batch {args.batch}, fp32, AdamW, {args.threads} thread(s), "
+        f"{platform.machine()}, torch {torch.__version__}"
+    )
     print("\n| checkpointing | saved activations: measured (planner) | step peak: measured (planner) | s / step |")
     print("|---|---:|---:|---:|")
     for mode in ("off", "on"):
         on = mode == "on"
         saved, peak = saved_activation_bytes(shape, args.batch, on, "fp32"), activation_bytes(shape, args.batch, on, "fp32")
         m = memory[mode]
-        print(f"| {mode} | {m['saved'] / MIB:,.0f} MiB ({saved / MIB:,.0f}) | {m['peak'] / MIB:,.0f} MiB "
-              f"({(peak + grads) / MIB:,.0f}) | {seconds[mode]:.1f} |")  # fmt: skip
+        print(
+            f"| {mode} | {m['saved'] / MIB:,.0f} MiB ({saved / MIB:,.0f}) | {m['peak'] / MIB:,.0f} MiB "
+            f"({(peak + grads) / MIB:,.0f}) | {seconds[mode]:.1f} |"
+        )
     off, on = memory["off"], memory["on"]
-    print(f"\nCheckpointing keeps {off['saved'] / on['saved']:.1f}x fewer activation bytes, lowers the step's peak by "
-          f"{(off['peak'] - on['peak']) / MIB:,.0f} MiB ({1 - on['peak'] / off['peak']:.0%}) and takes "
-          f"{seconds['on'] / seconds['off'] - 1:+.0%} time per step.")  # fmt: skip
+    print(
+        f"\nCheckpointing keeps {off['saved'] / on['saved']:.1f}x fewer activation bytes, lowers the step's peak by "
+        f"{(off['peak'] - on['peak']) / MIB:,.0f} MiB ({1 - on['peak'] / off['peak']:.0%}) and takes "
+        f"{seconds['on'] / seconds['off'] - 1:+.0%} time per step."
+    )
 
 
 if __name__ == "__main__":

@@ -165,15 +165,21 @@ def _pipelines(root: Path, batch: int, batches: int, workers: int, seed: int):
     subset = list(range((batches + 2) * batch))
 
     def plain(dataset: Dataset):
-        return lambda: iter(DataLoader(Subset(dataset, subset), batch_size=batch, shuffle=True, num_workers=workers,
-                                       prefetch_factor=2, drop_last=True))  # fmt: skip
+        return lambda: iter(
+            DataLoader(
+                Subset(dataset, subset), batch_size=batch, shuffle=True, num_workers=workers, prefetch_factor=2, drop_last=True
+            )
+        )
 
     train = stream_splits(root, 224, seed=seed).train
     train.table = train.table.subset(np.array(subset))
     loader = make_loader(train, batch, seed=seed, workers=workers, pin_memory=False)
     epochs = iter(range(10**6))
-    return {"(a) decode only": plain(DecodeOnly(root)), "(b) reference": plain(Reference(root)),
-            "(c) vitlab": lambda: loader.epoch(next(epochs))}  # fmt: skip
+    return {
+        "(a) decode only": plain(DecodeOnly(root)),
+        "(b) reference": plain(Reference(root)),
+        "(c) vitlab": lambda: loader.epoch(next(epochs)),
+    }
 
 
 def _pss_mib() -> float:
@@ -192,12 +198,19 @@ def _pss_mib() -> float:
 
 def _memory(root: Path, batch: int, batches: int) -> float:
     """PSS of the vitlab pipeline (2 workers) after `batches` batches and a second for the prefetch to fill, in a fresh process."""
-    script = "\n".join([
-        "import time", "from pathlib import Path", "from benchmarks.bench_input import _pss_mib",
-        "from vitlab.data.stream_loader import make_loader", "from vitlab.data.streaming import stream_splits",
-        f"batches = make_loader(stream_splits(Path({str(root)!r}), 224).train, {batch}, workers=2, pin_memory=False).epoch(0)",
-        f"for _ in range({batches}): next(batches)", "time.sleep(1)", "print(_pss_mib())",
-    ])  # fmt: skip
+    script = "\n".join(
+        [
+            "import time",
+            "from pathlib import Path",
+            "from benchmarks.bench_input import _pss_mib",
+            "from vitlab.data.stream_loader import make_loader",
+            "from vitlab.data.streaming import stream_splits",
+            f"batches = make_loader(stream_splits(Path({str(root)!r}), 224).train, {batch}, workers=2, pin_memory=False).epoch(0)",
+            f"for _ in range({batches}): next(batches)",
+            "time.sleep(1)",
+            "print(_pss_mib())",
+        ]
+    )
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)])}
     return float(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout)
@@ -265,14 +278,24 @@ def main() -> None:
         f"Data: {args.images} JPEGs 500x375 (median {statistics.median(sizes) / 1e3:.0f} kB), 224 px crops, "
         f"batch {args.batch}, {args.batches + 2} batches per measurement, median of {args.rounds} rounds [min-max].",
     ]
-    for title, values, unit, better in (("Wall clock, after the first two batches", rates, "img/s", 1),
-                                        ("CPU time of the process and its workers, whole epoch", cpu, "CPU ms/img", -1)):  # fmt: skip
+    for title, values, unit, better in (
+        ("Wall clock, after the first two batches", rates, "img/s", 1),
+        ("CPU time of the process and its workers, whole epoch", cpu, "CPU ms/img", -1),
+    ):
         median = {key: statistics.median(v) for key, v in values.items()}
-        lines += ["", f"{title}:", "", f"| pipeline | 1 worker ({unit}) | 2 workers ({unit}) | x (b), 1 worker | x (b), 2 workers |",
-                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        lines += [
+            "",
+            f"{title}:",
+            "",
+            f"| pipeline | 1 worker ({unit}) | 2 workers ({unit}) | x (b), 1 worker | x (b), 2 workers |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name in names:
-            cells = [f"{median[name, w]:.{0 if better > 0 else 2}f} [{min(values[name, w]):.{0 if better > 0 else 2}f}-"
-                     f"{max(values[name, w]):.{0 if better > 0 else 2}f}]" for w in (1, 2)]  # fmt: skip
+            cells = [
+                f"{median[name, w]:.{0 if better > 0 else 2}f} [{min(values[name, w]):.{0 if better > 0 else 2}f}-"
+                f"{max(values[name, w]):.{0 if better > 0 else 2}f}]"
+                for w in (1, 2)
+            ]
             ratios = [f"{(median[name, w] / median['(b) reference', w]) ** better:.2f}x" for w in (1, 2)]
             lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratios[0]} | {ratios[1]} |")
     for w in (1, 2):
@@ -287,8 +310,10 @@ def main() -> None:
         f"{args.images} images, {large:.0f} MiB for {args.big} ({100 * (large / small - 1):+.1f} %; rounds: {spread} MiB)."
     )
     if vit:
-        lines.append(f"ViT-S/16 at 224 px (fp32, AdamW, batch 32, {args.vit_steps} steps) on (c) with one worker: "
-                     f"{vit[0]:.1f} img/s, waiting on data {100 * vit[1]:.1f} % of the time.")  # fmt: skip
+        lines.append(
+            f"ViT-S/16 at 224 px (fp32, AdamW, batch 32, {args.vit_steps} steps) on (c) with one worker: "
+            f"{vit[0]:.1f} img/s, waiting on data {100 * vit[1]:.1f} % of the time."
+        )
     table = "\n".join(lines)
     print(table)
     if args.readme:
@@ -303,7 +328,10 @@ def _write_section(readme: Path, table: str) -> None:
     if begin in text:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
-        text = text.rstrip() + f"\n\n## Input pipeline\n\n`python benchmarks/bench_input.py --readme benchmarks/README.md`\n\n{block}\n"
+        text = (
+            text.rstrip()
+            + f"\n\n## Input pipeline\n\n`python benchmarks/bench_input.py --readme benchmarks/README.md`\n\n{block}\n"
+        )
     readme.write_text(text)
 
 

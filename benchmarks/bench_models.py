@@ -294,7 +294,9 @@ def measure_group(models: list[str], dtype: str, args) -> tuple[dict, dict]:
 def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor()
+    )
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads, "
         f"{torch.backends.cpu.get_cpu_capability()}, native bf16 matmul: {torch.ops.mkldnn._is_mkldnn_bf16_supported()})"
@@ -317,15 +319,24 @@ def summarise(args, groups: dict) -> tuple[str, list[dict]]:
             f"[{min(s['wall'] for s in peaks['fp32']):.0f}–{max(s['wall'] for s in peaks['fp32']):.0f}], "
             f"{fp32['cpu']:.0f} GFLOP per CPU-second (torch.mm {peaks['fp32'][0]['n']}², one sample per round); "
             f"bf16 {peaks['bf16']['wall']:.1f} GFLOP/s (n={peaks['bf16']['n']}; "
-            + ", ".join(f"{s['n']}²: {s['wall']:.0f}" for s in peaks["bf16"]["sizes"]) + ")"
+            + ", ".join(f"{s['n']}²: {s['wall']:.0f}" for s in peaks["bf16"]["sizes"])
+            + ")"
         )
         for model in args.models:
             flops = {"train": step_flops(model, args.depth, args.batch)}
             flops["infer"] = flops["train"] / 3
             by_impl = {impl: results[model, impl] for impl in args.impls}
             for impl, r in by_impl.items():
-                row = dict(model=model, dtype=dtype, impl=impl, params=r["params"], peak_rss_mib=r.get("peak_rss_mib"),
-                           peak_cuda_mib=r.get("peak_cuda_mib"), train_times=r["train"], infer_times=r["infer"])  # fmt: skip
+                row = dict(
+                    model=model,
+                    dtype=dtype,
+                    impl=impl,
+                    params=r["params"],
+                    peak_rss_mib=r.get("peak_rss_mib"),
+                    peak_cuda_mib=r.get("peak_cuda_mib"),
+                    train_times=r["train"],
+                    infer_times=r["infer"],
+                )
                 for phase in ("train", "infer"):
                     for clock in ("wall", "cpu"):
                         t, ref_t = median_of(r[phase], clock), median_of(by_impl["reference"][phase], clock)
@@ -427,8 +438,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--max-step-s", type=float, default=90.0, help="stop a configuration whose step takes longer")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--impls", default="vitlab,reference", help=f"comma-separated, of {', '.join(IMPLS)}; "
-                        "ratios are to the reference, which is always measured")  # fmt: skip
+    parser.add_argument(
+        "--impls",
+        default="vitlab,reference",
+        help=f"comma-separated, of {', '.join(IMPLS)}; ratios are to the reference, which is always measured",
+    )
     parser.add_argument("--out", type=Path, help="write the markdown tables here, and the raw numbers beside it as .json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--peak", help=argparse.SUPPRESS)

@@ -28,29 +28,54 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "pretrain"
 def options(args: argparse.Namespace, family: str, seed: int) -> list[str]:
     """Overrides shared by pretraining and fine-tuning: the model, the image size, the seed, the machine."""
     options = [f"model.options={args.model_options}"] if args.model_options else []  # else the configs' (pool: gap)
-    return [f"model.name={family}-ti/{args.patch}", *options, f"train.seed={seed}", f"train.threads={args.threads}",
-            f"train.precision={args.precision}", f"out_dir={args.out_dir}"]  # fmt: skip
+    return [
+        f"model.name={family}-ti/{args.patch}",
+        *options,
+        f"train.seed={seed}",
+        f"train.threads={args.threads}",
+        f"train.precision={args.precision}",
+        f"out_dir={args.out_dir}",
+    ]
 
 
 def fine_tune(args: argparse.Namespace, family: str, seed: int, checkpoint: str | None, name: str) -> float:
     """Test accuracy after fine-tuning `checkpoint` (None: from scratch, no layer decay) on the labelled images."""
     layer_decay = f"optim.layer_decay={args.layer_decay if checkpoint else 'null'}"
     extra = [f"finetune.checkpoint={checkpoint}", layer_decay] if checkpoint else ["finetune=null", layer_decay]
-    config = load_config(CONFIGS / "builtin-finetune-vit22b-ti.yaml", [
-        *options(args, family, seed), f"name={name}", f"data.num_train={args.labelled}", f"data.num_test={args.test_images}",
-        f"train.epochs={args.finetune_epochs}", f"train.eval_every_epochs={args.finetune_epochs}", *extra,
-    ], RunConfig)  # fmt: skip
+    config = load_config(
+        CONFIGS / "builtin-finetune-vit22b-ti.yaml",
+        [
+            *options(args, family, seed),
+            f"name={name}",
+            f"data.num_train={args.labelled}",
+            f"data.num_test={args.test_images}",
+            f"train.epochs={args.finetune_epochs}",
+            f"train.eval_every_epochs={args.finetune_epochs}",
+            *extra,
+        ],
+        RunConfig,
+    )
     return train(config, progress=False)["test"]["acc1"]
 
 
 def measure(args: argparse.Namespace, family: str, method: str, seed: int) -> dict:
     """Pretrain, fine-tune and probe one (family, method, seed); with the random-init probe of the same encoder."""
     name = f"{family}-{method}-seed{seed}"
-    config = load_config(CONFIGS / f"builtin-{method}-vit22b-ti.yaml", [
-        *options(args, family, seed), f"name={name}", f"data.num_train={args.pretrain_images}",
-        f"data.num_test={args.test_images}", f"train.epochs={getattr(args, method + '_epochs')}", f"optim.warmup_epochs={args.warmup}",
-        f"train.batch_size={args.pretrain_batch}", f"pretrain.sample_every_steps={10**9}", *args.pretrain_set,
-    ], PretrainConfig)  # fmt: skip
+    config = load_config(
+        CONFIGS / f"builtin-{method}-vit22b-ti.yaml",
+        [
+            *options(args, family, seed),
+            f"name={name}",
+            f"data.num_train={args.pretrain_images}",
+            f"data.num_test={args.test_images}",
+            f"train.epochs={getattr(args, method + '_epochs')}",
+            f"optim.warmup_epochs={args.warmup}",
+            f"train.batch_size={args.pretrain_batch}",
+            f"pretrain.sample_every_steps={10**9}",
+            *args.pretrain_set,
+        ],
+        PretrainConfig,
+    )
     started = time.perf_counter()
     run_dir = pretrain(config, progress=False)["run_dir"]
     pretrain_s = time.perf_counter() - started
@@ -59,7 +84,10 @@ def measure(args: argparse.Namespace, family: str, method: str, seed: int) -> di
         shutil.copy(source, args.results / f"pretrain-{name}-{picture}")
     probe = dict(num_train=args.labelled, epochs=args.probe_epochs, seed=seed)
     return {
-        "family": family, "method": method, "seed": seed, "pretrain_seconds": pretrain_s,
+        "family": family,
+        "method": method,
+        "seed": seed,
+        "pretrain_seconds": pretrain_s,
         "finetuned": fine_tune(args, family, seed, run_dir, f"{name}-finetune"),
         "probe": probe_run(run_dir, **probe)["acc1"],
         "probe_random_init": probe_run(run_dir, random_init=True, **probe)["acc1"],
@@ -74,8 +102,10 @@ def spread(values: list[float]) -> str:
 
 def table(rows: list[dict]) -> str:
     """The markdown table: per family and method, over seeds."""
-    lines = ["| family | method | seeds | from scratch | fine-tuned | gain (points) | probe random init | probe pretrained | probe ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| family | method | seeds | from scratch | fine-tuned | gain (points) | probe random init | probe pretrained | probe ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for family, method in dict.fromkeys((r["family"], r["method"]) for r in rows):
         group = [r for r in rows if r["family"] == family and r["method"] == method]
         ratio = [r["probe"] / max(r["probe_random_init"], 1e-9) for r in group]
@@ -108,8 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--precision", default="auto", help="train.precision of every run (auto: bf16 where the CPU has it)")
-    parser.add_argument("--set", action="append", default=[], dest="pretrain_set",
-                        help="extra --set of the pretraining runs, e.g. pretrain.decoder_depth=4")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="pretrain_set",
+        help="extra --set of the pretraining runs, e.g. pretrain.decoder_depth=4",
+    )
     parser.add_argument("--out-dir", default="runs/bench-pretrain")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--merge", nargs="+", type=Path, help="only tabulate the rows of these result JSON files")

@@ -166,7 +166,9 @@ def precision_auto(plan: Plan, rows: list[Row]) -> None:
         supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         why = f"native CPU bf16 GEMM (oneDNN) = {supported}"
     expected = "bf16" if supported else "fp32"
-    rows.append(Row("precision", "auto", "ok" if picked == expected else "FAIL", f"picked {picked}", f"{why}; expected {expected}"))
+    rows.append(
+        Row("precision", "auto", "ok" if picked == expected else "FAIL", f"picked {picked}", f"{why}; expected {expected}")
+    )
 
 
 def timed_mm(n: int, dtype: torch.dtype, device: torch.device, repeat: int) -> float:
@@ -270,8 +272,10 @@ def training(plan: Plan, rows: list[Row]) -> None:
                 mfu = f", MFU {flops / t / 1e9 / peak:.0%}" if peak else ""
                 timm_t = seconds.get(("timm:vit_base_patch16_224", dtype, compiled))
                 serial_t = seconds.get(("vit-b/16", dtype, compiled))
-                notes = [f"{timm_t / t:.2f}× timm" if timm_t and not name.startswith("timm:") else "",
-                         f"{serial_t / t:.2f}× vit-b/16" if name.startswith("vit22b-b/16") and serial_t else ""]  # fmt: skip
+                notes = [
+                    f"{timm_t / t:.2f}× timm" if timm_t and not name.startswith("timm:") else "",
+                    f"{serial_t / t:.2f}× vit-b/16" if name.startswith("vit22b-b/16") and serial_t else "",
+                ]
                 measured = f"{plan.batch / t:,.0f} img/s{mfu}"
                 rows.append(Row("train", item, "ok", measured, ", ".join(n for n in notes if n)))
 
@@ -332,8 +336,11 @@ def streaming(plan: Plan, rows: list[Row]) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(Path(tmp), plan.images, plan.img_size * 5 // 4)
-        loader = make_loader(stream_splits(tmp, image_size=plan.img_size).train, plan.batch,
-                             workers=min(12, os.cpu_count() or 1) if not plan.tiny else 0)  # fmt: skip
+        loader = make_loader(
+            stream_splits(tmp, image_size=plan.img_size).train,
+            plan.batch,
+            workers=min(12, os.cpu_count() or 1) if not plan.tiny else 0,
+        )
         model = build_model("vit-b/16", plan).to(plan.device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         mean = torch.tensor([0.5, 0.5, 0.5], device=plan.device).view(1, 3, 1, 1)
@@ -351,11 +358,21 @@ def streaming(plan: Plan, rows: list[Row]) -> None:
             images += len(batch)
         sync(plan.device)
         note = f"{plan.images} JPEGs of {plan.img_size * 5 // 4}² px, decode + crop in workers"
-        rows.append(Row("streaming", "JPEG folder → GPU", "ok", f"{images / wait.elapsed:,.0f} img/s, data wait {wait.fraction:.0%}", note))
+        rows.append(
+            Row(
+                "streaming", "JPEG folder → GPU", "ok", f"{images / wait.elapsed:,.0f} img/s, data wait {wait.fraction:.0%}", note
+            )
+        )
 
 
-SECTIONS = {"tests": gpu_tests, "precision": precision_auto, "peak": matmul_peak, "train": training,
-            "fsdp": fsdp_one_process, "streaming": streaming}  # fmt: skip
+SECTIONS = {
+    "tests": gpu_tests,
+    "precision": precision_auto,
+    "peak": matmul_peak,
+    "train": training,
+    "fsdp": fsdp_one_process,
+    "streaming": streaming,
+}
 
 
 # ---------------------------------------------------------------- report

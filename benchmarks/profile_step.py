@@ -13,6 +13,7 @@ by input shape. `--compile` profiles the model under torch.compile (what `train.
 from __future__ import annotations
 
 import argparse
+
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
@@ -33,8 +34,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps; times are per step")
     parser.add_argument("--rows", type=int, default=14)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="a model option over the preset's, e.g. qk_norm=false (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model option over the preset's, e.g. qk_norm=false (repeatable)",
+    )
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc malloc's defaults")
     parser.add_argument("--by-shape", help="comma-separated op names (aten::copy_) to split by input shape")
     args = parser.parse_args()
@@ -58,8 +64,10 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU], record_shapes=bool(args.by_shape)) as prof:
         for _ in range(args.steps):
             step()
-    print(f"{args.model} {' '.join(args.option)} {args.precision}{' compiled' if args.compile else ''}, depth {args.depth}, batch {args.batch}; "
-          f"ms per step, mean of {args.steps}")  # fmt: skip
+    print(
+        f"{args.model} {' '.join(args.option)} {args.precision}{' compiled' if args.compile else ''}, depth {args.depth}, batch {args.batch}; "
+        f"ms per step, mean of {args.steps}"
+    )
     by_op = prof.key_averages()
     events = prof.key_averages(group_by_input_shape=True) if args.by_shape else by_op
     if args.by_shape:
@@ -69,8 +77,10 @@ def main() -> None:
     total = sum(e.self_cpu_time_total for e in by_op)
     for e in events[: args.rows]:
         shapes = f"  {str(e.input_shapes)[:90]}" if args.by_shape else ""
-        print(f"{e.key[:44]:44s} {e.self_cpu_time_total / 1e3 / args.steps:8.1f} ms {e.self_cpu_time_total / total:6.1%}"
-              f"  n={e.count // args.steps:3d}{shapes}")  # fmt: skip
+        print(
+            f"{e.key[:44]:44s} {e.self_cpu_time_total / 1e3 / args.steps:8.1f} ms {e.self_cpu_time_total / total:6.1%}"
+            f"  n={e.count // args.steps:3d}{shapes}"
+        )
     gemm = sum(e.self_cpu_time_total for e in by_op if e.key in GEMMS)
     print(f"{'total':44s} {total / 1e3 / args.steps:8.1f} ms; GEMMs ({', '.join(GEMMS)}) {gemm / total:.1%}")
 

@@ -47,8 +47,11 @@ def main(steps: int = 52) -> None:
             (loss + penalty).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            print(f"step {step:3d}  loss {loss.item():.3f}  penalty {penalty.item():.3g}  CE grad norm {ce[0]:.3g} "
-                  f"max {ce[1]:.3g}  penalty grad norm {pen[0]:.3g} max {pen[1]:.3g}", flush=True)
+            print(
+                f"step {step:3d}  loss {loss.item():.3f}  penalty {penalty.item():.3g}  CE grad norm {ce[0]:.3g} "
+                f"max {ce[1]:.3g}  penalty grad norm {pen[0]:.3g} max {pen[1]:.3g}",
+                flush=True,
+            )
             step += 1
             if step > steps:
                 return

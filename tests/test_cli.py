@@ -22,9 +22,7 @@ def test_params_prints_table_1_for_the_given_geometry(capsys):
 
 
 def test_bad_input_is_one_line_on_stderr_and_exit_2():
-    proc = subprocess.run(
-        [sys.executable, "-m", "vitlab.cli", "params", "--image-size", "30"], capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-m", "vitlab.cli", "params", "--image-size", "30"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not divisible by patch size 16" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -31,8 +31,9 @@ def test_disk_errors_are_one_line_naming_the_path_and_the_fix(monkeypatch, capsy
         assert word in err
 
 
-@pytest.mark.parametrize("exc", [OSError(errno.EACCES, "Permission denied"), FileNotFoundError(2, "No such file", "/x"),
-                                 KeyError("k")])  # fmt: skip
+@pytest.mark.parametrize(
+    "exc", [OSError(errno.EACCES, "Permission denied"), FileNotFoundError(2, "No such file", "/x"), KeyError("k")]
+)
 def test_other_errors_are_not_hidden(monkeypatch, exc):
     monkeypatch.setattr(cli, "cmd_params", _failing_params(exc))
     with pytest.raises(type(exc)):

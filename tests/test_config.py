@@ -101,31 +101,76 @@ def test_paper_configs_cover_figure_2(folder):
 
 
 BAD_RUN_VALUES = [
-    ("optim.clip_grad_norm", "-1"), ("optim.clip_grad_norm", "0"), ("optim.clip_grad_value", "-1"),
-    ("optim.lr", "0"), ("optim.lr", ".nan"), ("optim.lr", ".inf"), ("optim.weight_decay", "-0.1"),
-    ("optim.warmup_epochs", "-1"), ("optim.min_lr_ratio", "5"), ("optim.gamma", "0"), ("optim.momentum", "1"),
-    ("optim.betas", "[0.9, 1.0]"), ("optim.betas", "[-0.1, 0.9]"), ("optim.layer_decay", "1.5"),
-    ("train.epochs", ".nan"), ("train.epochs", ".inf"), ("train.epochs", "0"), ("train.batch_size", "0"),
-    ("train.log_every_steps", "0"), ("train.checkpoint_every_steps", "0"), ("train.max_bad_steps", "0"),
-    ("train.label_smoothing", "2"), ("train.label_smoothing", "-0.5"), ("train.label_smoothing", "1"),
-    ("train.z_loss", "-1"), ("train.grad_penalty", "-1"), ("train.eval_every_epochs", "0"), ("train.threads", "-1"),
-    ("train.keep_checkpoints", "-1"), ("train.keep_checkpoints", "0"), ("train.ema_decay", "1"), ("train.seed", "-1"),
-    ("augment.randaugment_magnitude", "1000"), ("augment.randaugment_ops", "-1"), ("augment.mixup_alpha", "-1"),
-    ("augment.cutmix_alpha", "-0.5"), ("augment.crop_padding", "-2"), ("data.image_size", "0"),
-    ("data.num_train", "0"), ("data.num_test", "0"), ("data.seed", "-3"),
-]  # fmt: skip
+    ("optim.clip_grad_norm", "-1"),
+    ("optim.clip_grad_norm", "0"),
+    ("optim.clip_grad_value", "-1"),
+    ("optim.lr", "0"),
+    ("optim.lr", ".nan"),
+    ("optim.lr", ".inf"),
+    ("optim.weight_decay", "-0.1"),
+    ("optim.warmup_epochs", "-1"),
+    ("optim.min_lr_ratio", "5"),
+    ("optim.gamma", "0"),
+    ("optim.momentum", "1"),
+    ("optim.betas", "[0.9, 1.0]"),
+    ("optim.betas", "[-0.1, 0.9]"),
+    ("optim.layer_decay", "1.5"),
+    ("train.epochs", ".nan"),
+    ("train.epochs", ".inf"),
+    ("train.epochs", "0"),
+    ("train.batch_size", "0"),
+    ("train.log_every_steps", "0"),
+    ("train.checkpoint_every_steps", "0"),
+    ("train.max_bad_steps", "0"),
+    ("train.label_smoothing", "2"),
+    ("train.label_smoothing", "-0.5"),
+    ("train.label_smoothing", "1"),
+    ("train.z_loss", "-1"),
+    ("train.grad_penalty", "-1"),
+    ("train.eval_every_epochs", "0"),
+    ("train.threads", "-1"),
+    ("train.keep_checkpoints", "-1"),
+    ("train.keep_checkpoints", "0"),
+    ("train.ema_decay", "1"),
+    ("train.seed", "-1"),
+    ("augment.randaugment_magnitude", "1000"),
+    ("augment.randaugment_ops", "-1"),
+    ("augment.mixup_alpha", "-1"),
+    ("augment.cutmix_alpha", "-0.5"),
+    ("augment.crop_padding", "-2"),
+    ("data.image_size", "0"),
+    ("data.num_train", "0"),
+    ("data.num_test", "0"),
+    ("data.seed", "-3"),
+]
 BAD_TRANSLATE_VALUES = [
-    ("optim.lr", "-1"), ("optim.betas", "[0.5, 2]"), ("train.epochs", "-1"), ("train.decay_epochs", ".nan"),
-    ("train.batch_size", "0"), ("train.log_every_steps", "0"), ("train.checkpoint_every_steps", "0"),
-    ("train.keep_checkpoints", "0"), ("train.eval_every_epochs", "0"), ("train.sample_every_epochs", "0"),
-    ("train.num_samples", "0"), ("train.max_bad_steps", "0"), ("train.threads", "0"), ("train.seed", "-1"),
-    ("loss.lambda_cycle", "-1"), ("loss.pool_size", "-1"), ("data.load_size", "0"), ("data.num_train", "0"),
-    ("discriminator.num_layers", "0"), ("eval.kid_subset_size", "1"), ("eval.batch_size", "0"),
-]  # fmt: skip
+    ("optim.lr", "-1"),
+    ("optim.betas", "[0.5, 2]"),
+    ("train.epochs", "-1"),
+    ("train.decay_epochs", ".nan"),
+    ("train.batch_size", "0"),
+    ("train.log_every_steps", "0"),
+    ("train.checkpoint_every_steps", "0"),
+    ("train.keep_checkpoints", "0"),
+    ("train.eval_every_epochs", "0"),
+    ("train.sample_every_epochs", "0"),
+    ("train.num_samples", "0"),
+    ("train.max_bad_steps", "0"),
+    ("train.threads", "0"),
+    ("train.seed", "-1"),
+    ("loss.lambda_cycle", "-1"),
+    ("loss.pool_size", "-1"),
+    ("data.load_size", "0"),
+    ("data.num_train", "0"),
+    ("discriminator.num_layers", "0"),
+    ("eval.kid_subset_size", "1"),
+    ("eval.batch_size", "0"),
+]
 
 
-@pytest.mark.parametrize("cls,key,value", [(RunConfig, *kv) for kv in BAD_RUN_VALUES]
-                         + [(TranslateConfig, *kv) for kv in BAD_TRANSLATE_VALUES])  # fmt: skip
+@pytest.mark.parametrize(
+    "cls,key,value", [(RunConfig, *kv) for kv in BAD_RUN_VALUES] + [(TranslateConfig, *kv) for kv in BAD_TRANSLATE_VALUES]
+)
 def test_out_of_range_values_are_refused_at_load_naming_key_value_and_range(cls, key, value):
     with pytest.raises(VitlabError) as info:
         load_config(None, [f"{key}={value}"], cls)
@@ -139,8 +184,9 @@ def test_null_turns_gradient_clipping_off():
     assert config.optim.clip_grad_norm is None and config.optim.clip_grad_value == 0.5 and config.train.threads is None
 
 
-@pytest.mark.parametrize("raw,value", [("5e-4", 5e-4), ("1e4", 1e4), ("1E-3", 1e-3), (".5", 0.5), ("2.5e+1", 25.0),
-                                       ("1.0e-4", 1e-4), ("3", 3.0)])  # fmt: skip
+@pytest.mark.parametrize(
+    "raw,value", [("5e-4", 5e-4), ("1e4", 1e4), ("1E-3", 1e-3), (".5", 0.5), ("2.5e+1", 25.0), ("1.0e-4", 1e-4), ("3", 3.0)]
+)
 def test_numbers_are_read_as_people_write_them(tmp_path, raw, value):
     assert load_config(None, [f"optim.lr={raw}"]).optim.lr == value
     assert load_config(write(tmp_path, f"optim:\n  lr: {raw}\n")).optim.lr == value
@@ -239,8 +285,11 @@ def test_model_options_are_checked_by_building_the_model_on_the_meta_device():
 def test_a_bad_fourth_variant_fails_before_the_first_variant_trains(tmp_path):
     from vitlab.config import StabilityConfig
 
-    study = {"out_dir": str(tmp_path), "base": {"train": {"epochs": 1}},
-             "variants": {"a": [], "b": [], "c": [], "d": ["model.options.num_heads=3"]}}  # fmt: skip
+    study = {
+        "out_dir": str(tmp_path),
+        "base": {"train": {"epochs": 1}},
+        "variants": {"a": [], "b": [], "c": [], "d": ["model.options.num_heads=3"]},
+    }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     with pytest.raises(VitlabError, match=r"variants.d: model.options: .*num_heads=3"):
@@ -256,8 +305,9 @@ def test_the_loops_share_one_base_for_their_run_settings():
         load_config(None, ["train.keep_checkpoints=0"], TranslateConfig)
 
 
-@pytest.mark.parametrize("raw,words", [("9" * 5000, ["--set train.epochs", "cannot read"]),
-                                       ("1" + "0" * 400, ["train.epochs", "too large"])])  # fmt: skip
+@pytest.mark.parametrize(
+    "raw,words", [("9" * 5000, ["--set train.epochs", "cannot read"]), ("1" + "0" * 400, ["train.epochs", "too large"])]
+)
 def test_numbers_python_cannot_hold_are_one_sentence(raw, words):
     with pytest.raises(VitlabError) as info:
         load_config(None, [f"train.epochs={raw}"])

@@ -45,8 +45,11 @@ def test_fig2_puts_vit_beside_vit22b_per_size_with_final_and_best(tmp_path: Path
 
 
 def test_table2_reads_the_paper_protocol_and_vitlabs_with_the_feature_name(tmp_path: Path) -> None:
-    config = {"generator": {"name": "ai602-vit-s/32"}, "data": {"name": "folder", "root": "data/apple2orange"},
-              "eval": {"domain_names": ["Apple", "Orange"]}}  # fmt: skip
+    config = {
+        "generator": {"name": "ai602-vit-s/32"},
+        "data": {"name": "folder", "root": "data/apple2orange"},
+        "eval": {"domain_names": ["Apple", "Orange"]},
+    }
     paper = {"paper-table2": {"Apple": 2.0, "Orange": 4.0, "Average": 3.0, "images": 248, "features": "inception-64"}}
     first = fake_run(tmp_path, "p", config, {"test": paper, "generator_parameters": 13_097_219})
     Image.new("RGB", (40, 10)).save(first / "samples.png")
@@ -54,8 +57,9 @@ def test_table2_reads_the_paper_protocol_and_vitlabs_with_the_feature_name(tmp_p
     second = fake_run(tmp_path, "v", {**config, "eval": {}}, {"test": own})
     table, figure = table2([first, second], tmp_path / "report")
     lines = table.read_text().splitlines()
-    assert lines[2] == ("| apple2orange | `ai602-vit-s/32` | 13.1 M | Apple 2.000, Orange 4.000, Average 3.000 "
-                        "| inception-64, paper-table2 |")  # fmt: skip
+    assert lines[2] == (
+        "| apple2orange | `ai602-vit-s/32` | 13.1 M | Apple 2.000, Orange 4.000, Average 3.000 | inception-64, paper-table2 |"
+    )
     assert lines[3] == "| apple2orange | `ai602-vit-s/32` | – | A 1.000, B 5.000, Average 3.000 | randconv |"
     assert figure.is_file()
 

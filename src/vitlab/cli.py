@@ -36,8 +36,7 @@ def cmd_params(args: argparse.Namespace) -> None:
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['size']:>5} {r['depth']:>6} {r['width']:>6} {r['mlp_dim']:>6} {r['heads']:>5} "
-            f"{r['vit']:>16,} {r['vit22b']:>16,}"
+            f"{r['size']:>5} {r['depth']:>6} {r['width']:>6} {r['mlp_dim']:>6} {r['heads']:>5} {r['vit']:>16,} {r['vit22b']:>16,}"
         )
 
 
@@ -89,9 +88,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     from vitlab.data.images import read_images
     from vitlab.inspect.images import dataset_images
     from vitlab.inspect.report import inspect_model
-    from vitlab.runs.stored import load_checkpoint_model
-
     from vitlab.runs import checkpoint as ckpt
+    from vitlab.runs.stored import load_checkpoint_model
     from vitlab.train.run_log import pngs_to_tensorboard
 
     model, config = load_checkpoint_model(args.checkpoint, args.ema)
@@ -102,7 +100,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     checkpoint = ckpt.find_checkpoint(args.checkpoint)
     run_dir = checkpoint.parent.parent  # RUN/checkpoints/step-N
     if (run_dir / "tensorboard").is_dir():  # also in the run's TensorBoard, at the checkpoint's step
-        pngs_to_tensorboard(run_dir, {f"inspect/{name}": path for name, path in written.items()}, ckpt.read_meta(checkpoint)["step"])
+        pngs_to_tensorboard(
+            run_dir, {f"inspect/{name}": path for name, path in written.items()}, ckpt.read_meta(checkpoint)["step"]
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -146,8 +146,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
     results = pretrain(run_config(args, PretrainConfig), resume_dir=args.resume, progress=not args.no_progress)
     if "run_dir" in results:  # the main rank
-        print(f"run {results['run_dir']}: held-out {results['method']} loss {results['test']['loss']:.4f} "
-              f"after {results['epochs']:.2f} epochs; fine-tune it with finetune.checkpoint: {results['run_dir']}")  # fmt: skip
+        print(
+            f"run {results['run_dir']}: held-out {results['method']} loss {results['test']['loss']:.4f} "
+            f"after {results['epochs']:.2f} epochs; fine-tune it with finetune.checkpoint: {results['run_dir']}"
+        )
 
 
 def cmd_probe(args: argparse.Namespace) -> None:
@@ -194,8 +196,10 @@ def cmd_stability(args: argparse.Namespace) -> None:
         state = "diverged" if facts["diverged"] else "stable"
         at = facts["first_step_over_threshold"] or facts["first_step_nonfinite"]
         acc = f"{100 * facts['final_acc1']:.2f} %" if facts["final_acc1"] is not None else "-"
-        print(f"{variant:>24}: {state}{f' at step {at}' if at else ''}, max logit {facts['max_logit']:.4g}, "
-              f"max |grad| {facts['max_abs_grad']:.4g}, test acc@1 {acc}")  # fmt: skip
+        print(
+            f"{variant:>24}: {state}{f' at step {at}' if at else ''}, max logit {facts['max_logit']:.4g}, "
+            f"max |grad| {facts['max_abs_grad']:.4g}, test acc@1 {acc}"
+        )
 
 
 RESUME_HELP = (
@@ -269,7 +273,7 @@ def add_run_options(parser: argparse.ArgumentParser, what: str = "config") -> No
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    from vitlab.runtime.distributed import STRATEGIES
+    from vitlab.config import STRATEGIES
 
     parser = argparse.ArgumentParser(prog="vitlab", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"vitlab {__version__}")
@@ -302,8 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="YAML config (see configs/); default: the built-in default run")
     add_run_options(train)
     train.add_argument("--resume", metavar="RUN_DIR|auto", help=RESUME_HELP)
-    train.add_argument("--strategy", choices=STRATEGIES,
-                       help="train.strategy: one process, DDP or FSDP2 (default: the config's)")  # fmt: skip
+    train.add_argument("--strategy", choices=STRATEGIES, help="train.strategy: one process, DDP or FSDP2 (default: the config's)")
     train.set_defaults(func=cmd_train)
 
     finetune = command("finetune", "fine-tune pretrained weights (a config with a finetune section)")
@@ -315,8 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("checkpoint", help="run directory or checkpoint folder")
     inspect.add_argument("--image", nargs="+", metavar="PATH", help="images to look at (default: the run's test images)")
     inspect.add_argument("--num-images", type=int, default=4, help="test images to use without --image")
-    inspect.add_argument("--query", type=lambda text: int(text) if text.isdigit() else text,
-                         help="cls, mean or a patch index (default: cls, or mean for a model with pool=gap)")
+    inspect.add_argument(
+        "--query",
+        type=lambda text: int(text) if text.isdigit() else text,
+        help="cls, mean or a patch index (default: cls, or mean for a model with pool=gap)",
+    )
     inspect.add_argument("--out", help="output folder (default: CHECKPOINT/inspect)")
     inspect.add_argument("--ema", action="store_true", help="inspect the EMA weights")
     inspect.set_defaults(func=cmd_inspect)
@@ -346,11 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", "write a run's model for timm (safetensors + create_model arguments) or Hugging Face")
     export.add_argument("run", help="run directory or checkpoint folder")
     export.add_argument("out", help="output folder: new or empty, outside the run (see --force)")
-    export.add_argument("--format", required=True, choices=("timm", "hf"),
-                        help="timm: model.safetensors + create_model.json; hf: a ViTForImageClassification folder")  # fmt: skip
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=("timm", "hf"),
+        help="timm: model.safetensors + create_model.json; hf: a ViTForImageClassification folder",
+    )
     export.add_argument("--ema", action="store_true", help="export the EMA weights")
-    export.add_argument("--force", action="store_true", help="replace an earlier export in OUT, or write a new folder inside "
-                        "a run directory (never over a run's own files or into its checkpoints/)")  # fmt: skip
+    export.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier export in OUT, or write a new folder inside "
+        "a run directory (never over a run's own files or into its checkpoints/)",
+    )
     export.set_defaults(func=cmd_export)
 
     pretrain = command("pretrain", "self-supervised pretraining: MAE or masked patch prediction (pretrain.method)")
@@ -365,8 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--epochs", type=int, default=90, help="epochs of the linear layer (MAE's)")
     probe.add_argument("--lr", type=float, default=0.1, help="learning rate of the linear layer")
     probe.add_argument("--batch-size", type=int, default=256, help="images per step")
-    probe.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
-                       help="probe on other labelled data than the run's, e.g. --set data.name=cifar10 --set data.root=data")
+    probe.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="data.KEY=VALUE",
+        help="probe on other labelled data than the run's, e.g. --set data.name=cifar10 --set data.root=data",
+    )
     probe.add_argument("--random-init", action="store_true", help="probe the same encoder untrained (the baseline)")
     probe.set_defaults(func=cmd_probe)
 
@@ -387,8 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     translate_eval = command("translate-eval", "FID/KID (and L1/PSNR to the truth) of a translation run")
     translate_eval.add_argument("run_dir", help="run directory or checkpoint folder")
-    translate_eval.add_argument("--features", help="auto, inception, inception-2048, inception-64, randconv, FILE.pt "
-                                "or module:callable (default: the run's eval.features)")  # fmt: skip
+    translate_eval.add_argument(
+        "--features",
+        help="auto, inception, inception-2048, inception-64, randconv, FILE.pt "
+        "or module:callable (default: the run's eval.features)",
+    )
     translate_eval.add_argument("--inception-weights", help="torch-fidelity's Inception weights file (default: none)")
     translate_eval.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
     translate_eval.set_defaults(func=cmd_translate_eval)
@@ -399,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="report", help="output folder")
     report.set_defaults(func=cmd_report)
 
-    sweep = command("sweep", "train configs one after another (run again: finished skipped, others resumed), then Fig. 2 / Table 2")
+    sweep = command(
+        "sweep", "train configs one after another (run again: finished skipped, others resumed), then Fig. 2 / Table 2"
+    )
     sweep.add_argument("configs", nargs="+", metavar="CONFIG", help="classification, translation and/or pretraining configs")
     add_run_options(sweep)
     sweep.add_argument("--print", action="store_true", help="print the torchrun / vitlab commands instead of running")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import re
 import types
@@ -16,8 +15,17 @@ from typing import ClassVar
 import yaml
 
 from vitlab.errors import (
-    AT_LEAST_0, AT_LEAST_1, BELOW_1, FRACTION, POSITIVE, Range, VitlabError, brief, check_choice, check_range,
-)  # fmt: skip
+    AT_LEAST_0,
+    AT_LEAST_1,
+    BELOW_1,
+    FRACTION,
+    POSITIVE,
+    Range,
+    VitlabError,
+    brief,
+    check_choice,
+    check_range,
+)
 
 # The allowed values of the schema's choices; the modules that implement them import them from here.
 DATASETS = ("builtin", "cifar10", "cifar100", "folder", "wds")  # wds: WebDataset shards, always streamed
@@ -97,9 +105,18 @@ class DataConfig:
     crop_fraction: float = 0.875  # evaluation: resize the shorter side to size / 0.875, cut the centre
     val_fraction: float = 0.0  # a minival held out of train, per class (big_vision's train[99%:] is 0.01)
 
-    RANGES: ClassVar[dict] = dict(image_size=AT_LEAST_1, num_train=AT_LEAST_1, num_test=AT_LEAST_1, seed=AT_LEAST_0,
-                                  mean=Range(), std=POSITIVE, workers=AT_LEAST_0, crop_scale=Range(0, 1, low_open=True),
-                                  crop_fraction=Range(0, 1, low_open=True), val_fraction=BELOW_1)  # fmt: skip
+    RANGES: ClassVar[dict] = dict(
+        image_size=AT_LEAST_1,
+        num_train=AT_LEAST_1,
+        num_test=AT_LEAST_1,
+        seed=AT_LEAST_0,
+        mean=Range(),
+        std=POSITIVE,
+        workers=AT_LEAST_0,
+        crop_scale=Range(0, 1, low_open=True),
+        crop_fraction=Range(0, 1, low_open=True),
+        val_fraction=BELOW_1,
+    )
 
     def validate(self) -> None:
         check_choice("data.name", self.name, DATASETS)
@@ -108,7 +125,9 @@ class DataConfig:
         if self.crop_scale[0] > self.crop_scale[1]:
             raise VitlabError(f"data.crop_scale={list(self.crop_scale)} must be [low, high] with low <= high")
         if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean):
-            raise VitlabError(f"data.mean={list(self.mean)} and data.std={list(self.std)} must both have 1 or 3 entries (per channel)")
+            raise VitlabError(
+                f"data.mean={list(self.mean)} and data.std={list(self.std)} must both have 1 or 3 entries (per channel)"
+            )
         if self.name != "builtin" and not self.root:
             raise VitlabError(f"data.root is required for data.name={self.name!r}: the folder holding the dataset")
 
@@ -128,9 +147,15 @@ class AugmentConfig:
     cutmix_alpha: float = 0.0
     random_erasing: float = 0.0  # probability per image (DeiT: 0.25), on the normalised batch
 
-    RANGES: ClassVar[dict] = dict(crop_padding=AT_LEAST_0, randaugment_ops=AT_LEAST_0, mixup_alpha=AT_LEAST_0,
-                                  cutmix_alpha=AT_LEAST_0, randaugment_magnitude=Range(0, 10),
-                                  random_erasing=FRACTION, flip_prob=FRACTION)  # fmt: skip
+    RANGES: ClassVar[dict] = dict(
+        crop_padding=AT_LEAST_0,
+        randaugment_ops=AT_LEAST_0,
+        mixup_alpha=AT_LEAST_0,
+        cutmix_alpha=AT_LEAST_0,
+        randaugment_magnitude=Range(0, 10),
+        random_erasing=FRACTION,
+        flip_prob=FRACTION,
+    )
 
     def validate(self) -> None:
         check_fields("augment", self)
@@ -159,10 +184,19 @@ class OptimConfig:
     layer_decay: float | None = None  # layer-wise LR decay for fine-tuning (BEiT): layer l of L gets lr·decay^(L+1-l)
 
     RANGES: ClassVar[dict] = dict(
-        lr=POSITIVE, weight_decay=AT_LEAST_0, betas=BELOW_1, momentum=BELOW_1, warmup_epochs=AT_LEAST_0, warmup_steps=AT_LEAST_0,
-        milestones=(OPEN_UNIT, "milestones are fractions of training, e.g. [0.3, 0.6, 0.9]"), gamma=DECAY,
-        min_lr_ratio=FRACTION, clip_grad_norm=POSITIVE, clip_grad_value=POSITIVE, layer_decay=DECAY,
-    )  # fmt: skip
+        lr=POSITIVE,
+        weight_decay=AT_LEAST_0,
+        betas=BELOW_1,
+        momentum=BELOW_1,
+        warmup_epochs=AT_LEAST_0,
+        warmup_steps=AT_LEAST_0,
+        milestones=(OPEN_UNIT, "milestones are fractions of training, e.g. [0.3, 0.6, 0.9]"),
+        gamma=DECAY,
+        min_lr_ratio=FRACTION,
+        clip_grad_norm=POSITIVE,
+        clip_grad_value=POSITIVE,
+        layer_decay=DECAY,
+    )
 
     def validate(self) -> None:
         check_choice("optim.name", self.name, ("adamw", "sgd"))
@@ -188,10 +222,16 @@ class RunSettings:
     resume: str | None = None  # auto: continue out_dir/name if it has a checkpoint, else start it
 
     RANGES: ClassVar[dict] = dict(
-        epochs=POSITIVE, batch_size=AT_LEAST_1, seed=AT_LEAST_0, eval_every_epochs=POSITIVE,
-        checkpoint_every_steps=AT_LEAST_1, keep_checkpoints=AT_LEAST_1, log_every_steps=AT_LEAST_1,
-        max_bad_steps=AT_LEAST_1, threads=AT_LEAST_1,
-    )  # fmt: skip
+        epochs=POSITIVE,
+        batch_size=AT_LEAST_1,
+        seed=AT_LEAST_0,
+        eval_every_epochs=POSITIVE,
+        checkpoint_every_steps=AT_LEAST_1,
+        keep_checkpoints=AT_LEAST_1,
+        log_every_steps=AT_LEAST_1,
+        max_bad_steps=AT_LEAST_1,
+        threads=AT_LEAST_1,
+    )
 
     def validate(self) -> None:
         check_choice("train.precision", self.precision, PRECISIONS)
@@ -214,9 +254,13 @@ class TrainConfig(RunSettings):
     accumulate_steps: int = 1  # micro-batches per step: batch_size stays the global batch the LR is set for
 
     RANGES: ClassVar[dict] = dict(
-        RunSettings.RANGES, label_smoothing=BELOW_1, ema_decay=OPEN_UNIT, z_loss=AT_LEAST_0, grad_penalty=AT_LEAST_0,
+        RunSettings.RANGES,
+        label_smoothing=BELOW_1,
+        ema_decay=OPEN_UNIT,
+        z_loss=AT_LEAST_0,
+        grad_penalty=AT_LEAST_0,
         accumulate_steps=AT_LEAST_1,
-    )  # fmt: skip
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -423,8 +467,9 @@ class _YamlLoader(yaml.SafeLoader):
     def get_single_node(self) -> yaml.Node | None:
         node = super().get_single_node()
         if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
-            raise VitlabError(f"expands through its aliases (&name/*name) to more than {MAX_YAML_VALUES} values; "
-                              "write it out plainly")  # fmt: skip
+            raise VitlabError(
+                f"expands through its aliases (&name/*name) to more than {MAX_YAML_VALUES} values; write it out plainly"
+            )
         return node
 
 
@@ -476,8 +521,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls: 
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
-            raise VitlabError(f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                              f"{exc.start}); save it as UTF-8") from exc  # fmt: skip
+            raise VitlabError(
+                f"config file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                f"{exc.start}); save it as UTF-8"
+            ) from exc
         data = parse_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise VitlabError(f"config file {path} must be a mapping of sections (key: value), got {brief(data)}")
@@ -528,8 +575,9 @@ class PairDataConfig:
     seed: int = 0  # builtin only
     builtin: dict = field(default_factory=dict)  # builtin only: vitlab.data.builtin.BuiltinDifficulty knobs
 
-    RANGES: ClassVar[dict] = dict(load_size=AT_LEAST_1, crop_size=AT_LEAST_1, num_train=AT_LEAST_1, num_test=AT_LEAST_1,
-                                  seed=AT_LEAST_0)  # fmt: skip
+    RANGES: ClassVar[dict] = dict(
+        load_size=AT_LEAST_1, crop_size=AT_LEAST_1, num_train=AT_LEAST_1, num_test=AT_LEAST_1, seed=AT_LEAST_0
+    )
 
     def validate(self) -> None:
         check_choice("data.name", self.name, PAIR_DATASETS)
@@ -538,8 +586,7 @@ class PairDataConfig:
         if self.name == "folder" and not self.root:
             raise VitlabError("data.root is required for data.name='folder': the folder holding trainA, trainB, testA, testB")
         if self.crop_size > self.load_size:
-            raise VitlabError(f"data.crop_size={self.crop_size} must be at most data.load_size={self.load_size}; "
-                              "lower it")  # fmt: skip
+            raise VitlabError(f"data.crop_size={self.crop_size} must be at most data.load_size={self.load_size}; lower it")
 
 
 @dataclass
@@ -584,7 +631,7 @@ class TranslateTrainConfig(RunSettings):
 
     RANGES: ClassVar[dict] = dict(
         RunSettings.RANGES, epochs=AT_LEAST_0, decay_epochs=AT_LEAST_0, sample_every_epochs=POSITIVE, num_samples=AT_LEAST_1
-    )  # fmt: skip
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -683,19 +730,27 @@ class MaskedModelingConfig:
         if self.mask_ratio is not None and not 0 < self.mask_ratio < 1:
             raise VitlabError(f"pretrain.mask_ratio={self.mask_ratio} must be in (0, 1), or null for the method's")
         if min(self.decoder_dim, self.decoder_depth, self.decoder_heads, self.sample_every_steps, self.num_samples) < 1:
-            raise VitlabError("pretrain.decoder_dim, decoder_depth, decoder_heads, sample_every_steps and num_samples must be >= 1")
+            raise VitlabError(
+                "pretrain.decoder_dim, decoder_depth, decoder_heads, sample_every_steps and num_samples must be >= 1"
+            )
         if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
-            raise VitlabError(f"pretrain.decoder_dim={self.decoder_dim} must be divisible by 4 and by decoder_heads={self.decoder_heads}")
+            raise VitlabError(
+                f"pretrain.decoder_dim={self.decoder_dim} must be divisible by 4 and by decoder_heads={self.decoder_heads}"
+            )
 
     def check_patches(self, patches: int, geometry: str) -> None:
         """Refuse a geometry or mask ratio that masks none of the `patches` or keeps none (MAE and MPP mask round(n·ratio))."""
         if patches < 2:
-            raise VitlabError(f"{geometry} is {patches} patch, and pretraining masks some patches and keeps others; "
-                              "raise data.image_size or choose a model with a smaller patch")  # fmt: skip
+            raise VitlabError(
+                f"{geometry} is {patches} patch, and pretraining masks some patches and keeps others; "
+                "raise data.image_size or choose a model with a smaller patch"
+            )
         masked = round(patches * self.mask_ratio) if self.mask_ratio is not None else 1  # the papers' ratios fit any grid but 1x1
         if not 0 < masked < patches:
-            raise VitlabError(f"pretrain.mask_ratio={self.mask_ratio:g} masks {masked} of the {patches} patches of {geometry}; "
-                              f"set it in [{1 / patches:.6g}, {1 - 1 / patches:.6g}] to mask some and keep some")  # fmt: skip
+            raise VitlabError(
+                f"pretrain.mask_ratio={self.mask_ratio:g} masks {masked} of the {patches} patches of {geometry}; "
+                f"set it in [{1 / patches:.6g}, {1 - 1 / patches:.6g}] to mask some and keep some"
+            )
 
 
 @dataclass
@@ -709,7 +764,9 @@ class PretrainConfig(Experiment):
     # MAE's augmentation is crop and flip only (He et al. 2022, App. A.1).
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_padding=4, hflip=True, vflip=False))
     # MAE's optimiser: AdamW (0.9, 0.95), weight decay 0.05, cosine; its LR 1.5e-4·batch/256 is 2.4e-3 at batch 4096.
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1.5e-3, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=5))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1.5e-3, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=5)
+    )
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, batch_size=256, strategy="single"))
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -717,11 +774,17 @@ class PretrainConfig(Experiment):
         super().validate()
         a = self.augment
         if a.randaugment_ops or a.mixup_alpha or a.cutmix_alpha or a.random_erasing:
-            raise VitlabError("augment: pretraining uses crop and flip only; set randaugment_ops, mixup_alpha, "
-                              "cutmix_alpha and random_erasing to 0")  # fmt: skip
+            raise VitlabError(
+                "augment: pretraining uses crop and flip only; set randaugment_ops, mixup_alpha, "
+                "cutmix_alpha and random_erasing to 0"
+            )
         if self.train.strategy == "fsdp" or self.train.ema_decay is not None or self.train.accumulate_steps != 1:
-            raise VitlabError("pretraining supports train.strategy single or ddp, without train.ema_decay and train.accumulate_steps")
-        classifier_only = {k: getattr(self.train, k) for k in ("label_smoothing", "z_loss", "grad_penalty") if getattr(self.train, k)}
+            raise VitlabError(
+                "pretraining supports train.strategy single or ddp, without train.ema_decay and train.accumulate_steps"
+            )
+        classifier_only = {
+            k: getattr(self.train, k) for k in ("label_smoothing", "z_loss", "grad_penalty") if getattr(self.train, k)
+        }
         if classifier_only:
             keys = ", ".join(f"train.{k}={v:g}" for k, v in classifier_only.items())
             raise VitlabError(f"{keys}: a classifier's loss terms; pretraining has no logits to apply them to, so unset them")

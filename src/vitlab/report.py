@@ -14,10 +14,10 @@ from PIL import Image
 
 from vitlab.errors import VitlabError
 from vitlab.eval.figures import output_folder
-from vitlab.runs.stored import check_made_by
 from vitlab.figures import new_figure, save_figure
 from vitlab.models.presets import SIZES, parse_name
 from vitlab.runs.checkpoint import write_text_atomic
+from vitlab.runs.stored import check_made_by
 from vitlab.train.run_log import read_csv
 
 FAMILY_TITLES = {"vit": "ViT", "ai602-vit": "ViT", "vit22b": "ViT-22B", "ai602-vit22b": "ViT-22B"}
@@ -46,8 +46,11 @@ def read_run(run_dir: str | Path, needed: str) -> tuple[Path, dict, dict]:
         raise VitlabError(f"{run_dir} is not a finished run (no {' or '.join(missing)}); give run directories")
     config = read_mapping(run_dir / "config.yaml", yaml.safe_load, f"restore it from a copy of the run, or leave {run_dir} out")
     check_made_by(run_dir, config, needed)
-    results = read_mapping(run_dir / "results.json", json.loads,
-                           f"delete it and resume the run to write it again: `vitlab {needed} --resume {run_dir}`")  # fmt: skip
+    results = read_mapping(
+        run_dir / "results.json",
+        json.loads,
+        f"delete it and resume the run to write it again: `vitlab {needed} --resume {run_dir}`",
+    )
     return run_dir, config, results
 
 
@@ -69,8 +72,10 @@ def read_epochs(path: Path) -> dict[str, list[float]]:
     except (ValueError, TypeError, csv.Error):  # a cell that is no number, a torn row, bytes that are no text
         epochs = None
     if epochs is None or (epochs and not {"epoch", "test_acc1"} <= epochs.keys()):
-        raise VitlabError(f"{path} is corrupt (not the epoch, test_acc1, … columns of numbers vitlab writes); "
-                          "restore it from a copy of the run, or delete it to report the final accuracy only")  # fmt: skip
+        raise VitlabError(
+            f"{path} is corrupt (not the epoch, test_acc1, … columns of numbers vitlab writes); "
+            "restore it from a copy of the run, or delete it to report the final accuracy only"
+        )
     return epochs
 
 
@@ -84,12 +89,19 @@ def fig2_rows(run_dirs: list[str | Path]) -> list[dict]:
         chooser = epochs.get("val_acc1", accs)  # the minival (data.val_fraction) where the run held one out
         scores = [(a, i) for i, a in enumerate(chooser) if math.isfinite(a)]
         best = max(scores)[1] if scores else None
-        rows.append(dict(
-            dataset=config["data"]["name"], model=config["model"]["name"], family=FAMILY_TITLES.get(family, family),
-            size=size, final=results["test"]["acc1"], best=accs[best] if scores else None,
-            best_epoch=epochs["epoch"][best] if scores else None, chosen_on="val_acc1" if "val_acc1" in epochs else "test",
-            run=str(run_dir),
-        ))  # fmt: skip
+        rows.append(
+            dict(
+                dataset=config["data"]["name"],
+                model=config["model"]["name"],
+                family=FAMILY_TITLES.get(family, family),
+                size=size,
+                final=results["test"]["acc1"],
+                best=accs[best] if scores else None,
+                best_epoch=epochs["epoch"][best] if scores else None,
+                chosen_on="val_acc1" if "val_acc1" in epochs else "test",
+                run=str(run_dir),
+            )
+        )
     order = list(SIZES)
     return sorted(rows, key=lambda r: (r["dataset"], order.index(r["size"]), r["family"], r["model"]))
 
@@ -147,8 +159,14 @@ def table2_row(run_dir: Path, config: dict, results: dict) -> dict:
         a, b = test["BtoA"][keys[0]], test["AtoB"][keys[0]]
         columns, features = {names[0]: a, names[1]: b, "Average": (a + b) / 2}, keys[0].removeprefix("fid_")
     dataset = Path(config["data"].get("root") or config["data"]["name"]).name
-    return dict(dataset=dataset, generator=config["generator"]["name"], params=results.get("generator_parameters"),
-                columns=columns, features=features, samples=run_dir / "samples.png")  # fmt: skip
+    return dict(
+        dataset=dataset,
+        generator=config["generator"]["name"],
+        params=results.get("generator_parameters"),
+        columns=columns,
+        features=features,
+        samples=run_dir / "samples.png",
+    )
 
 
 def table2(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path, Path]:

@@ -78,6 +78,5 @@ def load(file: IO[bytes], allowed: frozenset[tuple[str, str]], source: str | Pat
         return RestrictedUnpickler(file, allowed, encoding).load()
     except RefusedGlobal as err:
         raise RefusedGlobal(
-            f"{source} refers to {err}, which this kind of file never holds; refusing to unpickle it "
-            f"(it could run code); {fix}"
+            f"{source} refers to {err}, which this kind of file never holds; refusing to unpickle it (it could run code); {fix}"
         ) from None

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from vitlab.config import PretrainConfig, RunConfig, StabilityConfig, TranslateConfig, config_kind, parse_yaml
 from vitlab.errors import VitlabError
-from vitlab.runs.kinds import COMMANDS, load_experiment
 from vitlab.report import fig2, table2
+from vitlab.runs.kinds import COMMANDS, load_experiment
 from vitlab.train.scaffold import AUTO, RunInterrupted
 
 REPORTS = {RunConfig: ("fig2", fig2), TranslateConfig: ("table2", table2)}  # pretraining runs have no report
@@ -61,7 +61,9 @@ def sweep_commands(paths: list[str], overrides: list[str], nproc: int = 1, repor
             commands.append(f"vitlab {command} {shlex.quote(path)}{sets}")
         else:
             commands.append(f"torchrun --standalone --nproc_per_node={nproc} -m vitlab.cli {command} {shlex.quote(path)}{sets}")
-    reports = [f"vitlab report {name} {' '.join(found)} --out {shlex.quote(str(report_dir))}" for name, found in runs.items() if found]
+    reports = [
+        f"vitlab report {name} {' '.join(found)} --out {shlex.quote(str(report_dir))}" for name, found in runs.items() if found
+    ]
     return commands + reports
 
 
@@ -78,8 +80,10 @@ class SweepResult:
         if self.failed:
             total = len(self.finished) + len(self.failed)
             failed = "; ".join(f"{path}: {error}" for path, error in self.failed.items())
-            raise VitlabError(f"{len(self.failed)} of {total} configs failed ({failed}); fix them and run the same "
-                              "sweep again: finished runs are skipped and unfinished ones resumed")  # fmt: skip
+            raise VitlabError(
+                f"{len(self.failed)} of {total} configs failed ({failed}); fix them and run the same "
+                "sweep again: finished runs are skipped and unfinished ones resumed"
+            )
 
 
 def run_sweep(paths: list[str], overrides: list[str], report_dir: str | Path, progress: bool = True) -> SweepResult:

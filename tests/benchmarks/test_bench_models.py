@@ -10,8 +10,26 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 def test_bench_models_measures_every_variant_side_by_side(tmp_path):
     out = tmp_path / "models.md"
-    subprocess.run([sys.executable, str(BENCHMARKS / "bench_models.py"), "--depth", "1", "--batch", "4", "--steps", "1",
-                    "--dtypes", "fp32", "--impls", "system-malloc", "--out", str(out)], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_models.py"),
+            "--depth",
+            "1",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--dtypes",
+            "fp32",
+            "--impls",
+            "system-malloc",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
     raw = json.loads(out.with_suffix(".json").read_text())
     rows = {(r["model"], r["impl"]): r for r in raw["rows"]}
     assert set(rows) == {(m, i) for m in ("vit-s/4", "vit22b-s/4") for i in ("vitlab", "reference", "system-malloc")}
@@ -26,9 +44,27 @@ def test_bench_models_measures_every_variant_side_by_side(tmp_path):
 
 
 def test_profile_step_splits_a_step_into_ops_and_gemm_share():
-    run = subprocess.run([sys.executable, str(BENCHMARKS / "profile_step.py"), "--model", "vit22b-s/4", "--depth", "1",
-                          "--batch", "4", "--steps", "1", "--precision", "fp32", "--option", "qk_norm=false"],
-                         check=True, capture_output=True, text=True)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "profile_step.py"),
+            "--model",
+            "vit22b-s/4",
+            "--depth",
+            "1",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--precision",
+            "fp32",
+            "--option",
+            "qk_norm=false",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     lines = run.stdout.splitlines()
     assert lines[0].startswith("vit22b-s/4 qk_norm=false fp32, depth 1, batch 4")
     assert any(line.startswith("aten::mm ") for line in lines)

@@ -79,7 +79,7 @@ def test_crop_moves_a_marked_pixel_by_the_offset() -> None:
     for image in out[:, 0]:
         if image.sum() == 0:  # the mark was cut off, which needs a shift of 4 or more
             continue
-        (row, col), = image.nonzero().tolist()
+        ((row, col),) = image.nonzero().tolist()
         dy, dx = 3 - (row - 3), 3 - (col - 5)  # output (r, c) shows padded (r + dy, c + dx) = input (r + dy - 3, …)
         assert 0 <= dy <= 6 and 0 <= dx <= 6
         expected = torch.zeros(8, 8)

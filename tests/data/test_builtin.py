@@ -104,9 +104,17 @@ def test_small_cnn_learns_the_shapes() -> None:
         return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
 
     net = nn.Sequential(
-        block(3, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2), block(64, 128), nn.MaxPool2d(2),
-        block(128, 128), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, splits.train.num_classes),
-    )  # fmt: skip
+        block(3, 32),
+        nn.MaxPool2d(2),
+        block(32, 64),
+        nn.MaxPool2d(2),
+        block(64, 128),
+        nn.MaxPool2d(2),
+        block(128, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, splits.train.num_classes),
+    )
     epochs, batch = 4, 128
     steps = epochs * (len(splits.train) // batch)
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.05)

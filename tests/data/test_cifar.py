@@ -206,7 +206,9 @@ def test_planted_pickle_in_archive_with_trusted_md5_is_still_refused(tmp_path: P
 def test_local_archive_with_wrong_md5_is_refused_naming_both(tmp_path: Path) -> None:
     archive = write_cifar_archive(tmp_path, "cifar100")
     found = hashlib.md5(archive.read_bytes()).hexdigest()
-    with pytest.raises(VitlabError, match=f"has MD5 {found}, but the official CIFAR-100 archive has eb9058c3a382ffc7106e4002c42a8d85"):
+    with pytest.raises(
+        VitlabError, match=f"has MD5 {found}, but the official CIFAR-100 archive has eb9058c3a382ffc7106e4002c42a8d85"
+    ):
         cifar_splits("cifar100", tmp_path)
 
 
@@ -220,9 +222,7 @@ def loopback(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """An HTTP server on 127.0.0.1 (free port) serving a temporary folder: (folder, base URL)."""
     served = tmp_path / "served"
     served.mkdir()
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served))
-    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

@@ -12,9 +12,9 @@ from PIL import Image
 
 from vitlab.data import images
 from vitlab.data.folders import folder_splits
+from vitlab.data.images import read_images
 from vitlab.data.unpaired import FOLDERS, folder_pair
 from vitlab.errors import VitlabError
-from vitlab.data.images import read_images
 
 
 def _save(path: Path, colour: tuple[int, int, int], size: tuple[int, int] = (12, 10), mode: str = "RGB") -> None:

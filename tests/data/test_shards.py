@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.data.test_streaming import CLASSES, _write_folder
 from vitlab.cli import main
 from vitlab.config import load_config
 from vitlab.data.crops import CropDecoder
@@ -18,7 +19,6 @@ from vitlab.data.shards import ShardStream, make_shard_loader, read_info, shard_
 from vitlab.data.sources import run_data
 from vitlab.data.streaming import scan_split
 from vitlab.errors import VitlabError
-from tests.data.test_streaming import CLASSES, _write_folder
 
 
 def _shards(tmp_path: Path, per_class: int = 8, max_count: int = 6) -> tuple[Path, Path, dict]:
@@ -132,8 +132,17 @@ def test_a_manifest_naming_a_shell_command_is_refused_and_runs_nothing(tmp_path:
     _, out, info = _shards(tmp_path)
     marker = _plant_pipe(out, info)
     monkeypatch.chdir(out)
-    data = ["data.name=wds", f"data.root={out}", "data.image_size=16", "data.workers=0", "augment.vflip=false",
-            "augment.crop_padding=0", "train.batch_size=4", "train.epochs=1", f"out_dir={tmp_path / 'runs'}"]
+    data = [
+        "data.name=wds",
+        f"data.root={out}",
+        "data.image_size=16",
+        "data.workers=0",
+        "augment.vflip=false",
+        "augment.crop_padding=0",
+        "train.batch_size=4",
+        "train.epochs=1",
+        f"out_dir={tmp_path / 'runs'}",
+    ]
     assert main(["train", *(arg for item in data for arg in ("--set", item))]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a plain *.tar file name" in err
@@ -157,17 +166,20 @@ def test_listed_shards_must_be_files_inside_the_folder(tmp_path: Path) -> None:
         shard_paths(out, info, "train")
 
 
-@pytest.mark.parametrize("change,words", [
-    (lambda i: i.update(classes=[]), "'classes' must be a non-empty list"),
-    (lambda i: i.update(classes=["cat", "cat", "fox"]), "distinct names"),
-    (lambda i: i.pop("splits"), "'splits' map"),
-    (lambda i: i["splits"]["train"].update(samples="24"), "split 'train' needs 'samples'"),
-    (lambda i: i["splits"]["train"].update(samples=-1), "split 'train' needs 'samples'"),
-    (lambda i: i["splits"]["train"]["shards"].update({"train-000000.tar": True}), "shard train-000000.tar has True samples"),
-    (lambda i: i["splits"]["train"]["shards"].update({"../train-000000.tar": 0}), "not a plain"),
-    (lambda i: i["splits"]["val"]["shards"].update({"train-000000.tar": 6}), "listed twice"),
-    (lambda i: i["splits"]["train"].update(samples=30), "has 30 samples but its shards hold 24"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        (lambda i: i.update(classes=[]), "'classes' must be a non-empty list"),
+        (lambda i: i.update(classes=["cat", "cat", "fox"]), "distinct names"),
+        (lambda i: i.pop("splits"), "'splits' map"),
+        (lambda i: i["splits"]["train"].update(samples="24"), "split 'train' needs 'samples'"),
+        (lambda i: i["splits"]["train"].update(samples=-1), "split 'train' needs 'samples'"),
+        (lambda i: i["splits"]["train"]["shards"].update({"train-000000.tar": True}), "shard train-000000.tar has True samples"),
+        (lambda i: i["splits"]["train"]["shards"].update({"../train-000000.tar": 0}), "not a plain"),
+        (lambda i: i["splits"]["val"]["shards"].update({"train-000000.tar": 6}), "listed twice"),
+        (lambda i: i["splits"]["train"].update(samples=30), "has 30 samples but its shards hold 24"),
+    ],
+)
 def test_a_malformed_info_is_one_line_naming_the_problem(tmp_path: Path, change, words: str) -> None:
     _, out, info = _shards(tmp_path)
     change(info)
@@ -188,14 +200,20 @@ def _edit(shard: Path, edit: Callable[[str, bytes], tuple[str, bytes] | None]) -
             tar.addfile(member, io.BytesIO(data))
 
 
-@pytest.mark.parametrize("edit,words", [
-    (lambda n, d: (n, b"-100" if n == "000000001.cls" else d), r"label '-100' is not a class index in \[0, 3\)"),
-    (lambda n, d: (n, b"3" if n == "000000001.cls" else d), "label '3' is not a class index"),
-    (lambda n, d: (n, b"dog" if n == "000000001.cls" else d), "label 'dog' is not a class index"),
-    (lambda n, d: None if n == "000000001.cls" else (n, d), "'000000001' of shard .* has no .cls label"),
-    (lambda n, d: (n.replace("000000001", "n01440764_1"), d), "'n01440764_1' of shard .*: its key is not a sample number"),
-    (lambda n, d: (n.replace("000000001", "000000099"), d), "'000000099' of shard .*: its key is not a sample number below 24"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit,words",
+    [
+        (lambda n, d: (n, b"-100" if n == "000000001.cls" else d), r"label '-100' is not a class index in \[0, 3\)"),
+        (lambda n, d: (n, b"3" if n == "000000001.cls" else d), "label '3' is not a class index"),
+        (lambda n, d: (n, b"dog" if n == "000000001.cls" else d), "label 'dog' is not a class index"),
+        (lambda n, d: None if n == "000000001.cls" else (n, d), "'000000001' of shard .* has no .cls label"),
+        (lambda n, d: (n.replace("000000001", "n01440764_1"), d), "'n01440764_1' of shard .*: its key is not a sample number"),
+        (
+            lambda n, d: (n.replace("000000001", "000000099"), d),
+            "'000000099' of shard .*: its key is not a sample number below 24",
+        ),
+    ],
+)
 def test_a_bad_label_or_key_is_an_error_naming_the_shard_and_sample(tmp_path: Path, edit, words: str) -> None:
     _, out, info = _shards(tmp_path)
     _edit(out / "train-000000.tar", edit)

@@ -9,8 +9,16 @@ import torch
 from PIL import Image
 
 from vitlab.data.unpaired import (
-    CYANOTYPE, SEPIA, builtin_pair, epoch_length, index_batches, load_pair, random_window, tone_map, unpaired_batches,
-)  # fmt: skip
+    CYANOTYPE,
+    SEPIA,
+    builtin_pair,
+    epoch_length,
+    index_batches,
+    load_pair,
+    random_window,
+    tone_map,
+    unpaired_batches,
+)
 from vitlab.errors import VitlabError
 
 

@@ -63,8 +63,9 @@ def test_kid_subsets_hold_at_most_half_the_images_so_its_spread_is_not_zero(imag
 def test_paper_table2_columns_compare_real_domain_images_with_translations_into_them(images: torch.Tensor) -> None:
     apples, oranges = images[:40], images[40:]  # 40 and 24 test images: both truncated to 24
     noise = torch.randint(0, 256, oranges.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    found = table2_scores(apples, oranges, fake_a=apples[:24], fake_b=noise, features=resolve_features("randconv")[0],
-                          names=("Apple", "Orange"))  # fmt: skip
+    found = table2_scores(
+        apples, oranges, fake_a=apples[:24], fake_b=noise, features=resolve_features("randconv")[0], names=("Apple", "Orange")
+    )
     assert found["images"] == 24 and found["features"] == "randconv"
     assert abs(found["Apple"]) < 1e-3 < found["Orange"]  # "Apple": real apples vs oranges translated to apples
     assert found["Average"] == pytest.approx((found["Apple"] + found["Orange"]) / 2)

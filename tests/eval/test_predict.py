@@ -12,8 +12,8 @@ from vitlab.cli import main
 from vitlab.config import load_config
 from vitlab.data.augment import normalize
 from vitlab.data.builtin import BUILTIN_CLASSES, make_builtin
-from vitlab.eval.predict import image_files, predict_run
 from vitlab.data.images import read_images
+from vitlab.eval.predict import image_files, predict_run
 from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_model
 

@@ -23,8 +23,10 @@ def one_line_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
     return err
 
 
-@pytest.mark.parametrize("flag,value", [("--num-train", "0"), ("--epochs", "0"), ("--epochs", "-1"), ("--lr", "nan"),
-                                        ("--lr", "0.0"), ("--batch-size", "0")])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--num-train", "0"), ("--epochs", "0"), ("--epochs", "-1"), ("--lr", "nan"), ("--lr", "0.0"), ("--batch-size", "0")],
+)
 def test_probe_refuses_a_setting_that_trains_nothing_naming_the_flag(tmp_path, capsys, flag, value):
     run = run_made_by(tmp_path, "pretrain")
     assert f"{flag}={value} must be" in one_line_error(capsys, "probe", str(run), flag, value)

@@ -11,8 +11,14 @@ import vitlab.inspect
 from vitlab import create_model
 from vitlab.inspect import inspect_model
 
-PNGS = {"attention_image0.png", "attention_image1.png", "rollout.png", "attention_distance.png",
-        "position_similarity.png", "patch_embedding_pcs.png"}  # fmt: skip
+PNGS = {
+    "attention_image0.png",
+    "attention_image1.png",
+    "rollout.png",
+    "attention_distance.png",
+    "position_similarity.png",
+    "patch_embedding_pcs.png",
+}
 
 
 @pytest.mark.parametrize("family,pool,query", [("vit", "cls", None), ("vit22b", "gap", 3)])

@@ -7,12 +7,17 @@ from torch import nn
 
 from vitlab import VitlabError, create_model
 from vitlab.config import ModelConfig
-from vitlab.runs.kinds import check_model
 from vitlab.models.ai602 import (
-    Ai602Discriminator, Ai602ViTUnet, FullWidthAttention, PreNormBlock, SumNormParallelBlock, resize_width,
-)  # fmt: skip
+    Ai602Discriminator,
+    Ai602ViTUnet,
+    FullWidthAttention,
+    PreNormBlock,
+    SumNormParallelBlock,
+    resize_width,
+)
 from vitlab.models.presets import count_parameters
 from vitlab.models.unet import count_unet_parameters, create_unet
+from vitlab.runs.kinds import check_model
 
 
 def reference_attention(attn: FullWidthAttention, x: torch.Tensor, heads: int, qk_norm: bool) -> torch.Tensor:
@@ -117,9 +122,12 @@ def test_discriminator_is_the_codes_small_sigmoid_patchgan():
     d = Ai602Discriminator()
     convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.stride, c.padding) for c in convs] == [
-        (3, 16, (2, 2), (2, 2)), (16, 32, (2, 2), (2, 2)), (32, 16, (2, 2), (2, 2)), (16, 3, (2, 2), (2, 2)),
+        (3, 16, (2, 2), (2, 2)),
+        (16, 32, (2, 2), (2, 2)),
+        (32, 16, (2, 2), (2, 2)),
+        (16, 3, (2, 2), (2, 2)),
         (3, 1, (1, 1), (1, 1)),
-    ]  # fmt: skip
+    ]
     out = d(torch.randn(2, 3, 256, 256))
     assert out.shape == (2, 1, 16, 16) and 0 < out.min() and out.max() < 1
 

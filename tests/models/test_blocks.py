@@ -195,8 +195,17 @@ def test_models_compile_to_one_graph(block, bf16):
     from vitlab.models.vit import VisionTransformer
 
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=16, patch_size=8, embed_dim=DIM, depth=2, num_heads=HEADS, mlp_dim=MLP,
-                              num_classes=5, block=block, qk_norm=block == "parallel")  # fmt: skip
+    model = VisionTransformer(
+        img_size=16,
+        patch_size=8,
+        embed_dim=DIM,
+        depth=2,
+        num_heads=HEADS,
+        mlp_dim=MLP,
+        num_classes=5,
+        block=block,
+        qk_norm=block == "parallel",
+    )
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     x = torch.randn(3, 3, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -84,8 +84,13 @@ def test_timm_export_reimports_through_vitlabs_timm_loader_with_the_same_logits(
         torch.testing.assert_close(rebuilt(images()), model(images()), atol=1e-5, rtol=0)
     if family == "vit22b":
         sd = load_file(tmp_path / "model.safetensors")
-        assert {"blocks.0.in_norm.weight", "blocks.0.in_proj.weight", "blocks.0.attn_out_proj.weight",
-                "blocks.0.mlp_out_proj.weight", "blocks.0.q_norm.weight"} <= set(sd)  # fmt: skip
+        assert {
+            "blocks.0.in_norm.weight",
+            "blocks.0.in_proj.weight",
+            "blocks.0.attn_out_proj.weight",
+            "blocks.0.mlp_out_proj.weight",
+            "blocks.0.q_norm.weight",
+        } <= set(sd)
         assert ("blocks.0.in_proj.bias" in sd) == args["qkv_bias"] != ("blocks.0.mlp_bias" in sd)
         with torch.no_grad():
             reference = timm_parallel_logits(sd, args, images())
@@ -121,8 +126,13 @@ def test_hf_export_reads_back_into_vitlab_with_the_same_logits(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "vit" and config["qkv_bias"] is False and config["id2label"]["4"] == "class 4"
     names = set(load_file(tmp_path / "model.safetensors"))
-    assert {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings", "classifier.weight",
-            "vit.encoder.layer.1.attention.attention.query.weight", "vit.layernorm.bias"} <= names  # fmt: skip
+    assert {
+        "vit.embeddings.cls_token",
+        "vit.embeddings.position_embeddings",
+        "classifier.weight",
+        "vit.encoder.layer.1.attention.attention.query.weight",
+        "vit.layernorm.bias",
+    } <= names
     rebuilt = load_hf_checkpoint(tiny(norm_bias=False, qkv_bias=False), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(images()), model(images()), atol=1e-5, rtol=0)
@@ -143,8 +153,13 @@ def test_transformers_vit_computes_the_exported_models_logits(tmp_path):
 def test_a_transformers_vit_saved_with_save_pretrained_loads_with_equal_logits(tmp_path, weights_file):
     transformers = pytest.importorskip("transformers")
     config = transformers.ViTConfig(
-        hidden_size=DIM, num_hidden_layers=DEPTH, num_attention_heads=HEADS, intermediate_size=MLP,
-        image_size=IMG, patch_size=PATCH, num_labels=CLASSES,
+        hidden_size=DIM,
+        num_hidden_layers=DEPTH,
+        num_attention_heads=HEADS,
+        intermediate_size=MLP,
+        image_size=IMG,
+        patch_size=PATCH,
+        num_labels=CLASSES,
     )  # fmt: skip  (layer_norm_eps stays at transformers' 1e-12)
     hf = randomised(transformers.ViTForImageClassification(config))
     hf.save_pretrained(tmp_path)
@@ -206,8 +221,14 @@ def test_export_never_writes_over_a_run_or_into_its_checkpoints(tmp_path, capsys
     run = saved_run(tmp_path)
     step = next((run / "checkpoints").glob("step-*"))
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    for out, force in [(step, False), (step, True), (run / "checkpoints" / "new", True), (run, False), (run, True),
-                       (run / "hf", False)]:  # fmt: skip
+    for out, force in [
+        (step, False),
+        (step, True),
+        (run / "checkpoints" / "new", True),
+        (run, False),
+        (run, True),
+        (run / "hf", False),
+    ]:
         assert main(["export", str(run), str(out), "--format", "hf", *(["--force"] * force)]) == 2
         assert str(out) in one_line_error(capsys)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing of the run was replaced
@@ -308,9 +329,8 @@ def test_transformers_preprocesses_as_the_run_did(tmp_path):
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     for name, overrides, vitlab_pixels in [
         ("memory", IMAGENET, lambda: read_images([tmp_path / "photo.png"], IMG)),
-        ("streamed", [*STREAMED, *IMAGENET],
-         lambda: CropDecoder(size=IMG, train=False)(tmp_path / "photo.png")[None]),
-    ]:  # fmt: skip
+        ("streamed", [*STREAMED, *IMAGENET], lambda: CropDecoder(size=IMG, train=False)(tmp_path / "photo.png")[None]),
+    ]:
         run = saved_run(tmp_path / name, overrides=tuple(overrides))
         assert main(["export", str(run), str(tmp_path / f"hf-{name}"), "--format", "hf"]) == 0
         processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / f"hf-{name}")

@@ -6,8 +6,13 @@ import torch
 
 from vitlab import VitlabError, create_model
 from vitlab.models.masked import (
-    MaskedAutoencoder, MaskedPatchPrediction, colour_classes, patchify, random_masking, unpatchify,
-)  # fmt: skip
+    MaskedAutoencoder,
+    MaskedPatchPrediction,
+    colour_classes,
+    patchify,
+    random_masking,
+    unpatchify,
+)
 
 SMALL = dict(img_size=16, num_classes=0, depth=2, embed_dim=32, num_heads=2, mlp_dim=64)
 FAMILIES = ["vit-ti/4", "vit22b-ti/4"]

@@ -142,8 +142,9 @@ def test_size_names_are_case_insensitive_except_g_and_G():
 def test_grad_checkpointing_gives_the_same_gradients_and_keeps_only_block_inputs(family):
     def step(checkpointing):
         torch.manual_seed(0)
-        model = create_model(f"{family}-ti/8", img_size=16, num_classes=3, depth=3, drop_path=0.2,
-                             grad_checkpointing=checkpointing)  # fmt: skip
+        model = create_model(
+            f"{family}-ti/8", img_size=16, num_classes=3, depth=3, drop_path=0.2, grad_checkpointing=checkpointing
+        )
         torch.manual_seed(1)  # stochastic depth draws the same masks in the recomputation
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):

@@ -13,8 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from vitlab import VitlabError, create_model
 from vitlab.models.weights import (
-    load_google_vit_checkpoint, load_hf_checkpoint, load_timm_checkpoint, resample_pos_embed, to_hf,
-)  # fmt: skip
+    load_google_vit_checkpoint,
+    load_hf_checkpoint,
+    load_timm_checkpoint,
+    resample_pos_embed,
+    to_hf,
+)
 
 DIM, HEADS, DEPTH, MLP, PATCH, IMG, CLASSES = 48, 3, 2, 96, 8, 32, 10
 
@@ -25,20 +29,31 @@ def timm_state_dict(seed: int = 0) -> dict:
     r = lambda *shape: torch.randn(*shape, generator=gen) * 0.2  # noqa: E731
     tokens = (IMG // PATCH) ** 2 + 1
     sd = {
-        "cls_token": r(1, 1, DIM), "pos_embed": r(1, tokens, DIM),
-        "patch_embed.proj.weight": r(DIM, 3, PATCH, PATCH), "patch_embed.proj.bias": r(DIM),
-        "norm.weight": 1 + r(DIM), "norm.bias": r(DIM), "head.weight": r(CLASSES, DIM), "head.bias": r(CLASSES),
-    }  # fmt: skip
+        "cls_token": r(1, 1, DIM),
+        "pos_embed": r(1, tokens, DIM),
+        "patch_embed.proj.weight": r(DIM, 3, PATCH, PATCH),
+        "patch_embed.proj.bias": r(DIM),
+        "norm.weight": 1 + r(DIM),
+        "norm.bias": r(DIM),
+        "head.weight": r(CLASSES, DIM),
+        "head.bias": r(CLASSES),
+    }
     for i in range(DEPTH):
         p = f"blocks.{i}."
         sd |= {
-            p + "norm1.weight": 1 + r(DIM), p + "norm1.bias": r(DIM),
-            p + "attn.qkv.weight": r(3 * DIM, DIM), p + "attn.qkv.bias": r(3 * DIM),
-            p + "attn.proj.weight": r(DIM, DIM), p + "attn.proj.bias": r(DIM),
-            p + "norm2.weight": 1 + r(DIM), p + "norm2.bias": r(DIM),
-            p + "mlp.fc1.weight": r(MLP, DIM), p + "mlp.fc1.bias": r(MLP),
-            p + "mlp.fc2.weight": r(DIM, MLP), p + "mlp.fc2.bias": r(DIM),
-        }  # fmt: skip
+            p + "norm1.weight": 1 + r(DIM),
+            p + "norm1.bias": r(DIM),
+            p + "attn.qkv.weight": r(3 * DIM, DIM),
+            p + "attn.qkv.bias": r(3 * DIM),
+            p + "attn.proj.weight": r(DIM, DIM),
+            p + "attn.proj.bias": r(DIM),
+            p + "norm2.weight": 1 + r(DIM),
+            p + "norm2.bias": r(DIM),
+            p + "mlp.fc1.weight": r(MLP, DIM),
+            p + "mlp.fc1.bias": r(MLP),
+            p + "mlp.fc2.weight": r(DIM, MLP),
+            p + "mlp.fc2.bias": r(DIM),
+        }
     return sd
 
 
@@ -109,30 +124,43 @@ def test_missing_file_and_unknown_format(tmp_path):
         load_timm_checkpoint(tiny_vit(), tmp_path / "w.ckpt")
 
 
-
 def google_params(seed: int = 1) -> dict:
     """Random ViT parameters in Flax's shapes (kernels in × out, attention kernels split by head)."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=gen) * 0.2  # noqa: E731
     d = DIM // HEADS
     block = lambda: {  # noqa: E731
-        "ln1": (1 + r(DIM), r(DIM)), "ln2": (1 + r(DIM), r(DIM)),
+        "ln1": (1 + r(DIM), r(DIM)),
+        "ln2": (1 + r(DIM), r(DIM)),
         **{n: (r(DIM, HEADS, d), r(HEADS, d)) for n in ("query", "key", "value")},
-        "out": (r(HEADS, d, DIM), r(DIM)), "fc1": (r(DIM, MLP), r(MLP)), "fc2": (r(MLP, DIM), r(DIM)),
-    }  # fmt: skip
-    return {"embedding": (r(PATCH, PATCH, 3, DIM), r(DIM)), "cls": r(1, 1, DIM), "pos_cls": r(1, 1, DIM),
-            "pos": r(1, (IMG // PATCH) ** 2, DIM), "blocks": [block() for _ in range(DEPTH)],
-            "encoder_norm": (1 + r(DIM), r(DIM)), "head": (r(DIM, CLASSES), r(CLASSES))}  # fmt: skip
+        "out": (r(HEADS, d, DIM), r(DIM)),
+        "fc1": (r(DIM, MLP), r(MLP)),
+        "fc2": (r(MLP, DIM), r(DIM)),
+    }
+    return {
+        "embedding": (r(PATCH, PATCH, 3, DIM), r(DIM)),
+        "cls": r(1, 1, DIM),
+        "pos_cls": r(1, 1, DIM),
+        "pos": r(1, (IMG // PATCH) ** 2, DIM),
+        "blocks": [block() for _ in range(DEPTH)],
+        "encoder_norm": (1 + r(DIM), r(DIM)),
+        "head": (r(DIM, CLASSES), r(CLASSES)),
+    }
 
 
 def google_npz(params: dict, layout: str) -> dict:
     """`params` under Google's names: the original ViT release (`vit`: saved by its trainer under opt/target/ beside
     optimizer state), big_vision (`big_vision`: under params/, no position for the class token) and big_vision's
     scanned encoder (`scan`: one encoderblock with a leading layer axis)."""
-    a = {"embedding/kernel": params["embedding"][0], "embedding/bias": params["embedding"][1], "cls": params["cls"],
-         "Transformer/encoder_norm/scale": params["encoder_norm"][0],
-         "Transformer/encoder_norm/bias": params["encoder_norm"][1],
-         "head/kernel": params["head"][0], "head/bias": params["head"][1]}  # fmt: skip
+    a = {
+        "embedding/kernel": params["embedding"][0],
+        "embedding/bias": params["embedding"][1],
+        "cls": params["cls"],
+        "Transformer/encoder_norm/scale": params["encoder_norm"][0],
+        "Transformer/encoder_norm/bias": params["encoder_norm"][1],
+        "head/kernel": params["head"][0],
+        "head/bias": params["head"][1],
+    }
     if layout == "vit":
         a["Transformer/posembed_input/pos_embedding"] = torch.cat([params["pos_cls"], params["pos"]], dim=1)
         ln1, attn, ln2, mlp = "LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3"
@@ -238,10 +266,13 @@ def test_non_finite_or_non_float_weights_are_refused_with_the_tensor_named(tmp_p
     loads = [
         (lambda: load_timm_checkpoint(tiny_vit(), tmp_path / "nan.safetensors"), r"blocks\.1\.mlp\.fc2\.weight hold NaN or inf"),
         (lambda: load_timm_checkpoint(tiny_vit(), tmp_path / "inf.pth"), r"pos_embed hold NaN or infinite"),
-        (lambda: load_timm_checkpoint(tiny_vit(), tmp_path / "int.safetensors"), r"norm\.weight \(torch\.int64\) are not floating"),
+        (
+            lambda: load_timm_checkpoint(tiny_vit(), tmp_path / "int.safetensors"),
+            r"norm\.weight \(torch\.int64\) are not floating",
+        ),
         (lambda: load_hf_checkpoint(tiny_vit(), tmp_path / "hf"), r"vit\.encoder\.layer\.0\.intermediate\.dense\.bias hold NaN"),
         (lambda: load_google_vit_checkpoint(tiny_vit(), tmp_path / "nan.npz"), r"params/cls hold NaN"),
-    ]  # fmt: skip
+    ]
     for load, named in loads:
         with pytest.raises(VitlabError, match=named):
             load()
@@ -271,14 +302,20 @@ def _query_shape(folder):
     save_file(sd, folder / "model.safetensors")
 
 
-@pytest.mark.parametrize("damage, message", [
-    (_garbage, r"model\.safetensors is damaged .*download or export it again"),
-    (_truncated, r"model\.safetensors is damaged"),
-    (_dangling, r"model\.safetensors is a broken link"),
-    (_query_shape, r"vit\.encoder\.layer\.1\.attention\.attention\.\{query,key,value\}\.weight have unequal shapes"),
-    (lambda folder: (folder / "config.json").write_bytes(b'{"model_type": "vit\xff"}'), r"cannot read .*config\.json as JSON"),
-    (lambda folder: (folder / "config.json").write_text("[1, 2]"), r"config\.json holds a JSON list"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_garbage, r"model\.safetensors is damaged .*download or export it again"),
+        (_truncated, r"model\.safetensors is damaged"),
+        (_dangling, r"model\.safetensors is a broken link"),
+        (_query_shape, r"vit\.encoder\.layer\.1\.attention\.attention\.\{query,key,value\}\.weight have unequal shapes"),
+        (
+            lambda folder: (folder / "config.json").write_bytes(b'{"model_type": "vit\xff"}'),
+            r"cannot read .*config\.json as JSON",
+        ),
+        (lambda folder: (folder / "config.json").write_text("[1, 2]"), r"config\.json holds a JSON list"),
+    ],
+)
 def test_a_damaged_hugging_face_folder_is_one_error_naming_the_file(tmp_path, damage, message):
     folder = hf_folder(tmp_path / "hf", timm_state_dict())
     damage(folder)
@@ -290,7 +327,9 @@ def test_a_damaged_hugging_face_folder_is_one_error_naming_the_file(tmp_path, da
 def test_a_link_leading_out_of_the_folder_is_refused_but_the_hub_caches_links_into_its_blobs_are_followed(tmp_path):
     """A snapshot folder of the Hub's cache links each file to ../../blobs/HASH: that is no link leading out."""
     _link_out(hf_folder(tmp_path / "plain", timm_state_dict()))
-    with pytest.raises(VitlabError, match=r"model\.safetensors is a link to .*elsewhere\.safetensors, outside .*; copy the file in"):
+    with pytest.raises(
+        VitlabError, match=r"model\.safetensors is a link to .*elsewhere\.safetensors, outside .*; copy the file in"
+    ):
         load_hf_checkpoint(tiny_vit(), tmp_path / "plain")
     cache = tmp_path / "models--google--vit" / "snapshots" / "abc123"
     hf_folder(cache, timm_state_dict())

@@ -18,7 +18,13 @@ from vitlab.train.classify import train
 from vitlab.train.sharding import wrap_model
 
 # The sharded run: 8 steps per epoch on 2 ranks, checkpoints at steps 6, 12 and the end (16).
-RUN = ["data.num_train=512", "train.strategy=fsdp", "train.epochs=2", "train.checkpoint_every_steps=6", "train.eval_every_epochs=2"]
+RUN = [
+    "data.num_train=512",
+    "train.strategy=fsdp",
+    "train.epochs=2",
+    "train.checkpoint_every_steps=6",
+    "train.eval_every_epochs=2",
+]
 SMALL = dict(img_size=16, num_classes=5, depth=3, embed_dim=32, num_heads=2, mlp_dim=64)
 
 
@@ -41,7 +47,9 @@ def init_is_exact(ctx: distributed.Context, name: str, **options) -> bool:
     return got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-def train_steps(model: torch.nn.Module, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32"):
+def train_steps(
+    model: torch.nn.Module, net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32"
+):
     """Three AdamW steps on fixed batches; the losses (mean over ranks), gradient norms and final parameters."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses, norms = [], []
@@ -87,7 +95,9 @@ def main(out_json: str, out_dir: str) -> None:
     torch.manual_seed(1)
     model, net = wrap_model(build("vit22b-ti/8"), "fsdp", ctx, precision="bf16")
     losses, _, state = train_steps(model, net, images[:, half], labels[:, half], precision="bf16")
-    results["bf16"] = dict(loss=max(abs(a - b) for a, b in zip(losses, ref_losses)), dtypes=sorted({str(t.dtype) for t in state.values()}))
+    results["bf16"] = dict(
+        loss=max(abs(a - b) for a, b in zip(losses, ref_losses)), dtypes=sorted({str(t.dtype) for t in state.values()})
+    )
 
     if ctx.is_main:
         with open(out_json, "w") as f:

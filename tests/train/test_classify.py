@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from vitlab import create_model
 from vitlab.config import OptimConfig, load_config
-from vitlab.runs import checkpoint as ckpt
 from vitlab.eval.classification import evaluate_checkpoint
+from vitlab.runs import checkpoint as ckpt
 from vitlab.train.classify import train
 from vitlab.train.optim import build_optimizer
 from vitlab.train.scaffold import TrainingDiverged
@@ -89,7 +89,13 @@ def run_cli(*args, **kwargs):
 
 
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_loss_curve(tmp_path):
-    common = [a for item in TINY for a in ("--set", item)] + ["--set", "train.epochs=3", "--set", "train.checkpoint_every_steps=7", "--no-progress"]
+    common = [a for item in TINY for a in ("--set", item)] + [
+        "--set",
+        "train.epochs=3",
+        "--set",
+        "train.checkpoint_every_steps=7",
+        "--no-progress",
+    ]
     whole = run_cli("train", *common, "--set", f"out_dir={tmp_path / 'whole'}", "--set", "name=run")
     killed = run_cli("train", *common, "--set", f"out_dir={tmp_path / 'killed'}", "--set", "name=run")
     run_dir = tmp_path / "killed" / "run"
@@ -110,8 +116,14 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_loss_curve(tmp_pa
 
 
 def test_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
-    config = tiny_config(tmp_path, "optim.name=sgd", "optim.lr=1.0e+12", "optim.warmup_epochs=0",
-                         "train.checkpoint_every_steps=1", "train.max_bad_steps=2")  # fmt: skip
+    config = tiny_config(
+        tmp_path,
+        "optim.name=sgd",
+        "optim.lr=1.0e+12",
+        "optim.warmup_epochs=0",
+        "train.checkpoint_every_steps=1",
+        "train.max_bad_steps=2",
+    )
     with pytest.raises(TrainingDiverged, match=r"2 steps in a row .* at step \d+") as info:
         train(config, progress=False)
     latest = sorted((tmp_path / "default" / "checkpoints").glob("step-*"))[-1]
@@ -186,8 +198,15 @@ def load_run_config_with(run_dir, *overrides):
 
 def test_no_checkpoint_is_written_during_a_non_finite_streak(tmp_path):
     # Three non-finite steps in a row stop the run; a checkpoint is due after every step.
-    config = tiny_config(tmp_path, "optim.name=sgd", "optim.lr=1.0e+12", "optim.warmup_epochs=0",
-                         "train.checkpoint_every_steps=1", "train.max_bad_steps=3", "train.keep_checkpoints=1")  # fmt: skip
+    config = tiny_config(
+        tmp_path,
+        "optim.name=sgd",
+        "optim.lr=1.0e+12",
+        "optim.warmup_epochs=0",
+        "train.checkpoint_every_steps=1",
+        "train.max_bad_steps=3",
+        "train.keep_checkpoints=1",
+    )
     with pytest.raises(TrainingDiverged) as info:
         train(config, progress=False)
     with (tmp_path / "default" / "steps.csv").open() as f:
@@ -200,8 +219,16 @@ def test_no_checkpoint_is_written_during_a_non_finite_streak(tmp_path):
 def test_a_model_changing_set_on_resume_is_one_line(tmp_path):
     results = train(tiny_config(tmp_path, "train.epochs=0.5", "train.checkpoint_every_steps=4"), progress=False)
     (Path(results["run_dir"]) / "results.json").unlink()  # as if killed before the end
-    proc = run_cli("train", "--resume", results["run_dir"], "--set", "model.options.depth=3", "--no-progress",
-                   stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = run_cli(
+        "train",
+        "--resume",
+        results["run_dir"],
+        "--set",
+        "model.options.depth=3",
+        "--no-progress",
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.wait(timeout=120) == 2
     err = proc.stderr.read()
     assert "Traceback" not in err and "does not fit the model built from the config" in err
@@ -245,8 +272,12 @@ def test_metrics_also_go_to_weights_and_biases_when_asked(tmp_path, monkeypatch)
 def test_fp16_trains_with_a_loss_scaler_that_resumes_exactly(tmp_path):
     import shutil
 
-    results = train(tiny_config(tmp_path, "train.epochs=1", "train.precision=fp16", "train.checkpoint_every_steps=5",
-                                "train.keep_checkpoints=5"), progress=False)  # fmt: skip
+    results = train(
+        tiny_config(
+            tmp_path, "train.epochs=1", "train.precision=fp16", "train.checkpoint_every_steps=5", "train.keep_checkpoints=5"
+        ),
+        progress=False,
+    )
     run_dir = Path(results["run_dir"])
     losses = read_losses(run_dir)
     assert results["precision"] == "fp16" and results["skipped_steps"] == 0 and losses[16] < losses[1]

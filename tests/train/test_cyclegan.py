@@ -18,11 +18,15 @@ from vitlab.cli import main
 from vitlab.config import CycleLossConfig, TranslateConfig, load_config
 from vitlab.errors import VitlabError
 from vitlab.models.ai602 import Ai602Discriminator
-from vitlab.train.cyclegan import (
-    ImagePool, discriminator_loss, generator_loss, lsgan_loss, train_translation,
-)  # fmt: skip
-from vitlab.train.scaffold import TrainingDiverged
 from vitlab.runs.kinds import load_experiment
+from vitlab.train.cyclegan import (
+    ImagePool,
+    discriminator_loss,
+    generator_loss,
+    lsgan_loss,
+    train_translation,
+)
+from vitlab.train.scaffold import TrainingDiverged
 
 TINY = [
     "generator.name=vit-ti/4",
@@ -72,10 +76,13 @@ def test_generator_loss_parts_by_hand() -> None:
     total, parts, fake_a, fake_b = generator_loss(hand_nets(), a, b, CycleLossConfig())
     # G_A(a) = 1.2, G_B(b) = -0.2; G_B(G_A(a)) = 0.6, G_A(G_B(b)) = 0.8; G_A(b) = 0.6, G_B(a) = 0.1
     expected = {
-        "gan_a": (1.2 - 1) ** 2, "gan_b": (-0.2 - 1) ** 2,
-        "cycle_a": 10 * abs(0.6 - 0.2), "cycle_b": 10 * abs(0.8 + 0.4),
-        "idt_a": 0.5 * 10 * abs(0.6 + 0.4), "idt_b": 0.5 * 10 * abs(0.1 - 0.2),
-    }  # fmt: skip
+        "gan_a": (1.2 - 1) ** 2,
+        "gan_b": (-0.2 - 1) ** 2,
+        "cycle_a": 10 * abs(0.6 - 0.2),
+        "cycle_b": 10 * abs(0.8 + 0.4),
+        "idt_a": 0.5 * 10 * abs(0.6 + 0.4),
+        "idt_b": 0.5 * 10 * abs(0.1 - 0.2),
+    }
     assert {k: pytest.approx(v) for k, v in expected.items()} == {k: v.item() for k, v in parts.items()}
     assert total.item() == pytest.approx(sum(expected.values()))
     assert torch.allclose(fake_b, torch.full_like(a, 1.2)) and torch.allclose(fake_a, torch.full_like(b, -0.2))
@@ -133,9 +140,15 @@ def test_tiny_run_writes_grids_metrics_and_resumes_exactly(tmp_path: Path) -> No
         assert set(test) == {"AtoB", "BtoA", "average"} and key in test["AtoB"], key
     checkpoint = run_dir / "checkpoints" / "step-00000008"
     assert {p.name for p in checkpoint.iterdir()} == {
-        "g_a.safetensors", "g_b.safetensors", "d_a.safetensors", "d_b.safetensors",
-        "pool_a.safetensors", "pool_b.safetensors", "optimizer.pt", "meta.json",
-    }  # fmt: skip
+        "g_a.safetensors",
+        "g_b.safetensors",
+        "d_a.safetensors",
+        "d_b.safetensors",
+        "pool_a.safetensors",
+        "pool_b.safetensors",
+        "optimizer.pt",
+        "meta.json",
+    }
 
     # Resume from step 3, as if the run had been killed after its first checkpoint.
     resumed = tmp_path / "resumed"
@@ -164,10 +177,15 @@ def test_tiny_run_writes_grids_metrics_and_resumes_exactly(tmp_path: Path) -> No
 
 def test_the_codes_table2_setting_trains_ai602_networks_paired_by_index_without_a_pool(tmp_path: Path) -> None:
     config = tiny_config(
-        tmp_path, "generator={name: ai602-vit22b-ti/4, options: {embed_dim: 16, depth: 6, num_heads: 2, mlp_dim: 32}}",
-        "discriminator.kind=ai602", "data.pairing=index", "data.num_train=10", "loss.pool_size=0",
-        "loss.lambda_identity=0", "train.checkpoint_every_steps=1000",
-    )  # fmt: skip
+        tmp_path,
+        "generator={name: ai602-vit22b-ti/4, options: {embed_dim: 16, depth: 6, num_heads: 2, mlp_dim: 32}}",
+        "discriminator.kind=ai602",
+        "data.pairing=index",
+        "data.num_train=10",
+        "loss.pool_size=0",
+        "loss.lambda_identity=0",
+        "train.checkpoint_every_steps=1000",
+    )
     results = train_translation(config, progress=False)
     assert results["steps"] == 4  # epoch = min(|A|, |B|) // batch = 2, two epochs
     assert results["discriminator_parameters"] == sum(p.numel() for p in Ai602Discriminator().parameters())
@@ -211,9 +229,11 @@ def test_paper_configs_cover_table_2_with_the_cyclegan_recipe() -> None:
             assert (config.optim.lr, config.optim.betas) == (2e-4, (0.5, 0.999))
             assert config.eval.protocol == "paper-table2"  # no random-CNN FID for a published number
         assert names == {
-            f"{data}-vitunet-vit-s32": "vit-s/32", f"{data}-vitunet-vit22b-s32": "vit22b-s/32",
-            f"{data}-vitunet-vit-b32": "vit-b/32", f"{data}-resnet": "resnet",
-        }  # fmt: skip
+            f"{data}-vitunet-vit-s32": "vit-s/32",
+            f"{data}-vitunet-vit22b-s32": "vit22b-s/32",
+            f"{data}-vitunet-vit-b32": "vit-b/32",
+            f"{data}-resnet": "resnet",
+        }
 
 
 def test_sigterm_saves_the_step_in_progress_and_auto_resume_continues_exactly(tmp_path: Path) -> None:
@@ -244,6 +264,7 @@ def test_code_configs_cover_table_2_as_the_paper_code_ran_it() -> None:
             assert (config.train.batch_size, config.loss.lambda_identity) == (32, 0)
             assert (config.eval.protocol, config.eval.domain_names) == ("paper-table2", names)
         assert found == {
-            f"{data}-vitunet-vit-s32": "ai602-vit-s/32", f"{data}-vitunet-vit22b-s32": "ai602-vit22b-s/32",
+            f"{data}-vitunet-vit-s32": "ai602-vit-s/32",
+            f"{data}-vitunet-vit22b-s32": "ai602-vit22b-s/32",
             f"{data}-vitunet-vit-b32": "ai602-vit-b/32",
-        }  # fmt: skip
+        }

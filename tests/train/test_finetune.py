@@ -22,8 +22,8 @@ from vitlab.models.export import export_model, run_preprocessing
 from vitlab.models.weights import resample_pos_embed
 from vitlab.runs import checkpoint as ckpt
 from vitlab.train.classify import train
-from vitlab.train.optim import build_optimizer, parameter_groups
 from vitlab.train.finetune import checkpoint_format, prepare_model
+from vitlab.train.optim import build_optimizer, parameter_groups
 
 SMALL = dict(depth=2, embed_dim=48, num_heads=3, mlp_dim=96)
 
@@ -146,8 +146,9 @@ def test_decay_all_gives_every_parameter_weight_decay():
 def test_embeddings_and_mask_token_inside_a_pretraining_wrapper_get_no_weight_decay():
     from vitlab.models.masked import MaskedAutoencoder
 
-    model = MaskedAutoencoder(create_model("vit-ti/16", img_size=32, num_classes=0, depth=1), decoder_dim=16,
-                              decoder_depth=1, decoder_heads=2)  # fmt: skip
+    model = MaskedAutoencoder(
+        create_model("vit-ti/16", img_size=32, num_classes=0, depth=1), decoder_dim=16, decoder_depth=1, decoder_heads=2
+    )
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)]: g["weight_decay"] for g in parameter_groups(model, 0.05) for p in g["params"]}
     assert decay["encoder.pos_embed"] == decay["encoder.cls_token"] == decay["mask_token"] == 0.0
@@ -168,11 +169,13 @@ def test_finetune_config_is_validated_with_the_key_named(tmp_path):
 def test_a_fine_tuning_run_that_never_takes_an_optimizer_step_fails(tmp_path, capsys):
     """Every step's loss is infinite (an absurd z-loss weight): no step reaches the optimizer, so no accuracy is reported."""
     config = {
-        "name": "ft", "out_dir": str(tmp_path), "model": {"name": "vit-ti/8", "options": SMALL},
+        "name": "ft",
+        "out_dir": str(tmp_path),
+        "model": {"name": "vit-ti/8", "options": SMALL},
         "data": {"name": "builtin", "image_size": 32, "num_train": 32, "num_test": 16},
         "train": {"epochs": 1, "batch_size": 16, "precision": "fp32", "threads": 1, "z_loss": 1e300, "max_bad_steps": 100},
         "finetune": {"checkpoint": str(saved_run(tmp_path, small_vit(32, 10)))},
-    }  # fmt: skip
+    }
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
     assert main(["finetune", str(tmp_path / "ft.yaml"), "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -196,21 +199,41 @@ def write_folder(root: Path, image_size: int, classes: int, counts: dict[str, in
 
 CLEAN = dict(num_blobs=0, num_lines=0, noise_std=0.0, gradient=0.0)
 TINY = [
-    "model.name=vit-ti/8", f"model.options={{depth: {SMALL['depth']}, embed_dim: 48, num_heads: 3, mlp_dim: 96}}",
-    "train.precision=fp32", "train.threads=1", "train.log_every_steps=5", "train.eval_every_epochs=1000",
-]  # fmt: skip
+    "model.name=vit-ti/8",
+    f"model.options={{depth: {SMALL['depth']}, embed_dim: 48, num_heads: 3, mlp_dim: 96}}",
+    "train.precision=fp32",
+    "train.threads=1",
+    "train.log_every_steps=5",
+    "train.eval_every_epochs=1000",
+]
 
 
 def test_vitlab_finetune_at_48px_then_vitlab_inspect(tmp_path):
-    pre = train(load_config(None, TINY + [f"out_dir={tmp_path}", "name=pre", "data.num_train=256", "data.num_test=64",
-                                          "train.batch_size=64", "train.epochs=1"]), progress=False)  # fmt: skip
+    pre = train(
+        load_config(
+            None,
+            TINY
+            + [
+                f"out_dir={tmp_path}",
+                "name=pre",
+                "data.num_train=256",
+                "data.num_test=64",
+                "train.batch_size=64",
+                "train.epochs=1",
+            ],
+        ),
+        progress=False,
+    )
     root = write_folder(tmp_path / "shapes", 48, 3, {"train": 48, "test": 24}, seed=7, **CLEAN)
     config = {
-        "name": "ft", "out_dir": str(tmp_path), "model": {"name": "vit-ti/8", "options": SMALL},
+        "name": "ft",
+        "out_dir": str(tmp_path),
+        "model": {"name": "vit-ti/8", "options": SMALL},
         "data": {"name": "folder", "root": str(root), "image_size": 48},
         "train": {"epochs": 2, "batch_size": 16, "precision": "fp32", "threads": 1, "log_every_steps": 1},
-        "optim": {"lr": 1e-3, "layer_decay": 0.75}, "finetune": {"checkpoint": pre["run_dir"]},
-    }  # fmt: skip
+        "optim": {"lr": 1e-3, "layer_decay": 0.75},
+        "finetune": {"checkpoint": pre["run_dir"]},
+    }
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
     assert main(["finetune", str(tmp_path / "ft.yaml"), "--no-progress"]) == 0
     run = tmp_path / "ft"
@@ -218,8 +241,7 @@ def test_vitlab_finetune_at_48px_then_vitlab_inspect(tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["finetune"]["checkpoint"] == pre["run_dir"]
     assert main(["eval", str(run)]) == 0  # the fine-tuned run rebuilds without the pretrained source
     assert main(["inspect", str(run), "--num-images", "1", "--query", "5"]) == 0
-    pngs = {"attention_image0.png", "rollout.png", "attention_distance.png", "position_similarity.png",
-            "patch_embedding_pcs.png"}  # fmt: skip
+    pngs = {"attention_image0.png", "rollout.png", "attention_distance.png", "position_similarity.png", "patch_embedding_pcs.png"}
     assert {p.name for p in (run / "inspect").iterdir()} == pngs
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -234,13 +256,33 @@ def test_finetuning_at_48px_beats_training_from_scratch_for_the_same_steps(tmp_p
     beats training from scratch by at least 5 points and by 3 standard errors on 1000 test images."""
     model = ["model.name=vit-ti/8", "model.options={depth: 3, embed_dim: 64, num_heads: 4, mlp_dim: 128}"]
     common = model + ["train.precision=fp32", "train.threads=1", "train.eval_every_epochs=1000", f"out_dir={tmp_path}"]
-    pre = train(load_config(None, common + [
-        "name=pre", "data.num_train=2000", "data.num_test=500", f"data.builtin={CLEAN}",
-        "train.batch_size=64", "train.epochs=40", "optim.lr=0.003", "optim.warmup_epochs=0.5",
-    ]), progress=False)  # fmt: skip
+    pre = train(
+        load_config(
+            None,
+            common
+            + [
+                "name=pre",
+                "data.num_train=2000",
+                "data.num_test=500",
+                f"data.builtin={CLEAN}",
+                "train.batch_size=64",
+                "train.epochs=40",
+                "optim.lr=0.003",
+                "optim.warmup_epochs=0.5",
+            ],
+        ),
+        progress=False,
+    )
     root = write_folder(tmp_path / "shapes48", 48, 5, {"train": 500, "test": 1000}, seed=11)
-    target = common + ["data.name=folder", f"data.root={root}", "data.image_size=48", "train.batch_size=32",
-                       "train.epochs=10", "optim.warmup_epochs=0.5", "augment.vflip=false"]  # fmt: skip
+    target = common + [
+        "data.name=folder",
+        f"data.root={root}",
+        "data.image_size=48",
+        "train.batch_size=32",
+        "train.epochs=10",
+        "optim.warmup_epochs=0.5",
+        "augment.vflip=false",
+    ]
     scratch = train(load_config(None, target + ["name=scratch", "optim.lr=0.003"]), progress=False)
     finetune = f"finetune={{checkpoint: {pre['run_dir']}}}"
     tuned = train(load_config(None, target + ["name=tuned", "optim.lr=0.001", finetune]), progress=False)

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 from tests.train.test_classify import read_losses, tiny_config
 from vitlab import VitlabError, create_model
 from vitlab.config import OptimConfig, load_config
-from vitlab.runs import checkpoint as ckpt
 from vitlab.eval.classification import evaluate_checkpoint
+from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_model
+from vitlab.runtime.distributed import Context
 from vitlab.train.classify import train
 from vitlab.train.optim import build_optimizer
-from vitlab.runtime.distributed import Context
 from vitlab.train.scaffold import load_run_config
 from vitlab.train.sharding import consolidate, load_checkpoint, wrap_model
 
@@ -85,12 +85,15 @@ def test_sharded_checkpoint_loads_into_one_process(worker, tmp_path):
     assert all(state["step"] == results["steps"] for state in optimizer.state.values())
 
 
-@pytest.mark.parametrize("overrides,words", [
-    (["train.strategy=zero"], "train.strategy"),
-    (["train.cpu_offload=true"], "needs train.strategy=fsdp"),
-    (["train.strategy=fsdp", "train.ema_decay=0.999"], "not supported with train.strategy=fsdp"),
-    (["train.strategy=fsdp", "finetune={checkpoint: runs/x}"], "not supported yet"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["train.strategy=zero"], "train.strategy"),
+        (["train.cpu_offload=true"], "needs train.strategy=fsdp"),
+        (["train.strategy=fsdp", "train.ema_decay=0.999"], "not supported with train.strategy=fsdp"),
+        (["train.strategy=fsdp", "finetune={checkpoint: runs/x}"], "not supported yet"),
+    ],
+)
 def test_bad_strategy_settings_name_the_key(overrides, words):
     with pytest.raises(VitlabError, match=words):
         load_config(None, overrides)

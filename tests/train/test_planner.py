@@ -9,8 +9,17 @@ import torch
 from vitlab import count_parameters, create_model
 from vitlab.cli import main
 from vitlab.models import FAMILIES, SIZES
-from vitlab.train.planner import (GIB, flops_per_step, measured_saved_bytes, memory_per_device, parameter_count, plan,
-                                  preset_shape, saved_activation_bytes, smallest_devices)  # fmt: skip
+from vitlab.train.planner import (
+    GIB,
+    flops_per_step,
+    measured_saved_bytes,
+    memory_per_device,
+    parameter_count,
+    plan,
+    preset_shape,
+    saved_activation_bytes,
+    smallest_devices,
+)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -18,7 +27,9 @@ def test_parameter_formula_equals_meta_device_counts_for_every_preset(family):
     for size in SIZES:
         for image_size, patch in ((224, 14), (32, 4)):
             name = f"{family}-{size}/{patch}"
-            assert parameter_count(preset_shape(name, image_size, 10)) == count_parameters(name, img_size=image_size, num_classes=10)
+            assert parameter_count(preset_shape(name, image_size, 10)) == count_parameters(
+                name, img_size=image_size, num_classes=10
+            )
 
 
 @pytest.mark.parametrize("name,image_size", [("vit-ti/16", 64), ("vit22b-ti/16", 64), ("vit-s/8", 32), ("vit22b-s/16", 48)])
@@ -49,7 +60,11 @@ def test_fsdp_shards_state_and_the_smallest_device_count_is_the_first_that_fits(
     assert fsdp.optimizer == pytest.approx(ddp.optimizer / 64) and fsdp.total < ddp.total
     budget = 80 * GIB
     n = smallest_devices(shape, "fsdp", 1024, True, budget)
-    assert memory_per_device(shape, "fsdp", n, 1024, True).total <= budget < memory_per_device(shape, "fsdp", n - 1, 1024, True).total
+    assert (
+        memory_per_device(shape, "fsdp", n, 1024, True).total
+        <= budget
+        < memory_per_device(shape, "fsdp", n - 1, 1024, True).total
+    )
     assert smallest_devices(shape, "ddp", 1024, True, budget) is None  # 16 bytes x 21.7 B parameters per replica
     rows = {(r.strategy, r.checkpointing): r for r in plan(shape, 8, 80, 1024)}
     assert rows["fsdp", True].memory.activations < rows["fsdp", False].memory.activations / 5

@@ -4,8 +4,8 @@ the encoder loaded by `vitlab finetune` with only the head new, `vitlab probe`, 
 from __future__ import annotations
 
 import csv
-import math
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,13 +15,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from vitlab import VitlabError, create_model
 from tests.train.preemption import sigterm_after_steps
 from tests.train.test_streamed_training import jpeg_folder
+from vitlab import VitlabError, create_model
 from vitlab.cli import main
 from vitlab.config import FinetuneConfig, PretrainConfig, load_config
 from vitlab.eval.probe import linear_probe
-from vitlab.train.finetune import fit_to_model, pretrained_state_dict, prepare_model
+from vitlab.train.finetune import fit_to_model, prepare_model, pretrained_state_dict
 from vitlab.train.pretrain import pretrain
 from vitlab.train.scaffold import RunInterrupted
 
@@ -96,7 +96,16 @@ def test_pretraining_streams_unlabeled_folders_and_shards(tmp_path: Path, source
     assert main(["probe", str(run_dir), "--epochs", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"data.name={source} is streamed" in err and "--set data.name=folder" in err
-    builtin = ["--set", "data.name=builtin", "--set", "data.stream=auto", "--set", "data.num_train=16", "--set", "data.num_test=8"]
+    builtin = [
+        "--set",
+        "data.name=builtin",
+        "--set",
+        "data.stream=auto",
+        "--set",
+        "data.num_train=16",
+        "--set",
+        "data.num_test=8",
+    ]
     assert main(["probe", str(run_dir), "--epochs", "2", "--batch-size", "8", *builtin]) == 0
     assert json.loads(capsys.readouterr().out)["train_images"] == 16
     assert main(["probe", str(run_dir), "--set", "model.name=vit-s/8"]) == 2
@@ -115,12 +124,14 @@ def test_pretrained_encoder_fine_tunes_and_probes_end_to_end(tmp_path: Path, cap
     assert all(torch.equal(model.state_dict()[k], v) for k, v in fit_to_model(source, model, False).items())
 
     finetune = {
-        "name": "ft", "out_dir": str(tmp_path), "model": {"name": "vit22b-ti/8", "options": yaml.safe_load(MODEL)},
+        "name": "ft",
+        "out_dir": str(tmp_path),
+        "model": {"name": "vit22b-ti/8", "options": yaml.safe_load(MODEL)},
         "data": {"name": "builtin", "image_size": 16, "num_train": 32, "num_test": 8},
         "optim": {"lr": 1e-3, "layer_decay": 0.75},
         "train": {"epochs": 1, "batch_size": 8, "threads": 1, "precision": "fp32", "log_every_steps": 1},
         "finetune": {"checkpoint": str(run_dir)},
-    }  # fmt: skip
+    }
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(finetune))
     assert main(["finetune", str(tmp_path / "ft.yaml"), "--no-progress"]) == 0
     assert "test acc@1" in capsys.readouterr().out
@@ -143,13 +154,22 @@ def test_linear_probe_separates_separable_features() -> None:
 
 
 def test_sigterm_saves_the_step_in_progress_and_auto_resume_continues_exactly(tmp_path: Path) -> None:
-    settings = ["train.checkpoint_every_steps=1000", "name=mpp", "pretrain.method=mpp", "model.name=vit-ti/8",
-                "model.options.pool=gap", "augment={resized_crop: true, hflip: true}", "data.crop_scale=[0.2, 1.0]"]  # fmt: skip
+    settings = [
+        "train.checkpoint_every_steps=1000",
+        "name=mpp",
+        "pretrain.method=mpp",
+        "model.name=vit-ti/8",
+        "model.options.pool=gap",
+        "augment={resized_crop: true, hflip: true}",
+        "data.crop_scale=[0.2, 1.0]",
+    ]
     whole = pretrain(tiny_config(tmp_path / "whole", *settings), progress=False)
     run_dir = tmp_path / "cut" / "mpp"
 
     sigterm_after_steps(run_dir, 3)  # a scheduler's preemption
-    with pytest.raises(RunInterrupted, match=f"stopped by SIGTERM at step (\\d+); checkpoint: {run_dir}.*vitlab pretrain") as info:
+    with pytest.raises(
+        RunInterrupted, match=f"stopped by SIGTERM at step (\\d+); checkpoint: {run_dir}.*vitlab pretrain"
+    ) as info:
         pretrain(tiny_config(tmp_path / "cut", *settings), progress=False)
     assert info.value.exit_code == 143 and not (run_dir / "results.json").exists()
     again = pretrain(tiny_config(tmp_path / "cut", *settings, "train.resume=auto"), progress=False)
@@ -180,7 +200,6 @@ def test_a_mask_that_hides_no_patch_or_every_patch_is_refused_before_a_run_start
         assert "1x1 is 1 patch" in err
 
 
-
 def test_fp16_pretraining_scales_the_loss_and_saves_the_scaler(tmp_path: Path) -> None:
     results = pretrain(tiny_config(tmp_path, "train.precision=fp16", "train.epochs=1"), progress=False)
     meta = json.loads((Path(results["run_dir"]) / "checkpoints" / "step-00000004" / "meta.json").read_text())
@@ -193,10 +212,13 @@ def test_warmup_steps_clip_grad_value_and_compile_are_honoured(tmp_path: Path, m
 
     compiled = []
     wrap = sharding.wrap_model
-    monkeypatch.setattr(sharding, "wrap_model", lambda *a, **k: compiled.append(a[4] if len(a) > 4 else k.get("compile")) or wrap(*a[:4]))
+    monkeypatch.setattr(
+        sharding, "wrap_model", lambda *a, **k: compiled.append(a[4] if len(a) > 4 else k.get("compile")) or wrap(*a[:4])
+    )
     plain = steps_table(Path(pretrain(tiny_config(tmp_path, "name=plain", "train.epochs=1"), progress=False)["run_dir"]))
-    changed = tiny_config(tmp_path, "name=changed", "train.epochs=1", "optim.warmup_steps=2", "optim.clip_grad_value=1e-6",
-                          "train.compile=true")  # fmt: skip
+    changed = tiny_config(
+        tmp_path, "name=changed", "train.epochs=1", "optim.warmup_steps=2", "optim.clip_grad_value=1e-6", "train.compile=true"
+    )
     steps = steps_table(Path(pretrain(changed, progress=False)["run_dir"]))
     lr = float(changed.optim.lr)
     assert float(steps[0]["lr"]) == pytest.approx(lr / 2) and float(plain[0]["lr"]) == pytest.approx(lr / 4)
@@ -226,11 +248,19 @@ def test_two_rank_ddp_pretraining_keeps_replicas_identical_and_splits_the_global
     import sys
 
     def run(name: str, launcher: list[str], strategy: str) -> dict:
-        args = [a for item in [*TINY, "train.epochs=3", f"train.strategy={strategy}", f"out_dir={tmp_path}", f"name={name}"]
-                for a in ("--set", item)]  # fmt: skip
+        args = [
+            a
+            for item in [*TINY, "train.epochs=3", f"train.strategy={strategy}", f"out_dir={tmp_path}", f"name={name}"]
+            for a in ("--set", item)
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([*launcher, "-m", "vitlab.cli", "pretrain", *args, "--no-progress"], env=env,
-                              capture_output=True, text=True, timeout=600)  # fmt: skip
+        proc = subprocess.run(
+            [*launcher, "-m", "vitlab.cli", "pretrain", *args, "--no-progress"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads((tmp_path / name / "results.json").read_text())
 

@@ -23,8 +23,8 @@ from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_model
 from vitlab.runs.stored import load_checkpoint_model
 from vitlab.train.classify import train
-from vitlab.train.optim import build_optimizer
 from vitlab.train.finetune import pretrained_state_dict
+from vitlab.train.optim import build_optimizer
 from vitlab.train.scaffold import load_run_config
 from vitlab.train.sharding import consolidate, load_checkpoint
 
@@ -34,8 +34,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny run per strategy: `fsdp` (a genuine sharded checkpoint) and `single` (model.safetensors)."""
     made = {}
     for strategy in ("fsdp", "single"):
-        config = tiny_config(tmp_path_factory.mktemp(strategy), f"train.strategy={strategy}", "train.epochs=1",
-                             "data.num_train=128", "data.num_test=64")  # fmt: skip
+        config = tiny_config(
+            tmp_path_factory.mktemp(strategy),
+            f"train.strategy={strategy}",
+            "train.epochs=1",
+            "data.num_train=128",
+            "data.num_test=64",
+        )
         made[strategy] = Path(train(config, progress=False)["run_dir"])
     return made
 

@@ -18,9 +18,12 @@ BASE = {
 
 def test_study_runs_each_variant_and_flags_the_diverged_one(tmp_path):
     config = StabilityConfig(
-        name="study", out_dir=str(tmp_path), threshold=4000.0, base=BASE,
+        name="study",
+        out_dir=str(tmp_path),
+        threshold=4000.0,
+        base=BASE,
         variants={"plain": [], "blown": ["optim.lr=1.0e+30", "optim.name=sgd"]},
-    ).validate()  # fmt: skip
+    ).validate()
     summary = run_study(config, progress=False)
     assert summary["plain"]["diverged"] is False and summary["plain"]["final_acc1"] is not None
     assert summary["blown"]["diverged"] is True and "diverged" in summary["blown"]["stopped"]
@@ -30,8 +33,14 @@ def test_study_runs_each_variant_and_flags_the_diverged_one(tmp_path):
 
 
 def test_summary_finds_first_step_over_threshold():
-    curves = {"step": [1, 2, 3, 4], "max_logit": [1.0, 5000.0, float("nan"), 2.0], "skipped": [0, 0, 1, 1],
-              "max_abs_grad": [1.0, 2.0, float("nan"), 3.0], "grad_norm": [1, 1, 1, 1], "attn_logit_max/0": [3, 9, 4, 1]}  # fmt: skip
+    curves = {
+        "step": [1, 2, 3, 4],
+        "max_logit": [1.0, 5000.0, float("nan"), 2.0],
+        "skipped": [0, 0, 1, 1],
+        "max_abs_grad": [1.0, 2.0, float("nan"), 3.0],
+        "grad_norm": [1, 1, 1, 1],
+        "attn_logit_max/0": [3, 9, 4, 1],
+    }
     facts = summarise(curves, 4000.0)
     assert facts["first_step_over_threshold"] == 2 and facts["first_step_nonfinite"] == 3
     assert facts["first_step_attention_logit_over_threshold"] is None

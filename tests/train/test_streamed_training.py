@@ -28,12 +28,26 @@ def jpeg_folder(root: Path, train: int = 40, test: int = 12) -> Path:
 
 
 def streamed_config(tmp_path: Path, root: Path, *extra: str):
-    return load_config(None, [
-        "model.name=vit-ti/16", "model.options={depth: 1, embed_dim: 32, num_heads: 2, mlp_dim: 64}",
-        "data.name=folder", f"data.root={root}", "data.image_size=80", "data.workers=2", "augment.vflip=false",
-        "train.batch_size=16", "train.precision=fp32", "train.threads=1", "train.log_every_steps=1",
-        "optim.lr=0.003", "optim.warmup_epochs=0", f"out_dir={tmp_path / 'runs'}", *extra,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        [
+            "model.name=vit-ti/16",
+            "model.options={depth: 1, embed_dim: 32, num_heads: 2, mlp_dim: 64}",
+            "data.name=folder",
+            f"data.root={root}",
+            "data.image_size=80",
+            "data.workers=2",
+            "augment.vflip=false",
+            "train.batch_size=16",
+            "train.precision=fp32",
+            "train.threads=1",
+            "train.log_every_steps=1",
+            "optim.lr=0.003",
+            "optim.warmup_epochs=0",
+            f"out_dir={tmp_path / 'runs'}",
+            *extra,
+        ],
+    )
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -55,8 +69,14 @@ def test_a_streamed_folder_trains_holds_out_a_minival_and_evaluates_like_the_run
 
 def test_a_streamed_run_resumed_mid_epoch_with_workers_repeats_the_curve(tmp_path):
     root = jpeg_folder(tmp_path / "data")
-    whole = Path(train(streamed_config(tmp_path, root, "train.epochs=2", "train.checkpoint_every_steps=3",
-                                       "train.keep_checkpoints=10", "name=whole"), progress=False)["run_dir"])  # fmt: skip
+    whole = Path(
+        train(
+            streamed_config(
+                tmp_path, root, "train.epochs=2", "train.checkpoint_every_steps=3", "train.keep_checkpoints=10", "name=whole"
+            ),
+            progress=False,
+        )["run_dir"]
+    )
     cut = tmp_path / "cut"
     shutil.copytree(whole, cut)
     for later in sorted((cut / "checkpoints").glob("step-*"))[1:]:  # keep step 3 of 7 per epoch: mid-epoch
@@ -83,7 +103,9 @@ def test_shards_of_a_folder_train_and_evaluate(tmp_path):
 
     root = jpeg_folder(tmp_path / "data")
     write_shards(root, tmp_path / "shards", max_count=30)
-    results = train(streamed_config(tmp_path, root, "data.name=wds", f"data.root={tmp_path / 'shards'}", "train.epochs=3",
-                                    "data.workers=1"), progress=False)  # fmt: skip
+    results = train(
+        streamed_config(tmp_path, root, "data.name=wds", f"data.root={tmp_path / 'shards'}", "train.epochs=3", "data.workers=1"),
+        progress=False,
+    )
     assert results["steps"] > 0 and 0 <= results["test"]["acc1"] <= 1
     assert evaluate_checkpoint(results["run_dir"])["acc1"] == pytest.approx(results["test"]["acc1"])

@@ -9,7 +9,6 @@ from vitlab.data.dataset import DataSplits, resize_splits
 from vitlab.errors import VitlabError
 
 
-
 def load_splits(
     name: str, root: str | Path | None = None, image_size: int = 32, download: bool = False, **builtin_kwargs
 ) -> DataSplits:

@@ -21,9 +21,7 @@ if TYPE_CHECKING:
     from vitlab.config import AugmentConfig
 
 
-def normalize(
-    images: torch.Tensor, mean: float | Sequence[float] = 0.5, std: float | Sequence[float] = 0.5
-) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: float | Sequence[float] = 0.5, std: float | Sequence[float] = 0.5) -> torch.Tensor:
     """uint8 images, or floats in [0, 1], to float32 `(x - mean) / std` on the [0, 1] scale.
 
     The defaults map [0, 1] to [-1, 1], as big_vision does; mean and std may be per channel.
@@ -235,8 +233,7 @@ def mixup_cutmix(
     """
     if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= switch_prob <= 1:
         raise VitlabError(
-            "mixup_cutmix needs alphas >= 0 and switch_prob in [0, 1], "
-            f"got {mixup_alpha}, {cutmix_alpha}, {switch_prob}"
+            f"mixup_cutmix needs alphas >= 0 and switch_prob in [0, 1], got {mixup_alpha}, {cutmix_alpha}, {switch_prob}"
         )
     if mixup_alpha == 0 and cutmix_alpha == 0:
         return x, y_onehot
@@ -273,8 +270,10 @@ def random_erasing(
     aspect `ratio`; as timm, up to 10 draws per image until one fits, else that image is left as is.
     """
     if not 0 <= p <= 1 or not 0 < area[0] <= area[1] <= 1 or not 0 < ratio[0] <= ratio[1]:
-        raise VitlabError(f"random_erasing needs p in [0, 1], 0 < area[0] <= area[1] <= 1 and 0 < ratio[0] <= "
-                          f"ratio[1], got p={p}, area={area}, ratio={ratio}")  # fmt: skip
+        raise VitlabError(
+            f"random_erasing needs p in [0, 1], 0 < area[0] <= area[1] <= 1 and 0 < ratio[0] <= "
+            f"ratio[1], got p={p}, area={area}, ratio={ratio}"
+        )
     n, _, h, w = x.shape
     tries = 10
     draw = torch.rand((3, n, tries), generator=gen, device=gen.device).to(x.device)
@@ -296,8 +295,14 @@ def random_erasing(
 
 
 def augment_batch(
-    images: torch.Tensor, labels: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, num_classes: int,
-    mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,), cropped: bool = False,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: AugmentConfig,
+    gen: torch.Generator,
+    num_classes: int,
+    mean: Sequence[float] = (0.5,),
+    std: Sequence[float] = (0.5,),
+    cropped: bool = False,
     crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 batch → normalised float images and targets (soft when Mixup/CutMix is on), on the batch's device.

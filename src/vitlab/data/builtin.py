@@ -208,9 +208,7 @@ def make_builtin(
 ) -> ImageDataset:
     """Generate `num_images` shape images with balanced labels, bit-identical for a given seed."""
     if num_images < 1 or image_size < 8:
-        raise VitlabError(
-            f"builtin dataset needs num_images >= 1 and image_size >= 8, got {num_images} and {image_size}"
-        )
+        raise VitlabError(f"builtin dataset needs num_images >= 1 and image_size >= 8, got {num_images} and {image_size}")
     knobs = difficulty or BuiltinDifficulty()
     gen = torch.Generator().manual_seed(seed)
     labels = (torch.arange(num_images) % len(_SHAPES))[torch.randperm(num_images, generator=gen)]
@@ -228,8 +226,11 @@ def difficulty_knobs(knobs: dict, section: str = "data") -> BuiltinDifficulty:
     allowed = [f.name for f in fields(BuiltinDifficulty)]
     unknown = sorted(set(knobs) - set(allowed))
     if unknown:
-        sizes = f"; sizes and the seed are {section}.num_train, {section}.num_test, {section}.seed" if set(unknown) & {
-            "num_train", "num_test", "seed", "image_size"} else ""  # fmt: skip
+        sizes = (
+            f"; sizes and the seed are {section}.num_train, {section}.num_test, {section}.seed"
+            if set(unknown) & {"num_train", "num_test", "seed", "image_size"}
+            else ""
+        )
         raise VitlabError(f"{section}.builtin: unknown key(s) {unknown}; it takes the difficulty knobs {allowed}{sizes}")
     return BuiltinDifficulty(**knobs)
 

@@ -138,9 +138,7 @@ def _extract(archive: Path, fmt: CifarFormat) -> Path:
     except tarfile.FilterError as err:
         raise VitlabError(f"refusing to extract {archive}: unsafe member ({err}); use the official archive") from err
     except (tarfile.TarError, EOFError, OSError) as err:
-        raise VitlabError(
-            f"cannot read {archive} as a .tar.gz archive ({err}); delete it and download it again"
-        ) from err
+        raise VitlabError(f"cannot read {archive} as a .tar.gz archive ({err}); delete it and download it again") from err
     return target
 
 

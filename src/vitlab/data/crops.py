@@ -95,8 +95,10 @@ class CropDecoder:
         if self.size < 1 or not 0 < self.crop_fraction <= 1:
             raise VitlabError(f"crop needs size >= 1 and crop_fraction in (0, 1], got {self.size}, {self.crop_fraction}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1 or not 0 < self.ratio[0] <= self.ratio[1]:
-            raise VitlabError(f"crop needs 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
-                              f"got scale={self.scale}, ratio={self.ratio}")  # fmt: skip
+            raise VitlabError(
+                f"crop needs 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1], "
+                f"got scale={self.scale}, ratio={self.ratio}"
+            )
 
     def __call__(self, source: str | BinaryIO, rng: np.random.Generator | None = None) -> torch.Tensor:
         """The crop of the image at `source` (a path or a file object); `rng` draws the train crop and flip."""
@@ -112,8 +114,9 @@ class CropDecoder:
             pixels = np.array(to_rgb(image.crop(box)))  # decodes (a truncated file raises OSError here), copies the box
         region = torch.from_numpy(pixels).permute(2, 0, 1)[None]
         if region.shape[-2:] != (self.size, self.size):
-            region = F.interpolate(region.contiguous(memory_format=torch.channels_last), size=(self.size, self.size),
-                                   mode="bilinear", antialias=True)  # fmt: skip
+            region = F.interpolate(
+                region.contiguous(memory_format=torch.channels_last), size=(self.size, self.size), mode="bilinear", antialias=True
+            )
         out = region[0]
         if self.train and self.flip and rng.random() < 0.5:
             out = out.flip(-1)

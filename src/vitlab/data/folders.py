@@ -44,9 +44,7 @@ def _load_split(split: Path, classes: list[str], image_size: int, max_pixels: in
     for label, name in enumerate(classes):
         found, outside = listed_images(split / name, split.parent)
         if not found and not outside:
-            raise VitlabError(
-                f"class folder {split / name} holds no {'/'.join(IMAGE_SUFFIXES)} images; add some or remove it"
-            )
+            raise VitlabError(f"class folder {split / name} holds no {'/'.join(IMAGE_SUFFIXES)} images; add some or remove it")
         files += found
         labels += [label] * len(found)
         skipped += outside
@@ -56,8 +54,10 @@ def _load_split(split: Path, classes: list[str], image_size: int, max_pixels: in
     kept_labels = torch.tensor([labels[i] for i in usable], dtype=torch.int64)
     empty = [name for label, name in enumerate(classes) if not (kept_labels == label).any()]
     if empty:
-        raise VitlabError(f"every image in {[str(split / name) for name in empty]} is unusable (unreadable, over "
-                          f"{max_pixels} pixels, or a link outside the root); replace the files")  # fmt: skip
+        raise VitlabError(
+            f"every image in {[str(split / name) for name in empty]} is unusable (unreadable, over "
+            f"{max_pixels} pixels, or a link outside the root); replace the files"
+        )
     images = torch.from_numpy(np.stack([decoded[i] for i in usable])).permute(0, 3, 1, 2).contiguous()
     return ImageDataset(images=images, labels=kept_labels, classes=classes)
 

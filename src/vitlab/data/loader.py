@@ -20,8 +20,9 @@ class BatchIterator:
     rank runs the same number of batches (`with_indices` lets the caller undo the padding).
     """
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, train: bool = True):  # fmt: skip
+    def __init__(
+        self, dataset: ImageDataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, train: bool = True
+    ):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise VitlabError(
                 f"BatchIterator needs batch_size >= 1 and 0 <= rank < world_size, got batch_size={batch_size}, "
@@ -52,9 +53,7 @@ class BatchIterator:
         positions = torch.arange(self.shard_size) * self.world_size + self.rank
         return positions.clamp(max=n - 1)
 
-    def epoch_batches(
-        self, epoch: int, start_step: int = 0, with_indices: bool = False
-    ) -> Iterator[tuple[torch.Tensor, ...]]:
+    def epoch_batches(self, epoch: int, start_step: int = 0, with_indices: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
         """Batches of `epoch` from batch number `start_step` on."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise VitlabError(f"start_step={start_step} is outside the epoch's 0..{self.steps_per_epoch} batches")

@@ -29,8 +29,7 @@ class EpochBatchSampler(Sampler[list[SampleKey]]):
     number of batches; the last batch may be short.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 train: bool = True):  # fmt: skip
+    def __init__(self, size: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, train: bool = True):
         if size < 1 or batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise VitlabError(
                 f"EpochBatchSampler needs size >= 1, batch_size >= 1 and 0 <= rank < world_size, got size={size}, "

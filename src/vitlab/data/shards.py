@@ -50,8 +50,14 @@ _SHARD_NAME = re.compile(r"\w[\w.-]*\.tar")  # a plain file name: no folder, no 
 _REWRITE = "rewrite the shards with `vitlab shard`"
 
 
-def write_shards(folder: str | Path, out_dir: str | Path, max_count: int = 10_000, max_size: float = 1e9,
-                 val_fraction: float = 0.0, seed: int = 0) -> dict:  # fmt: skip
+def write_shards(
+    folder: str | Path,
+    out_dir: str | Path,
+    max_count: int = 10_000,
+    max_size: float = 1e9,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+) -> dict:
     """Write `folder/{train,val,test}/<class>/…` as `OUT_DIR/<split>-NNNNNN.tar` shards and `OUT_DIR/info.json`.
 
     A shard closes at `max_count` samples or `max_size` bytes. `val_fraction` > 0 also writes a
@@ -108,8 +114,9 @@ def read_info(path: str | Path) -> dict:
         raise VitlabError(f"cannot read the shard info {path}: {exc}; it is written by `vitlab shard`") from None
     problem = _info_problem(info)
     if problem:
-        raise VitlabError(f"{path} is not a shard info of `vitlab shard`: {problem}; "
-                          f"rewrite it with `vitlab shard FOLDER {path.parent}`")  # fmt: skip
+        raise VitlabError(
+            f"{path} is not a shard info of `vitlab shard`: {problem}; rewrite it with `vitlab shard FOLDER {path.parent}`"
+        )
     return info
 
 
@@ -127,8 +134,12 @@ def _info_problem(info: object) -> str | None:
         return f"'classes' must be a non-empty list of distinct names, got {brief(classes)}"
     listed: set[str] = set()
     for split, facts in info["splits"].items():
-        if not isinstance(facts, dict) or not _count(facts.get("samples")) or not isinstance(facts.get("shards"), dict) \
-                or not isinstance(facts.get("pattern", ""), str):  # fmt: skip
+        if (
+            not isinstance(facts, dict)
+            or not _count(facts.get("samples"))
+            or not isinstance(facts.get("shards"), dict)
+            or not isinstance(facts.get("pattern", ""), str)
+        ):
             return f"split {brief(split)} needs 'samples' (a count), 'shards' (file name: count) and at most a 'pattern' string"
         for name, count in facts["shards"].items():
             if not _SHARD_NAME.fullmatch(name):
@@ -165,9 +176,19 @@ class ShardStream(IterableDataset):
     of batches, so gather evaluation results after the loop rather than reducing them batch by batch.
     """
 
-    def __init__(self, shards: Sequence[str | Path], decoder: CropDecoder, batch_size: int, *, info: dict, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, samples_per_epoch: int | None = None,
-                 shuffle_buffer: int = 2000):  # fmt: skip
+    def __init__(
+        self,
+        shards: Sequence[str | Path],
+        decoder: CropDecoder,
+        batch_size: int,
+        *,
+        info: dict,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 2000,
+    ):
         if isinstance(shards, (str, Path)):
             raise VitlabError(f"ShardStream takes a list of shard files (see shard_paths), not one pattern: {brief(str(shards))}")
         self.urls = [os.path.abspath(shard) for shard in shards]  # opened as plain files, never as URLs
@@ -178,10 +199,12 @@ class ShardStream(IterableDataset):
         if unknown:
             raise VitlabError(f"shard(s) {unknown[:3]} are not listed in the shard info; rewrite it with `vitlab shard`")
         if seed < 0 or batch_size < 1 or shuffle_buffer < 1 or not 0 <= rank < world_size or len(self.urls) < world_size:
-            raise VitlabError(f"ShardStream needs seed >= 0, batch_size >= 1, shuffle_buffer >= 1, 0 <= rank < world_size "
-                              f"and at least one shard per rank, got seed={seed}, batch_size={batch_size}, "
-                              f"shuffle_buffer={shuffle_buffer}, rank={rank}, world_size={world_size}, "
-                              f"{len(self.urls)} shard(s)")  # fmt: skip
+            raise VitlabError(
+                f"ShardStream needs seed >= 0, batch_size >= 1, shuffle_buffer >= 1, 0 <= rank < world_size "
+                f"and at least one shard per rank, got seed={seed}, batch_size={batch_size}, "
+                f"shuffle_buffer={shuffle_buffer}, rank={rank}, world_size={world_size}, "
+                f"{len(self.urls)} shard(s)"
+            )
         self.decoder, self.batch_size, self.seed, self.rank, self.world_size = decoder, batch_size, seed, rank, world_size
         self.classes = tuple(info["classes"])
         self.samples_per_epoch = samples_per_epoch or sum(self.counts[os.path.basename(u)] for u in self.urls)
@@ -196,12 +219,15 @@ class ShardStream(IterableDataset):
         """Training batches each of `workers` workers serves per epoch."""
         batches = self.samples_per_epoch // (self.world_size * max(workers, 1) * self.batch_size)
         if batches < 1:
-            raise VitlabError(f"{self.samples_per_epoch} samples per epoch do not fill one batch of {self.batch_size} "
-                              f"for each of {self.world_size} rank(s) x {max(workers, 1)} worker(s)")  # fmt: skip
+            raise VitlabError(
+                f"{self.samples_per_epoch} samples per epoch do not fill one batch of {self.batch_size} "
+                f"for each of {self.world_size} rank(s) x {max(workers, 1)} worker(s)"
+            )
         return batches
 
     def _shard_samples(self, url: str) -> Iterator[dict]:
         """The raw samples of one shard; a shard cut short, unreadable or not of its listed size is a VitlabError naming it."""
+
         def fail(exc: Exception) -> bool:
             if isinstance(exc, VitlabError):  # webdataset appends its stream and url to the args of an error passing through
                 raise VitlabError(exc.args[0]) from None
@@ -218,8 +244,10 @@ class ShardStream(IterableDataset):
             for sample in wds.tariterators.group_by_keys(files, handler=fail):
                 seen += 1
                 if seen > expected:
-                    raise VitlabError(f"shard {url} holds more than the {expected} samples info.json lists; "
-                                      "rewrite info.json with `vitlab shard`")  # fmt: skip
+                    raise VitlabError(
+                        f"shard {url} holds more than the {expected} samples info.json lists; "
+                        "rewrite info.json with `vitlab shard`"
+                    )
                 yield sample
         if seen != expected:
             raise VitlabError(f"shard {url} is truncated: it holds {seen} of the {expected} samples info.json lists; {_REWRITE}")
@@ -245,8 +273,10 @@ class ShardStream(IterableDataset):
         if not shards and not train:
             return
         if not shards:
-            raise VitlabError(f"{len(self.urls)} shard(s) cannot feed {self.world_size} rank(s) x {workers} worker(s); "
-                              "write smaller shards (vitlab shard --max-count) or use fewer workers")  # fmt: skip
+            raise VitlabError(
+                f"{len(self.urls)} shard(s) cannot feed {self.world_size} rank(s) x {workers} worker(s); "
+                "write smaller shards (vitlab shard --max-count) or use fewer workers"
+            )
         if not train:
             raw: Iterator[dict] = (s for url in shards for s in self._shard_samples(url))
             start = 0
@@ -293,8 +323,9 @@ def _below(text: str | bytes, bound: int) -> int | None:
     return int(text) if text.isascii() and text.isdigit() and len(text) < 19 and int(text) < bound else None
 
 
-def make_shard_loader(stream: ShardStream, *, workers: int = 4, prefetch_factor: int = 2,
-                      pin_memory: bool | None = None, timeout_s: float = 600.0) -> StreamLoader:  # fmt: skip
+def make_shard_loader(
+    stream: ShardStream, *, workers: int = 4, prefetch_factor: int = 2, pin_memory: bool | None = None, timeout_s: float = 600.0
+) -> StreamLoader:
     """A StreamLoader over a ShardStream (workers are restarted every epoch so that they see the epoch)."""
     if workers < 0 or prefetch_factor < 1:
         raise VitlabError(f"make_shard_loader needs workers >= 0 and prefetch_factor >= 1, got {workers}, {prefetch_factor}")

@@ -113,12 +113,26 @@ def run_data(data, batch_size: int, seed: int, rank: int = 0, world_size: int = 
         return streamed_data(data, batch_size, seed, rank, world_size, train)
     if data.name == "wds":
         raise VitlabError("data.name=wds is always streamed; set data.stream to auto or true")
-    splits = load_splits(data.name, data.root, data.image_size, data.download, num_train=data.num_train,
-                         num_test=data.num_test, seed=data.seed, **data.builtin)  # fmt: skip
+    splits = load_splits(
+        data.name,
+        data.root,
+        data.image_size,
+        data.download,
+        num_train=data.num_train,
+        num_test=data.num_test,
+        seed=data.seed,
+        **data.builtin,
+    )
     train_split, minival = held_out(splits.train, data.val_fraction, data.seed)
     source = MemoryTrain(train_split, batch_size, seed, rank, world_size) if train else None
-    return RunData(source, MemoryEval(splits.test), minival and MemoryEval(minival), list(splits.train.classes),
-                   len(train_split), streamed=False)  # fmt: skip
+    return RunData(
+        source,
+        MemoryEval(splits.test),
+        minival and MemoryEval(minival),
+        list(splits.train.classes),
+        len(train_split),
+        streamed=False,
+    )
 
 
 def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, train: bool) -> RunData:
@@ -141,10 +155,24 @@ def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, 
 
     source = None
     if train:
-        source = StreamTrain(make_loader(FolderStream(splits.train.table, crop, seed), batch_size, seed=seed, rank=rank,
-                                         world_size=world_size, workers=data.workers))  # fmt: skip
-    return RunData(source, evaluation(splits.test), splits.minival and evaluation(splits.minival),
-                   list(splits.train.classes), len(splits.train), streamed=True)  # fmt: skip
+        source = StreamTrain(
+            make_loader(
+                FolderStream(splits.train.table, crop, seed),
+                batch_size,
+                seed=seed,
+                rank=rank,
+                world_size=world_size,
+                workers=data.workers,
+            )
+        )
+    return RunData(
+        source,
+        evaluation(splits.test),
+        splits.minival and evaluation(splits.minival),
+        list(splits.train.classes),
+        len(splits.train),
+        streamed=True,
+    )
 
 
 def shard_data(data, crop, centre, batch_size: int, seed: int, rank: int, world_size: int, train: bool) -> RunData:
@@ -171,9 +199,9 @@ def shard_data(data, crop, centre, batch_size: int, seed: int, rank: int, world_
         raise VitlabError(f"{root / INFO} lists no train and test/val shards; write them with `vitlab shard FOLDER {root}`")
     source = None
     if train:
-        stream = ShardStream(shard_paths(root, info, "train"), crop, batch_size, info=info, seed=seed, rank=rank,
-                             world_size=world_size)  # fmt: skip
+        stream = ShardStream(
+            shard_paths(root, info, "train"), crop, batch_size, info=info, seed=seed, rank=rank, world_size=world_size
+        )
         source = StreamTrain(make_shard_loader(stream, workers=data.workers))
     minival = evaluation("minival") if "minival" in splits else None
     return RunData(source, evaluation(test), minival, list(info["classes"]), count("train"), streamed=True)
-

@@ -58,8 +58,7 @@ class StreamLoader:
             self.bad_files += batch.bad
             if not len(batch):
                 names = ", ".join(name for name, _ in batch.bad[:3])
-                raise VitlabError(f"no image of batch {step} of epoch {epoch} could be read (e.g. {names}): "
-                                  f"{batch.bad[0][1]}")  # fmt: skip
+                raise VitlabError(f"no image of batch {step} of epoch {epoch} could be read (e.g. {names}): {batch.bad[0][1]}")
             yield batch
 
 
@@ -70,9 +69,19 @@ def _first_message(text: str) -> str:
     return last.split("VitlabError: ", 1)[-1]
 
 
-def make_loader(dataset: FolderStream, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                workers: int = 4, prefetch_factor: int = 2, pin_memory: bool | None = None,
-                persistent_workers: bool = False, timeout_s: float = 600.0) -> StreamLoader:  # fmt: skip
+def make_loader(
+    dataset: FolderStream,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 4,
+    prefetch_factor: int = 2,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = False,
+    timeout_s: float = 600.0,
+) -> StreamLoader:
     """A StreamLoader over a FolderStream: per-rank batches of `batch_size`, decoded in `workers` processes.
 
     Train or evaluation order follows `dataset.train` (see EpochBatchSampler). Page-locked memory

@@ -135,8 +135,14 @@ class StreamSplits:
     test: FolderStream
 
 
-def stream_splits(root: str | Path, image_size: int = 224, val_fraction: float = 0.0, seed: int = 0,
-                  crop_fraction: float = 0.875, scale: tuple[float, float] = (0.08, 1.0)) -> StreamSplits:  # fmt: skip
+def stream_splits(
+    root: str | Path,
+    image_size: int = 224,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+    crop_fraction: float = 0.875,
+    scale: tuple[float, float] = (0.08, 1.0),
+) -> StreamSplits:
     """Train (Inception crop + flip), minival and test (centre crop) streams of `root`."""
     root = Path(root)
     evaluation = next((root / s for s in EVAL_SPLITS if (root / s).is_dir()), None)

@@ -86,9 +86,14 @@ def no_images(size: int) -> torch.Tensor:
 
 
 def builtin_pair(
-    num_train: int = 1000, num_test: int = 200, seed: int = 0, load_size: int = 36, crop_size: int = 32,
-    with_train: bool = True, **difficulty: object,
-) -> UnpairedData:  # fmt: skip
+    num_train: int = 1000,
+    num_test: int = 200,
+    seed: int = 0,
+    load_size: int = 36,
+    crop_size: int = 32,
+    with_train: bool = True,
+    **difficulty: object,
+) -> UnpairedData:
     """The built-in sepia ↔ cyanotype pair; `difficulty` takes the fields of BuiltinDifficulty."""
     knobs = difficulty_knobs(difficulty)
     seeds = torch.randint(2**62, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -99,9 +104,13 @@ def builtin_pair(
     test_a = builtin_scenes(num_test, seeds[2], crop_size, knobs)
     test_b = builtin_scenes(num_test, seeds[3], crop_size, knobs)
     return UnpairedData(
-        train_a=train_a, train_b=train_b, test_a=tone_map(test_a, SEPIA), test_b=tone_map(test_b, CYANOTYPE),
-        truth_ab=tone_map(test_a, CYANOTYPE), truth_ba=tone_map(test_b, SEPIA),
-    )  # fmt: skip
+        train_a=train_a,
+        train_b=train_b,
+        test_a=tone_map(test_a, SEPIA),
+        test_b=tone_map(test_b, CYANOTYPE),
+        truth_ab=tone_map(test_a, CYANOTYPE),
+        truth_ba=tone_map(test_b, SEPIA),
+    )
 
 
 def folder_pair(root: str | Path, load_size: int = 286, crop_size: int = 256, with_train: bool = True) -> UnpairedData:
@@ -118,9 +127,11 @@ def folder_pair(root: str | Path, load_size: int = 286, crop_size: int = 256, wi
         raise VitlabError(f"no images in {', '.join(str(root / name) for name in empty)}; {layout}")
     train = {name: read_images(files[name], load_size) if with_train else no_images(load_size) for name in FOLDERS[:2]}
     return UnpairedData(
-        train_a=train["trainA"], train_b=train["trainB"],
-        test_a=read_images(files["testA"], crop_size), test_b=read_images(files["testB"], crop_size),
-    )  # fmt: skip
+        train_a=train["trainA"],
+        train_b=train["trainB"],
+        test_a=read_images(files["testA"], crop_size),
+        test_b=read_images(files["testB"], crop_size),
+    )
 
 
 def load_pair(
@@ -138,9 +149,7 @@ def load_pair(
     return folder_pair(root, load_size, crop_size, with_train)
 
 
-def unpaired_batches(
-    n_a: int, n_b: int, batch_size: int, epoch: int, seed: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def unpaired_batches(n_a: int, n_b: int, batch_size: int, epoch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Index batches (into A, into B) of one epoch: A shuffled, each paired with B images drawn at random.
 
     An epoch has max(n_a, n_b) // batch_size batches (CycleGAN's epoch is its larger domain); A's
@@ -154,9 +163,7 @@ def unpaired_batches(
     return list(zip(order_a[: steps * batch_size].split(batch_size), order_b.split(batch_size)))
 
 
-def index_batches(
-    n_a: int, n_b: int, batch_size: int, epoch: int, seed: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def index_batches(n_a: int, n_b: int, batch_size: int, epoch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Index batches of one epoch paired by position, as the paper's code did: A[i] always goes with B[i].
 
     Only the first min(n_a, n_b) images of each domain are used; an epoch shuffles those positions
@@ -183,4 +190,4 @@ def random_window(images: torch.Tensor, size: int, gen: torch.Generator) -> torc
         return images
     top = torch.randint(0, h - size + 1, (n,), generator=gen)
     left = torch.randint(0, w - size + 1, (n,), generator=gen)
-    return torch.stack([img[:, t : t + size, l : l + size] for img, t, l in zip(images, top.tolist(), left.tolist())])
+    return torch.stack([img[:, t : t + size, x : x + size] for img, t, x in zip(images, top.tolist(), left.tolist())])

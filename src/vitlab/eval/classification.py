@@ -33,8 +33,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 
 @torch.no_grad()
 def dataset_logits(
-    model: torch.nn.Module, split: MemoryEval | StreamEval, batch_size: int, ctx: distributed.Context, precision: str,
-    mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
+    model: torch.nn.Module,
+    split: MemoryEval | StreamEval,
+    batch_size: int,
+    ctx: distributed.Context,
+    precision: str,
+    mean: Sequence[float] = (0.5,),
+    std: Sequence[float] = (0.5,),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of a whole evaluation split (normalised by `mean`, `std`); each rank runs its shard, all get everything.
 
@@ -68,8 +73,10 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
     """Rebuild a checkpoint's model and evaluate it on its run's test split (or another dataset)."""
     if data_root and not data_name:
-        raise VitlabError(f"--data-root {data_root} without --data would evaluate the run's own data; "
-                          f"pass --data too (one of {', '.join(DATASETS)})")  # fmt: skip
+        raise VitlabError(
+            f"--data-root {data_root} without --data would evaluate the run's own data; "
+            f"pass --data too (one of {', '.join(DATASETS)})"
+        )
     check_range("--batch-size", batch_size, AT_LEAST_1)
     model, config = load_checkpoint_model(path, ema)
     data = config.data

@@ -166,9 +166,13 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, kid_subset_size: int = 1000,
 
 
 def distances(
-    real: torch.Tensor, fake: torch.Tensor, features: list[Features], batch_size: int = 50,
-    kid_subset_size: int = 1000, device: str | torch.device = "cpu",
-) -> dict[str, dict[str, float]]:  # fmt: skip
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    features: list[Features],
+    batch_size: int = 50,
+    kid_subset_size: int = 1000,
+    device: str | torch.device = "cpu",
+) -> dict[str, dict[str, float]]:
     """FID and KID of uint8 image sets `fake` against `real`, by feature name."""
     found = {}
     for f in features:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +41,13 @@ def skipped_note(skipped: list[str]) -> str:
 
 @torch.no_grad()
 def predict_images(
-    model: torch.nn.Module, images: torch.Tensor, device: torch.device, precision: str, batch_size: int = 64,
-    mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,),
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    device: torch.device,
+    precision: str,
+    batch_size: int = 64,
+    mean: Sequence[float] = (0.5,),
+    std: Sequence[float] = (0.5,),
 ) -> torch.Tensor:
     """Class probabilities (N, classes) of uint8 images, normalised by the run's `mean` and `std`."""
     model.eval().to(device)
@@ -68,13 +73,17 @@ def write_csv(path: Path, predictions: Predictions) -> Path:
 
 
 def predict_run(
-    run: str | Path, inputs: list[str | Path], top_k: int = 5, out: str | Path | None = None, ema: bool = False,
+    run: str | Path,
+    inputs: list[str | Path],
+    top_k: int = 5,
+    out: str | Path | None = None,
+    ema: bool = False,
     batch_size: int = 64,
 ) -> tuple[Predictions, list[Path]]:
     """Predict the images under a run's model with its preprocessing; write predictions.csv and predictions.png."""
     from vitlab.data.classes import class_names
-    from vitlab.runs.stored import load_checkpoint_model
     from vitlab.runs import checkpoint as ckpt
+    from vitlab.runs.stored import load_checkpoint_model
     from vitlab.runtime.distributed import pick_device
     from vitlab.runtime.precision import resolve_precision
 
@@ -100,7 +109,12 @@ def predict_run(
     probabilities = predict_images(model, images, device, precision, batch_size, config.data.mean, config.data.std)
     top = probabilities.topk(min(top_k, len(classes)), dim=-1)
     predictions = Predictions(files, top.indices, top.values, classes, skipped)
-    titles = [f"{f.name[:24]}\n{classes[i[0]]} ({100 * p[0]:.1f} %)" for f, i, p in
-              zip(files, top.indices.tolist(), top.values.tolist())][:GRID_IMAGES]  # fmt: skip
-    written = [write_csv(out / "predictions.csv", predictions), save_prediction_grid(out / "predictions.png", images[:GRID_IMAGES], titles)]
+    titles = [
+        f"{f.name[:24]}\n{classes[i[0]]} ({100 * p[0]:.1f} %)"
+        for f, i, p in zip(files, top.indices.tolist(), top.values.tolist())
+    ][:GRID_IMAGES]
+    written = [
+        write_csv(out / "predictions.csv", predictions),
+        save_prediction_grid(out / "predictions.png", images[:GRID_IMAGES], titles),
+    ]
     return predictions, written

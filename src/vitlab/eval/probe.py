@@ -21,17 +21,24 @@ from vitlab.data.augment import normalize
 from vitlab.data.dataset import ImageDataset
 from vitlab.data.sources import streams
 from vitlab.errors import AT_LEAST_1, POSITIVE, VitlabError, check_range
-from vitlab.runs.builders import build_model
-from vitlab.runs.stored import load_run
 from vitlab.models.vit import VisionTransformer
 from vitlab.runs import checkpoint as ckpt
+from vitlab.runs.builders import build_model
+from vitlab.runs.stored import load_run
 from vitlab.runtime.distributed import pick_device
 from vitlab.runtime.precision import autocast, resolve_precision
 
 
 @torch.no_grad()
-def features(encoder: VisionTransformer, images: torch.Tensor, batch_size: int, device: torch.device, precision: str,
-             mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,)) -> torch.Tensor:  # fmt: skip
+def features(
+    encoder: VisionTransformer,
+    images: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    mean: Sequence[float] = (0.5,),
+    std: Sequence[float] = (0.5,),
+) -> torch.Tensor:
     """The pooled features (class token, or mean of the patch tokens) of uint8 `images`, on the CPU."""
     encoder.eval()
     out = []
@@ -42,8 +49,17 @@ def features(encoder: VisionTransformer, images: torch.Tensor, batch_size: int, 
     return torch.cat(out)
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 num_classes: int, epochs: int = 90, lr: float = 0.1, batch_size: int = 256, seed: int = 0) -> float:  # fmt: skip
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    epochs: int = 90,
+    lr: float = 0.1,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> float:
     """Test accuracy of BatchNorm (affine=False) + linear trained by SGD with momentum and cosine LR (MAE, App. A.2)."""
     gen = torch.Generator().manual_seed(seed)
     probe = nn.Sequential(nn.BatchNorm1d(train_x.shape[1], affine=False), nn.Linear(train_x.shape[1], num_classes))
@@ -70,8 +86,7 @@ def labelled_splits(config: PretrainConfig, num_train: int | None) -> tuple[Imag
     """The run's dataset with its labels: the first `num_train` training images (all when None) and the test split."""
     d = config.data
     count = min(num_train or d.num_train, d.num_train)
-    splits = load_splits(d.name, d.root, d.image_size, d.download, num_train=count, num_test=d.num_test,
-                         seed=d.seed, **d.builtin)  # fmt: skip
+    splits = load_splits(d.name, d.root, d.image_size, d.download, num_train=count, num_test=d.num_test, seed=d.seed, **d.builtin)
     train = splits.train
     if num_train is not None and num_train < len(train):
         train = ImageDataset(train.images[:num_train], train.labels[:num_train], train.classes)
@@ -87,20 +102,34 @@ def probe_data(config: PretrainConfig, overrides: Sequence[str]) -> PretrainConf
         changed = apply_overrides(config.to_dict(), list(overrides), PretrainConfig)
         config = from_dict(PretrainConfig, merge_defaults(PretrainConfig, changed)).validate()
     if streams(config.data):
-        raise VitlabError(f"vitlab probe holds its labelled images in memory and data.name={config.data.name} is streamed; "
-                          "probe on an in-memory labelled set: --set data.name=folder --set data.root=DIR "
-                          "(or cifar10, cifar100) --set data.stream=false")  # fmt: skip
+        raise VitlabError(
+            f"vitlab probe holds its labelled images in memory and data.name={config.data.name} is streamed; "
+            "probe on an in-memory labelled set: --set data.name=folder --set data.root=DIR "
+            "(or cifar10, cifar100) --set data.stream=false"
+        )
     return config
 
 
-def probe_run(path: str | Path, num_train: int | None = None, epochs: int = 90, lr: float = 0.1,
-              batch_size: int = 256, random_init: bool = False, seed: int = 0, data: Sequence[str] = ()) -> dict:  # fmt: skip
+def probe_run(
+    path: str | Path,
+    num_train: int | None = None,
+    epochs: int = 90,
+    lr: float = 0.1,
+    batch_size: int = 256,
+    random_init: bool = False,
+    seed: int = 0,
+    data: Sequence[str] = (),
+) -> dict:
     """Linear-probe accuracy of a pretraining run's encoder (or, `random_init`, of the same encoder untrained).
 
     `data`: `data.…=value` overrides, to probe on another labelled dataset than the run's.
     """
-    for flag, value, allowed in (("--num-train", num_train, AT_LEAST_1), ("--epochs", epochs, AT_LEAST_1), ("--lr", lr, POSITIVE),
-                                 ("--batch-size", batch_size, AT_LEAST_1)):  # fmt: skip
+    for flag, value, allowed in (
+        ("--num-train", num_train, AT_LEAST_1),
+        ("--epochs", epochs, AT_LEAST_1),
+        ("--lr", lr, POSITIVE),
+        ("--batch-size", batch_size, AT_LEAST_1),
+    ):
         if value is not None:
             check_range(flag, value, allowed)
     checkpoint, config, _ = load_run(path, PretrainConfig)
@@ -115,5 +144,11 @@ def probe_run(path: str | Path, num_train: int | None = None, epochs: int = 90, 
     train, test = labelled_splits(config, num_train)
     feats = [features(encoder, s.images, batch_size, device, precision, config.data.mean, config.data.std) for s in (train, test)]
     acc = linear_probe(feats[0], train.labels, feats[1], test.labels, train.num_classes, epochs, lr, batch_size, seed)
-    return {"checkpoint": str(checkpoint), "encoder": "random init" if random_init else "pretrained",
-            "train_images": len(train), "test_images": len(test), "epochs": epochs, "acc1": acc}  # fmt: skip
+    return {
+        "checkpoint": str(checkpoint),
+        "encoder": "random init" if random_init else "pretrained",
+        "train_images": len(train),
+        "test_images": len(test),
+        "epochs": epochs,
+        "acc1": acc,
+    }

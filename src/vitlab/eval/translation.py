@@ -13,12 +13,12 @@ from vitlab.config import FidConfig, TranslateConfig
 from vitlab.data.augment import normalize
 from vitlab.data.images import image_files, read_images
 from vitlab.data.unpaired import UnpairedData, load_pair
-from vitlab.figures import save_image_grid
 from vitlab.errors import VitlabError
 from vitlab.eval.fid import distances, resolve_features
-from vitlab.runs.stored import load_generators, load_run
 from vitlab.eval.table2 import table2_features, table2_scores
+from vitlab.figures import save_image_grid
 from vitlab.runs import checkpoint as ckpt
+from vitlab.runs.stored import load_generators, load_run
 from vitlab.runtime.distributed import pick_device
 from vitlab.runtime.precision import autocast, resolve_precision
 
@@ -97,23 +97,26 @@ def translation_metrics(
     return results
 
 
-def sample_grid(
-    path: Path, nets: nn.ModuleDict, data: UnpairedData, rows: int, device: torch.device, precision: str
-) -> Path:
+def sample_grid(path: Path, nets: nn.ModuleDict, data: UnpairedData, rows: int, device: torch.device, precision: str) -> Path:
     """Fig. 4's layout: A, A→B, B, B→A for the first `rows` test images of each domain."""
     rows = min(rows, len(data.test_a), len(data.test_b))
     a, b = data.test_a[:rows], data.test_b[:rows]
     columns = {
-        "A": a, "A -> B": translate_images(nets["g_a"], a, rows, device, precision),
-        "B": b, "B -> A": translate_images(nets["g_b"], b, rows, device, precision),
-    }  # fmt: skip
+        "A": a,
+        "A -> B": translate_images(nets["g_a"], a, rows, device, precision),
+        "B": b,
+        "B -> A": translate_images(nets["g_b"], b, rows, device, precision),
+    }
     return save_image_grid(path, columns)
 
 
 def evaluate_run(
-    path: str | Path, features: str | None = None, inception_weights: str | None = None, batch_size: int = 50,
+    path: str | Path,
+    features: str | None = None,
+    inception_weights: str | None = None,
+    batch_size: int = 50,
     device: str = "auto",
-) -> dict:  # fmt: skip
+) -> dict:
     """Translate a run's test sets with its last checkpoint; L1/PSNR to the truth (built-in pair), FID and KID."""
     checkpoint, config, _ = load_run(path, TranslateConfig)
     fid = config.eval
@@ -130,9 +133,13 @@ def evaluate_run(
 
 
 def translate_folder(
-    path: str | Path, in_dir: str | Path, out_dir: str | Path, direction: str = "AtoB", batch_size: int = 8,
+    path: str | Path,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    direction: str = "AtoB",
+    batch_size: int = 8,
     device: str = "auto",
-) -> list[Path]:  # fmt: skip
+) -> list[Path]:
     """Translate every image of `in_dir` (resized to the model's size) into PNGs of the same names in `out_dir`."""
     if direction not in DIRECTIONS:
         raise VitlabError(f"direction={direction!r} is not supported; allowed: {', '.join(DIRECTIONS)}")

@@ -9,6 +9,13 @@ from vitlab.inspect.embeddings import patch_embedding_components, position_embed
 from vitlab.inspect.report import inspect_model
 
 __all__ = [
-    "attention_maps", "attention_rollout", "default_query", "inspect_model", "mean_attention_distance",
-    "patch_distances", "patch_embedding_components", "position_embedding_similarity", "query_attention",
-]  # fmt: skip
+    "attention_maps",
+    "attention_rollout",
+    "default_query",
+    "inspect_model",
+    "mean_attention_distance",
+    "patch_distances",
+    "patch_embedding_components",
+    "position_embedding_similarity",
+    "query_attention",
+]

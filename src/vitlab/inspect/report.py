@@ -9,12 +9,21 @@ import torch
 
 from vitlab.data.augment import normalize
 from vitlab.inspect.attention import (
-    Query, attention_maps, attention_rollout, default_query, plot_attention_maps, plot_rollout, query_attention,
-)  # fmt: skip
+    Query,
+    attention_maps,
+    attention_rollout,
+    default_query,
+    plot_attention_maps,
+    plot_rollout,
+    query_attention,
+)
 from vitlab.inspect.distance import mean_attention_distance, plot_mean_attention_distance
 from vitlab.inspect.embeddings import (
-    patch_embedding_components, plot_patch_components, plot_position_similarity, position_embedding_similarity,
-)  # fmt: skip
+    patch_embedding_components,
+    plot_patch_components,
+    plot_position_similarity,
+    position_embedding_similarity,
+)
 from vitlab.models.vit import VisionTransformer
 
 

@@ -28,8 +28,20 @@ from vitlab.models.gan import ResnetBlock, init_gan_weights
 
 def check_block_options(block: str, attn_impl: str, dim: int, num_heads: int) -> None:
     """The checks vitlab's own blocks make of these keywords (the code's blocks have no other switches)."""
-    BlockSpec(block, dim, num_heads, mlp_dim=dim, qkv_bias=False, qk_norm=False, norm_bias=False, branch_norm="none",
-              dropout=0.0, attn_dropout=0.0, drop_path=0.0, attn_impl=attn_impl)  # fmt: skip
+    BlockSpec(
+        block,
+        dim,
+        num_heads,
+        mlp_dim=dim,
+        qkv_bias=False,
+        qk_norm=False,
+        norm_bias=False,
+        branch_norm="none",
+        dropout=0.0,
+        attn_dropout=0.0,
+        drop_path=0.0,
+        attn_impl=attn_impl,
+    )
 
 
 class FullWidthAttention(Attention):
@@ -167,8 +179,10 @@ class Ai602ViTUnet(nn.Module):
         super().__init__()
         check_block_options(block, attn_impl, embed_dim // 8, num_heads)
         if depth % 6 or embed_dim % 8 or mlp_dim % 8:
-            raise VitlabError(f"depth={depth}, embed_dim={embed_dim} and mlp_dim={mlp_dim}: depth must be a multiple of 6 "
-                              "and both widths multiples of 8 (three halvings)")  # fmt: skip
+            raise VitlabError(
+                f"depth={depth}, embed_dim={embed_dim} and mlp_dim={mlp_dim}: depth must be a multiple of 6 "
+                "and both widths multiples of 8 (three halvings)"
+            )
         self.grid = check_patches(img_size, patch_size)
         self.patch_size, self.in_chans = patch_size, in_chans
         patch_dim = in_chans * patch_size**2
@@ -192,9 +206,12 @@ class Ai602ViTUnet(nn.Module):
             return layers + [nn.InstanceNorm2d(cout), nn.ReLU()] if activation else layers
 
         self.cnn = nn.Sequential(
-            *conv(4 * in_chans, 64), *conv(64, 128), *[ResnetBlock(128) for _ in range(depth // 3)],
-            *conv(128, 64), *conv(64, in_chans, activation=False),
-        )  # fmt: skip
+            *conv(4 * in_chans, 64),
+            *conv(64, 128),
+            *[ResnetBlock(128) for _ in range(depth // 3)],
+            *conv(128, 64),
+            *conv(64, in_chans, activation=False),
+        )
         init_gan_weights(self)  # the code's weight_init: convolutions from N(0, 0.02), zero biases
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -207,8 +224,15 @@ class Ai602ViTUnet(nn.Module):
         for decoder in self.decoders:
             x = decoder(torch.cat([skips.pop(), resize_width(x, 2)], dim=1))
         pixels = self.to_pixels(x)
-        stacked = rearrange(pixels, "b (t h w) (p q c) -> b (t c) (h p) (w q)", t=4, h=self.grid, p=self.patch_size,
-                            q=self.patch_size, c=self.in_chans)  # fmt: skip
+        stacked = rearrange(
+            pixels,
+            "b (t h w) (p q c) -> b (t c) (h p) (w q)",
+            t=4,
+            h=self.grid,
+            p=self.patch_size,
+            q=self.patch_size,
+            c=self.in_chans,
+        )
         return torch.tanh(self.cnn(stacked))
 
 

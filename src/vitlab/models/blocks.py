@@ -352,9 +352,17 @@ class BlockSpec:
 
     def build(self, count: int) -> list[nn.Module]:
         """`count` blocks, stochastic depth growing linearly from 0 to `drop_path` (Huang et al. 2016; DeiT)."""
-        common = dict(dim=self.dim, num_heads=self.num_heads, mlp_dim=self.mlp_dim, qkv_bias=self.qkv_bias,
-                      qk_norm=self.qk_norm, norm_bias=self.norm_bias, dropout=self.dropout,
-                      attn_dropout=self.attn_dropout, attn_impl=self.attn_impl)  # fmt: skip
+        common = dict(
+            dim=self.dim,
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            qkv_bias=self.qkv_bias,
+            qk_norm=self.qk_norm,
+            norm_bias=self.norm_bias,
+            dropout=self.dropout,
+            attn_dropout=self.attn_dropout,
+            attn_impl=self.attn_impl,
+        )
         if self.block == "parallel":
             return [ParallelBlock(branch_norm=self.branch_norm, drop_path=rate, **common) for rate in self.rates(count)]
         return [SerialBlock(drop_path=rate, **common) for rate in self.rates(count)]

@@ -81,8 +81,12 @@ class Preprocessing:
 def run_preprocessing(data: DataConfig, streamed: bool) -> Preprocessing:
     """A run's evaluation preprocessing: a `streamed` run cuts the centre square of data.crop_fraction and resizes it
     bilinearly (`vitlab.data.crops`); in memory, CIFAR is resized bilinearly and image folders bicubically, whole."""
-    return Preprocessing(tuple(data.mean), tuple(data.std), data.crop_fraction if streamed else None,
-                         "bilinear" if streamed or data.name.startswith("cifar") else "bicubic")  # fmt: skip
+    return Preprocessing(
+        tuple(data.mean),
+        tuple(data.std),
+        data.crop_fraction if streamed else None,
+        "bilinear" if streamed or data.name.startswith("cifar") else "bicubic",
+    )
 
 
 def timm_arguments(config: dict, preprocessing: Preprocessing) -> dict:
@@ -93,18 +97,33 @@ def timm_arguments(config: dict, preprocessing: Preprocessing) -> dict:
         # Any registered ViT name will do: every keyword below overrides its defaults. vit_base_patch16_xp_224 is
         # timm's ViT with ParallelScalingBlock (and RmsNorm, pre-norm and no class position, turned off here).
         model_name="vit_base_patch16_224" if c["block"] == "serial" else "vit_base_patch16_xp_224",
-        img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"], num_classes=c["num_classes"],
-        embed_dim=c["embed_dim"], depth=c["depth"], num_heads=c["num_heads"], mlp_ratio=c["mlp_dim"] / c["embed_dim"],
-        qkv_bias=c["qkv_bias"], qk_norm=c["qk_norm"], class_token=c["pool"] == "cls",
-        global_pool="token" if c["pool"] == "cls" else "avg", fc_norm=False,  # vitlab: norm every token, then pool
-        pos_drop_rate=c["dropout"], proj_drop_rate=c["dropout"], attn_drop_rate=c["attn_dropout"],
+        img_size=c["img_size"],
+        patch_size=c["patch_size"],
+        in_chans=c["in_chans"],
+        num_classes=c["num_classes"],
+        embed_dim=c["embed_dim"],
+        depth=c["depth"],
+        num_heads=c["num_heads"],
+        mlp_ratio=c["mlp_dim"] / c["embed_dim"],
+        qkv_bias=c["qkv_bias"],
+        qk_norm=c["qk_norm"],
+        class_token=c["pool"] == "cls",
+        global_pool="token" if c["pool"] == "cls" else "avg",
+        fc_norm=False,  # vitlab: norm every token, then pool
+        pos_drop_rate=c["dropout"],
+        proj_drop_rate=c["dropout"],
+        attn_drop_rate=c["attn_dropout"],
         drop_path_rate=c["drop_path"],
         pretrained_cfg_overlay=dict(
-            input_size=[c["in_chans"], c["img_size"], c["img_size"]], interpolation=preprocessing.interpolation,
-            crop_pct=preprocessing.crop_fraction or 1.0, crop_mode="squash" if preprocessing.crop_fraction is None else "center",
-            mean=mean, std=std, num_classes=c["num_classes"],
+            input_size=[c["in_chans"], c["img_size"], c["img_size"]],
+            interpolation=preprocessing.interpolation,
+            crop_pct=preprocessing.crop_fraction or 1.0,
+            crop_mode="squash" if preprocessing.crop_fraction is None else "center",
+            mean=mean,
+            std=std,
+            num_classes=c["num_classes"],
         ),
-    )  # fmt: skip
+    )
     if c["block"] == "parallel":
         args |= dict(norm_layer="layernorm", pre_norm=False, no_embed_class=False)  # timm's LayerNorm: eps 1e-6
     return args
@@ -114,15 +133,26 @@ def hf_config(config: dict, classes: list[str]) -> dict:
     """config.json of a transformers ViTForImageClassification that computes what the vitlab model does."""
     c = config
     return {
-        "architectures": ["ViTForImageClassification"], "model_type": "vit",
-        "hidden_size": c["embed_dim"], "num_hidden_layers": c["depth"], "num_attention_heads": c["num_heads"],
-        "intermediate_size": c["mlp_dim"], "hidden_act": "gelu", "layer_norm_eps": 1e-6,
-        "hidden_dropout_prob": c["dropout"], "attention_probs_dropout_prob": c["attn_dropout"],
-        "initializer_range": 0.02, "image_size": c["img_size"], "patch_size": c["patch_size"],
-        "num_channels": c["in_chans"], "qkv_bias": c["qkv_bias"], "encoder_stride": c["patch_size"],
+        "architectures": ["ViTForImageClassification"],
+        "model_type": "vit",
+        "hidden_size": c["embed_dim"],
+        "num_hidden_layers": c["depth"],
+        "num_attention_heads": c["num_heads"],
+        "intermediate_size": c["mlp_dim"],
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+        "hidden_dropout_prob": c["dropout"],
+        "attention_probs_dropout_prob": c["attn_dropout"],
+        "initializer_range": 0.02,
+        "image_size": c["img_size"],
+        "patch_size": c["patch_size"],
+        "num_channels": c["in_chans"],
+        "qkv_bias": c["qkv_bias"],
+        "encoder_stride": c["patch_size"],
         "id2label": {str(i): name for i, name in enumerate(classes)},
-        "label2id": {name: i for i, name in enumerate(classes)}, "dtype": "float32",
-    }  # fmt: skip
+        "label2id": {name: i for i, name in enumerate(classes)},
+        "dtype": "float32",
+    }
 
 
 def hf_preprocessor_config(config: dict, preprocessing: Preprocessing) -> dict:
@@ -134,16 +164,24 @@ def hf_preprocessor_config(config: dict, preprocessing: Preprocessing) -> dict:
     size, crop = config["img_size"], preprocessing.crop_fraction
     mean, std = preprocessing.per_channel(config["in_chans"])
     common = {
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean, "image_std": std,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": mean,
+        "image_std": std,
         "resample": 2 if preprocessing.interpolation == "bilinear" else 3,  # PIL's codes
-    }  # fmt: skip
+    }
     if crop is None:
         return {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size}, **common}
     return {
-        "image_processor_type": "BitImageProcessor", "do_convert_rgb": True, "do_resize": True,
-        "size": {"shortest_edge": int(size / crop)}, "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "image_processor_type": "BitImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": int(size / crop)},
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
         **common,
-    }  # fmt: skip
+    }
 
 
 def export_target(out: str | Path, force: bool) -> Path:
@@ -157,8 +195,10 @@ def export_target(out: str | Path, force: bool) -> Path:
         raise VitlabError(f"{out} is not empty; give a new or empty folder, or add --force to replace an earlier export there")
     others = [name for name in held if name not in EXPORT_FILES or (target / name).is_symlink() or not (target / name).is_file()]
     if others:
-        raise VitlabError(f"{out} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, not an export's "
-                          "files; --force replaces an earlier export only: give a new or empty folder")  # fmt: skip
+        raise VitlabError(
+            f"{out} holds {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, not an export's "
+            "files; --force replaces an earlier export only: give a new or empty folder"
+        )
     return target
 
 
@@ -186,12 +226,19 @@ def _disk_errors(out: str | Path) -> Iterator[None]:
         if exc.errno not in _DISK_ERRORS:
             raise
         fix = "free space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"fix the permissions of {exc.filename}"
-        raise VitlabError(f"cannot write the export to {out} ({exc.filename}: {exc.strerror}); {fix}, or give "
-                          "another output folder") from None  # fmt: skip
+        raise VitlabError(
+            f"cannot write the export to {out} ({exc.filename}: {exc.strerror}); {fix}, or give another output folder"
+        ) from None
 
 
-def export_model(model: torch.nn.Module, fmt: str, out: str | Path, preprocessing: Preprocessing,
-                 classes: list[str] | None = None, force: bool = False) -> list[Path]:  # fmt: skip
+def export_model(
+    model: torch.nn.Module,
+    fmt: str,
+    out: str | Path,
+    preprocessing: Preprocessing,
+    classes: list[str] | None = None,
+    force: bool = False,
+) -> list[Path]:
     """Write `model`, with the `preprocessing` of its inputs, to the folder `out` for timm or Hugging Face; returns the files."""
     check_choice("--format", fmt, FORMATS)
     config = model.config
@@ -203,8 +250,10 @@ def export_model(model: torch.nn.Module, fmt: str, out: str | Path, preprocessin
     if fmt == "timm":
         documents = {"create_model.json": timm_arguments(config, preprocessing), "class_names.json": classes}
     else:
-        documents = {"config.json": hf_config(config, classes),
-                     "preprocessor_config.json": hf_preprocessor_config(config, preprocessing)}  # fmt: skip
+        documents = {
+            "config.json": hf_config(config, classes),
+            "preprocessor_config.json": hf_preprocessor_config(config, preprocessing),
+        }
     with _disk_errors(out):
         target = export_target(out, force)
         staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")

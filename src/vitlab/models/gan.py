@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vitlab.config import DISCRIMINATORS, NORMS
+from vitlab.config import NORMS
 from vitlab.errors import VitlabError, check_choice
-
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -56,27 +55,37 @@ class ResnetGenerator(nn.Module):
     """
 
     def __init__(
-        self, in_chans: int = 3, out_chans: int = 3, base_channels: int = 64, num_blocks: int = 9,
-        norm: str = "instance", dropout: float = 0.0,
-    ):  # fmt: skip
+        self,
+        in_chans: int = 3,
+        out_chans: int = 3,
+        base_channels: int = 64,
+        num_blocks: int = 9,
+        norm: str = "instance",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         check_choice("norm", norm, NORMS)
         if base_channels < 1 or num_blocks < 0:
             raise VitlabError(f"base_channels={base_channels} must be >= 1 and num_blocks={num_blocks} >= 0")
         c = base_channels
         layers: list[nn.Module] = [
-            nn.Conv2d(in_chans, c, 7, padding=3, padding_mode="reflect"), norm_layer(norm, c), nn.ReLU(inplace=True),
-        ]  # fmt: skip
+            nn.Conv2d(in_chans, c, 7, padding=3, padding_mode="reflect"),
+            norm_layer(norm, c),
+            nn.ReLU(inplace=True),
+        ]
         for width in (c, 2 * c):
             layers += [
-                nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), norm_layer(norm, 2 * width), nn.ReLU(inplace=True),
-            ]  # fmt: skip
+                nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+                norm_layer(norm, 2 * width),
+                nn.ReLU(inplace=True),
+            ]
         layers += [ResnetBlock(4 * c, norm, dropout) for _ in range(num_blocks)]
         for width in (4 * c, 2 * c):
             layers += [
                 nn.ConvTranspose2d(width, width // 2, 3, stride=2, padding=1, output_padding=1),
-                norm_layer(norm, width // 2), nn.ReLU(inplace=True),
-            ]  # fmt: skip
+                norm_layer(norm, width // 2),
+                nn.ReLU(inplace=True),
+            ]
         layers += [nn.Conv2d(c, out_chans, 7, padding=3, padding_mode="reflect"), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         init_gan_weights(self)
@@ -106,8 +115,9 @@ class PatchDiscriminator(nn.Module):
             stride = 2 if i < num_layers else 1
             layers += [
                 nn.Conv2d(widths[i - 1], widths[i], 4, stride=stride, padding=1),
-                norm_layer(norm, widths[i]), nn.LeakyReLU(0.2, inplace=True),
-            ]  # fmt: skip
+                norm_layer(norm, widths[i]),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
         layers.append(nn.Conv2d(widths[-1], 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)
         init_gan_weights(self)

@@ -65,8 +65,15 @@ def colour_classes(pixels: torch.Tensor, patch: int, bits: int = 3) -> torch.Ten
 def transformer_blocks(encoder: VisionTransformer, dim: int, depth: int, num_heads: int) -> nn.Sequential:
     """`depth` blocks of the encoder's family and switches at another width (MLP 4× wide)."""
     c = encoder.config
-    kwargs = dict(dim=dim, num_heads=num_heads, mlp_dim=4 * dim, qkv_bias=c["qkv_bias"], qk_norm=c["qk_norm"],
-                  norm_bias=c["norm_bias"], attn_impl=c["attn_impl"])  # fmt: skip
+    kwargs = dict(
+        dim=dim,
+        num_heads=num_heads,
+        mlp_dim=4 * dim,
+        qkv_bias=c["qkv_bias"],
+        qk_norm=c["qk_norm"],
+        norm_bias=c["norm_bias"],
+        attn_impl=c["attn_impl"],
+    )
     if c["block"] == "parallel":
         return nn.Sequential(*[ParallelBlock(branch_norm=c["branch_norm"], **kwargs) for _ in range(depth)])
     return nn.Sequential(*[SerialBlock(**kwargs) for _ in range(depth)])
@@ -85,8 +92,15 @@ class MaskedAutoencoder(nn.Module):
     16 heads and fixed sin-cos position embedding, per-patch normalised pixel targets.
     """
 
-    def __init__(self, encoder: VisionTransformer, mask_ratio: float = 0.75, decoder_dim: int = 512,
-                 decoder_depth: int = 8, decoder_heads: int = 16, norm_pix_loss: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        norm_pix_loss: bool = True,
+    ):
         super().__init__()
         check_encoder(encoder)
         if not 0 < mask_ratio < 1:
@@ -98,7 +112,9 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         table = sincos_2d_position_embedding(grid, grid, decoder_dim)
-        self.register_buffer("decoder_pos_embed", torch.cat([table.new_zeros(prefix, decoder_dim), table])[None], persistent=False)
+        self.register_buffer(
+            "decoder_pos_embed", torch.cat([table.new_zeros(prefix, decoder_dim), table])[None], persistent=False
+        )
         self.decoder_blocks = transformer_blocks(encoder, decoder_dim, decoder_depth, decoder_heads)
         self.decoder_norm = layer_norm(decoder_dim, encoder.config["norm_bias"])
         self.decoder_pred = nn.Linear(decoder_dim, self.patch**2 * self.channels)
@@ -164,8 +180,15 @@ class MaskedPatchPrediction(nn.Module):
     input normalisation to find the colours.
     """
 
-    def __init__(self, encoder: VisionTransformer, mean: tuple[float, ...] = (0.5,), std: tuple[float, ...] = (0.5,),
-                 mask_ratio: float = 0.5, replace: tuple[float, float] = (0.8, 0.1), bits: int = 3):  # fmt: skip
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        mean: tuple[float, ...] = (0.5,),
+        std: tuple[float, ...] = (0.5,),
+        mask_ratio: float = 0.5,
+        replace: tuple[float, float] = (0.8, 0.1),
+        bits: int = 3,
+    ):
         super().__init__()
         check_encoder(encoder)
         if not 0 < mask_ratio < 1 or min(replace) < 0 or sum(replace) > 1:

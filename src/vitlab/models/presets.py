@@ -86,9 +86,13 @@ def preset_config(name: str) -> dict:
     family, key, patch = parse_name(name)
     size = SIZES[key]
     return dict(
-        patch_size=patch, embed_dim=size.width, depth=size.depth, mlp_dim=size.mlp_dim, num_heads=size.heads,
+        patch_size=patch,
+        embed_dim=size.width,
+        depth=size.depth,
+        mlp_dim=size.mlp_dim,
+        num_heads=size.heads,
         **{**FAMILIES, **AI602_FAMILIES}[family],
-    )  # fmt: skip
+    )
 
 
 def is_ai602(name: str) -> bool:

@@ -23,9 +23,9 @@ from einops import rearrange
 from torch import nn
 
 from vitlab.errors import VitlabError
+from vitlab.models.ai602 import Ai602ViTUnet
 from vitlab.models.blocks import BlockSpec, layer_norm
 from vitlab.models.gan import ResnetBlock, init_gan_weights
-from vitlab.models.ai602 import Ai602ViTUnet
 from vitlab.models.presets import is_ai602, meta_parameter_count, preset_config
 from vitlab.models.vit import PatchEmbed
 
@@ -90,8 +90,20 @@ class ViTUnet(nn.Module):
         input_skip: bool = False,
     ):
         super().__init__()
-        spec = BlockSpec(block, embed_dim, num_heads, mlp_dim, qkv_bias, qk_norm, norm_bias, branch_norm,
-                         dropout, attn_dropout, drop_path, attn_impl)  # fmt: skip
+        spec = BlockSpec(
+            block,
+            embed_dim,
+            num_heads,
+            mlp_dim,
+            qkv_bias,
+            qk_norm,
+            norm_bias,
+            branch_norm,
+            dropout,
+            attn_dropout,
+            drop_path,
+            attn_impl,
+        )
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         grid = self.patch_embed.grid
         if levels < 0 or grid % 2**levels:

@@ -109,8 +109,20 @@ class VisionTransformer(nn.Module):
     ):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        spec = BlockSpec(block, embed_dim, num_heads, mlp_dim, qkv_bias, qk_norm, norm_bias, branch_norm,
-                         dropout, attn_dropout, drop_path, attn_impl)  # fmt: skip
+        spec = BlockSpec(
+            block,
+            embed_dim,
+            num_heads,
+            mlp_dim,
+            qkv_bias,
+            qk_norm,
+            norm_bias,
+            branch_norm,
+            dropout,
+            attn_dropout,
+            drop_path,
+            attn_impl,
+        )
         check_choice("pos_embed", pos_embed, POS_EMBEDS)
         check_choice("pool", pool, POOLS)
         check_choice("head", head, HEADS)

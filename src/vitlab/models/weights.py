@@ -16,7 +16,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from vitlab.config import WEIGHT_FORMATS
 from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer
 
@@ -28,15 +27,22 @@ _WRAPPER_KEYS = ("state_dict", "model", "module")
 _SHOWN = 3  # tensors named in one error
 
 
-def check_weights(tensors: dict[str, torch.Tensor], source: str,
-                  fix: str = "the file is damaged or its run diverged: use another checkpoint") -> None:  # fmt: skip
+def check_weights(
+    tensors: dict[str, torch.Tensor], source: str, fix: str = "the file is damaged or its run diverged: use another checkpoint"
+) -> None:
     """Refuse integer or boolean tensors (loading would cast them silently) and NaN or infinite values (`fix`), by name."""
     for problem, bad, hint in (
-        ("are not floating point", [f"{k} ({v.dtype})" for k, v in tensors.items() if not v.is_floating_point()],
-         "vitlab casts no weights: save them as floats, or use another checkpoint"),
-        ("hold NaN or infinite values",
-         [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()], fix),
-    ):  # fmt: skip
+        (
+            "are not floating point",
+            [f"{k} ({v.dtype})" for k, v in tensors.items() if not v.is_floating_point()],
+            "vitlab casts no weights: save them as floats, or use another checkpoint",
+        ),
+        (
+            "hold NaN or infinite values",
+            [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()],
+            fix,
+        ),
+    ):
         if bad:
             more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
             raise VitlabError(f"{source}: tensor(s) {', '.join(bad[:_SHOWN])}{more} {problem}; {hint}")
@@ -85,8 +91,11 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
         if items
     ]
     if problems:
-        raise VitlabError(f"{source} does not fit the model; " + "; ".join(problems)
-                          + "; give the checkpoint of a model with these shapes, or set model.name and model.options to match it")
+        raise VitlabError(
+            f"{source} does not fit the model; "
+            + "; ".join(problems)
+            + "; give the checkpoint of a model with these shapes, or set model.name and model.options to match it"
+        )
     model.load_state_dict(state_dict)
 
 
@@ -107,9 +116,10 @@ def drop_implied(state_dict: dict[str, torch.Tensor], model: VisionTransformer) 
     """`state_dict` without the tensors `model` computes itself, where they hold exactly those values."""
     implied = implied_tensors(model)
     return {
-        k: v for k, v in state_dict.items()
+        k: v
+        for k, v in state_dict.items()
         if not (k in implied and v.shape == implied[k].shape and torch.allclose(v.float(), implied[k].float()))
-    }  # fmt: skip
+    }
 
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -151,8 +161,12 @@ def parallel_block_to_timm(block: dict[str, torch.Tensor]) -> dict[str, torch.Te
         out["in_proj.bias"] = torch.cat([mlp_bias, qkv_bias])
     attn_w, mlp_w = b.pop("out_proj.weight").split([dim, mlp.shape[0]], dim=1)
     out_bias = b.pop("out_proj.bias")
-    out |= {"attn_out_proj.weight": attn_w, "attn_out_proj.bias": out_bias,
-            "mlp_out_proj.weight": mlp_w, "mlp_out_proj.bias": torch.zeros_like(out_bias)}  # fmt: skip
+    out |= {
+        "attn_out_proj.weight": attn_w,
+        "attn_out_proj.bias": out_bias,
+        "mlp_out_proj.weight": mlp_w,
+        "mlp_out_proj.bias": torch.zeros_like(out_bias),
+    }
     return out | b  # anything left (a branch norm) keeps its name, so that timm lists it
 
 
@@ -187,10 +201,16 @@ def to_timm(state_dict: dict[str, torch.Tensor], block: str) -> dict[str, torch.
 def filter_timm_vit(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
     """A timm VisionTransformer state dict (Block or ParallelScalingBlock) under `model`'s names (`to_timm` undone)."""
     rest, blocks = split_blocks(state_dict)
-    held = {"serial" if "attn.qkv.weight" in b else "parallel" for b in blocks.values() if {"attn.qkv.weight", "in_proj.weight"} & set(b)}
+    held = {
+        "serial" if "attn.qkv.weight" in b else "parallel"
+        for b in blocks.values()
+        if {"attn.qkv.weight", "in_proj.weight"} & set(b)
+    }
     if held and held != {model.config["block"]}:
         found = " and ".join(sorted(held))
-        raise VitlabError(f"the checkpoint holds {found} ViT blocks; build the model with block='{found}', not '{model.config['block']}'")
+        raise VitlabError(
+            f"the checkpoint holds {found} ViT blocks; build the model with block='{found}', not '{model.config['block']}'"
+        )
     # Parallel blocks named by timm (in_norm, …) are renamed; ones saved by vitlab (norm, …) are already ours.
     blocks = {i: timm_block_to_parallel(b) if "in_norm.weight" in b else b for i, b in blocks.items()}
     return drop_implied(join_blocks(rest, blocks), model)
@@ -270,11 +290,15 @@ def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[f"blocks.{index}.{block_names.get(module, module)}.{kind}"] = value
     for (index, kind), parts in qkv.items():
         if set(parts) != set(HF_QKV):
-            raise VitlabError(f"layer {index} of the Hugging Face checkpoint lacks attention {kind}s of {sorted(set(HF_QKV) - set(parts))}")
+            raise VitlabError(
+                f"layer {index} of the Hugging Face checkpoint lacks attention {kind}s of {sorted(set(HF_QKV) - set(parts))}"
+            )
         shapes = {n: tuple(parts[n].shape) for n in HF_QKV}
         if len(set(shapes.values())) > 1:
-            raise VitlabError(f"the Hugging Face checkpoint's {HF_BLOCKS}{index}.attention.attention.{{query,key,value}}.{kind} "
-                              f"have unequal shapes {shapes}; it is damaged: download or export it again")  # fmt: skip
+            raise VitlabError(
+                f"the Hugging Face checkpoint's {HF_BLOCKS}{index}.attention.attention.{{query,key,value}}.{kind} "
+                f"have unequal shapes {shapes}; it is damaged: download or export it again"
+            )
         out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([parts[n] for n in HF_QKV])
     return out
 
@@ -312,8 +336,10 @@ def read_hf_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VitlabError(f"cannot read {config_file} as JSON ({exc}); download or export the model folder again") from None
     if not isinstance(config, dict):
-        raise VitlabError(f"{config_file} holds a JSON {type(config).__name__}, not the object of a model config; "
-                          "download or export the model folder again")  # fmt: skip
+        raise VitlabError(
+            f"{config_file} holds a JSON {type(config).__name__}, not the object of a model config; "
+            "download or export the model folder again"
+        )
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (weights_file := _hf_file(folder, name)) is not None:
             return config, read_state_dict(weights_file)
@@ -325,13 +351,17 @@ def read_hf_folder(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def filter_hf_vit(config: dict, state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
     """A Hugging Face ViT checkpoint under `model`'s names, after checking what the tensors cannot show."""
     if config.get("model_type") != "vit":
-        raise VitlabError(f"the Hugging Face checkpoint is a {config.get('model_type')!r} model (config.json's model_type); "
-                          "vitlab reads ViT checkpoints (model_type 'vit'): give a ViT's folder")
+        raise VitlabError(
+            f"the Hugging Face checkpoint is a {config.get('model_type')!r} model (config.json's model_type); "
+            "vitlab reads ViT checkpoints (model_type 'vit'): give a ViT's folder"
+        )
     if model.config["block"] != "serial":
         raise VitlabError("Hugging Face ViT checkpoints hold serial ViT blocks; build the model with block='serial' (vit-*)")
     heads = config.get("num_attention_heads", model.config["num_heads"])
     if heads != model.config["num_heads"]:
-        raise VitlabError(f"the checkpoint's attention has {heads} heads, the model {model.config['num_heads']}; set num_heads={heads}")
+        raise VitlabError(
+            f"the checkpoint's attention has {heads} heads, the model {model.config['num_heads']}; set num_heads={heads}"
+        )
     if config.get("hidden_act", "gelu") != "gelu":
         raise VitlabError(f"the checkpoint's MLP uses {config['hidden_act']!r}; vitlab's uses the exact 'gelu'")
     return drop_implied(from_hf(state_dict), model)

@@ -40,8 +40,9 @@ def build_pretraining(config: PretrainConfig, image_size: int) -> nn.Module:
     p = config.pretrain
     encoder = build_model(config, image_size, num_classes=0)
     if p.method == "mae":
-        options = dict(decoder_dim=p.decoder_dim, decoder_depth=p.decoder_depth, decoder_heads=p.decoder_heads,
-                       norm_pix_loss=p.norm_pix_loss)  # fmt: skip
+        options = dict(
+            decoder_dim=p.decoder_dim, decoder_depth=p.decoder_depth, decoder_heads=p.decoder_heads, norm_pix_loss=p.norm_pix_loss
+        )
     else:
         options = dict(mean=tuple(config.data.mean), std=tuple(config.data.std))
     if p.mask_ratio is not None:

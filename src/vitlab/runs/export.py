@@ -30,11 +30,14 @@ def export_run(run: str | Path, fmt: str, out: str | Path, ema: bool = False, fo
     target = Path(out).resolve()
     inside = _enclosing_run(target)
     if inside is not None and target.is_relative_to(inside / "checkpoints"):
-        raise VitlabError(f"{out} is inside the checkpoints of the run {inside}; vitlab export never writes there: "
-                          "give a folder outside them")  # fmt: skip
+        raise VitlabError(
+            f"{out} is inside the checkpoints of the run {inside}; vitlab export never writes there: give a folder outside them"
+        )
     if inside is not None and not force:
-        raise VitlabError(f"{out} is inside the run {inside}; give a folder outside it, or add --force to write a new "
-                          "folder there (a run's own files are never replaced)")  # fmt: skip
+        raise VitlabError(
+            f"{out} is inside the run {inside}; give a folder outside it, or add --force to write a new "
+            "folder there (a run's own files are never replaced)"
+        )
     model, config = load_checkpoint_model(run, ema)
     saved = ckpt.read_meta(ckpt.find_checkpoint(run)).get("classes")
     classes = class_names(config.data, model.num_classes, saved)

@@ -15,9 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitlab.config import (
-    DataConfig, Experiment, GeneratorConfig, ModelConfig, PairDataConfig, PretrainConfig, RunConfig, StabilityConfig,
-    TranslateConfig, config_kind, load_config,
-)  # fmt: skip
+    DataConfig,
+    Experiment,
+    GeneratorConfig,
+    ModelConfig,
+    PairDataConfig,
+    PretrainConfig,
+    RunConfig,
+    StabilityConfig,
+    TranslateConfig,
+    config_kind,
+    load_config,
+)
 from vitlab.data.builtin import difficulty_knobs
 from vitlab.data.sources import streams
 from vitlab.errors import VitlabError, brief
@@ -71,8 +80,10 @@ def check_generator(generator: GeneratorConfig, crop_size: int) -> None:
 def check_classification(config: RunConfig) -> None:
     check_data(config.data)
     if streams(config.data) and (config.augment.crop_padding or config.augment.vflip):
-        raise VitlabError("augment.crop_padding and augment.vflip are for in-memory data; streamed images get "
-                          "Inception crops and horizontal flips in the workers (data.crop_scale, augment.hflip): unset them")  # fmt: skip
+        raise VitlabError(
+            "augment.crop_padding and augment.vflip are for in-memory data; streamed images get "
+            "Inception crops and horizontal flips in the workers (data.crop_scale, augment.hflip): unset them"
+        )
     check_model(config.model, config.data.image_size)
 
 

@@ -10,9 +10,9 @@ from torch import nn
 from vitlab.config import PretrainConfig, RunConfig, TranslateConfig, from_dict
 from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer
+from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_generator, build_model
 from vitlab.runs.kinds import COMMANDS, KINDS, run_command
-from vitlab.runs import checkpoint as ckpt
 
 
 def check_made_by(path: Path, config: dict, needed: str) -> None:

@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from vitlab.config import DEVICES, STRATEGIES
 from vitlab.errors import VitlabError
 
 
@@ -29,8 +28,6 @@ class Context:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:

@@ -8,8 +8,6 @@ from contextlib import nullcontext
 
 import torch
 
-from vitlab.config import PRECISIONS
-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Compute capabilities: 8.0 (Ampere) is the first with bf16 tensor cores; 7.0 (Volta) the first with fp16

@@ -20,15 +20,15 @@ from vitlab.data.sources import run_data
 from vitlab.errors import VitlabError
 from vitlab.eval.classification import classification_metrics, dataset_logits, evaluate
 from vitlab.eval.figures import save_confusion_matrix
+from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_model
 from vitlab.runs.kinds import check_experiment
-from vitlab.runs import checkpoint as ckpt
 from vitlab.runtime import distributed
+from vitlab.runtime.precision import autocast, choose_precision
 from vitlab.train import sharding
 from vitlab.train.finetune import prepare_model
 from vitlab.train.monitors import StabilityMonitor
 from vitlab.train.optim import build_optimizer
-from vitlab.runtime.precision import autocast, choose_precision
 from vitlab.train.run_log import plot_curves
 from vitlab.train.scaffold import Run, step_seed
 from vitlab.train.schedule import lr_factor, warmup_steps
@@ -73,8 +73,10 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
         raise VitlabError(f"train.batch_size={tc.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
     per_rank = tc.batch_size // ctx.world_size
     if per_rank % tc.accumulate_steps:
-        raise VitlabError(f"train.batch_size={tc.batch_size} over {ctx.world_size} rank(s) is {per_rank} per rank, "
-                          f"which train.accumulate_steps={tc.accumulate_steps} must divide")  # fmt: skip
+        raise VitlabError(
+            f"train.batch_size={tc.batch_size} over {ctx.world_size} rank(s) is {per_rank} per rank, "
+            f"which train.accumulate_steps={tc.accumulate_steps} must divide"
+        )
     sources = run_data(data, per_rank, tc.seed, ctx.rank, ctx.world_size)
     num_classes = sources.num_classes
     steps_per_epoch = sources.train.steps_per_epoch
@@ -90,12 +92,22 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
     with Run(config, ctx, resume, total_steps, steps_per_epoch, progress) as run:
         torch.manual_seed(tc.seed)
         model, net = sharding.wrap_model(
-            lambda: prepare_model(build_model(config, data.image_size, num_classes), config.finetune, load=run.checkpoint is None),
-            tc.strategy, ctx, precision, tc.compile, tc.cpu_offload,
-        )  # fmt: skip
+            lambda: prepare_model(
+                build_model(config, data.image_size, num_classes), config.finetune, load=run.checkpoint is None
+            ),
+            tc.strategy,
+            ctx,
+            precision,
+            tc.compile,
+            tc.cpu_offload,
+        )
         monitor = StabilityMonitor(model)
         optimizer = build_optimizer(model, oc)
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema_decay)) if tc.ema_decay else None
+        ema = (
+            torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tc.ema_decay))
+            if tc.ema_decay
+            else None
+        )
         stepper = OptimizerStep(precision, ctx.device, oc.clip_grad_norm, oc.clip_grad_value)
         if run.checkpoint is not None:
             sharding.load_checkpoint(run.checkpoint, model, optimizer)
@@ -104,15 +116,17 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                 ckpt.load_weights(run.checkpoint, ema.module, "ema")
                 ema.n_averaged.fill_(run.step)  # non-zero: the next update averages instead of copying
 
-        run.announce({
-            "device": f"{ctx.device}, {ctx.world_size} process(es), strategy {tc.strategy if ctx.distributed else 'single'}",
-            "precision": f"{precision} (train.precision: {tc.precision}: {precision_reason})",
-            "model": f"{config.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters",
-            "data": f"{data.name}{' (streamed)' if sources.streamed else ''}: {sources.train_size:,} training"
-                    f"{f' / {sources.minival.size:,} minival' if sources.minival else ''} / {sources.test.size:,} test images, "
-                    f"{num_classes} classes, {data.image_size} px",
-            "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs:g} epochs) of batch {tc.batch_size}",
-        })  # fmt: skip
+        run.announce(
+            {
+                "device": f"{ctx.device}, {ctx.world_size} process(es), strategy {tc.strategy if ctx.distributed else 'single'}",
+                "precision": f"{precision} (train.precision: {tc.precision}: {precision_reason})",
+                "model": f"{config.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters",
+                "data": f"{data.name}{' (streamed)' if sources.streamed else ''}: {sources.train_size:,} training"
+                f"{f' / {sources.minival.size:,} minival' if sources.minival else ''} / {sources.test.size:,} test images, "
+                f"{num_classes} classes, {data.image_size} px",
+                "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs:g} epochs) of batch {tc.batch_size}",
+            }
+        )
 
         def save(extra: dict | None = None) -> None:
             meta = {"num_classes": num_classes, "classes": sources.classes, **stepper.state_dict(), **(extra or {})}
@@ -126,8 +140,17 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                 gen = torch.Generator().manual_seed(step_seed(tc.seed, step, ctx.rank, 0))
                 torch.manual_seed(step_seed(tc.seed, step, ctx.rank, 1))
                 images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
-                x, targets = augment_batch(images, labels, config.augment, gen, num_classes, data.mean, data.std,
-                                           cropped=sources.streamed, crop_scale=data.crop_scale)  # fmt: skip
+                x, targets = augment_batch(
+                    images,
+                    labels,
+                    config.augment,
+                    gen,
+                    num_classes,
+                    data.mean,
+                    data.std,
+                    cropped=sources.streamed,
+                    crop_scale=data.crop_scale,
+                )
                 lr = oc.lr * lr_factor(step, total_steps, warmup, oc)
                 run.set_lr(optimizer, lr)
 
@@ -156,17 +179,24 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                     failing = dict(loss=loss.item(), lr=lr, images_per_s=0.0, skipped=run.skipped, **signals)
                     run.log("steps", failing, step=step + 1)  # the failing step goes into the curves too
                     raise run.divergence(
-                        "loss or gradient", f"loss {loss.item():.4g}; {monitor.summary()}",
+                        "loss or gradient",
+                        f"loss {loss.item():.4g}; {monitor.summary()}",
                         "Lower optim.lr, set optim.clip_grad_norm, or try the stabilisers "
                         "(model.options.qk_norm, model.options.branch_norm=mlp)",
-                    )  # fmt: skip
+                    )
                 run.advance(tc.batch_size)
 
                 if run.due(tc.log_every_steps):
                     mean_loss = distributed.all_reduce(loss.detach().float().clone()).item() / ctx.world_size
                     rate = run.images_per_s
-                    values = dict(loss=mean_loss, lr=lr, images_per_s=rate, skipped=run.skipped,
-                                  **{k: v.item() for k, v in extra.items()}, **signals)  # fmt: skip
+                    values = dict(
+                        loss=mean_loss,
+                        lr=lr,
+                        images_per_s=rate,
+                        skipped=run.skipped,
+                        **{k: v.item() for k, v in extra.items()},
+                        **signals,
+                    )
                     run.log("steps", values, postfix=dict(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}"))
                 if run.due(eval_every):
                     wait = run.data_wait()  # of the training time since the last evaluation
@@ -175,8 +205,10 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
                     if sources.minival:
                         metrics |= {f"val_{k}": v for k, v in evaluate_on(sources.minival, network).items()}
                     val = f"minival acc@1 {100 * metrics['val_acc1']:.2f} %, " if sources.minival else ""
-                    run.write(f"epoch {run.epoch:.2f}  step {run.step}  {val}test acc@1 {100 * metrics['test_acc1']:.2f} %  "
-                              f"(data wait {100 * wait:.1f} % of the step time)")  # fmt: skip
+                    run.write(
+                        f"epoch {run.epoch:.2f}  step {run.step}  {val}test acc@1 {100 * metrics['test_acc1']:.2f} %  "
+                        f"(data wait {100 * wait:.1f} % of the step time)"
+                    )
                     run.log("epochs", {"epoch": run.epoch, "data_wait": wait, **metrics})
                     run.data_wait()  # the evaluation is not training time
                 run.end_step(save)
@@ -188,14 +220,22 @@ def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | Non
 
         run.check_stepped()
         elapsed = run.elapsed()
-        logits, labels = dataset_logits(ema.module if ema else model, sources.test, tc.batch_size, ctx, precision, data.mean, data.std)
+        logits, labels = dataset_logits(
+            ema.module if ema else model, sources.test, tc.batch_size, ctx, precision, data.mean, data.std
+        )
         final = classification_metrics(logits, labels)
         results = {
-            "test": final, "steps": run.step, "epochs": run.epoch, "skipped_steps": run.skipped,
-            "train_seconds_this_session": elapsed, "train_images_per_s": run.seen / elapsed if run.seen else None,
-            "num_parameters": sum(p.numel() for p in model.parameters()), "world_size": ctx.world_size,
-            "max_rank_param_difference": distributed.max_rank_difference(model), "precision": precision,
-        }  # fmt: skip
+            "test": final,
+            "steps": run.step,
+            "epochs": run.epoch,
+            "skipped_steps": run.skipped,
+            "train_seconds_this_session": elapsed,
+            "train_images_per_s": run.seen / elapsed if run.seen else None,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "world_size": ctx.world_size,
+            "max_rank_param_difference": distributed.max_rank_difference(model),
+            "precision": precision,
+        }
         save({"test": final})
         if ctx.is_main:
             save_confusion_matrix(run.dir / "confusion_matrix.png", logits, labels, sources.classes)

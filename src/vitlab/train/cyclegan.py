@@ -26,11 +26,11 @@ from vitlab.config import CycleLossConfig, TranslateConfig
 from vitlab.data.augment import normalize, random_flip
 from vitlab.data.unpaired import PAIRINGS, epoch_length, random_window
 from vitlab.errors import VitlabError
-from vitlab.runs.builders import build_discriminator, build_generator
-from vitlab.runs.kinds import check_experiment
 from vitlab.eval.table2 import table2_features
 from vitlab.eval.translation import DIRECTIONS, load_data, sample_grid, translate_test_sets, translation_metrics
 from vitlab.runs import checkpoint as ckpt
+from vitlab.runs.builders import build_discriminator, build_generator
+from vitlab.runs.kinds import check_experiment
 from vitlab.runtime.distributed import Context, pick_device
 from vitlab.runtime.precision import autocast, choose_precision
 from vitlab.train.run_log import plot_gan_curves
@@ -87,12 +87,14 @@ class ImagePool:
 
 def build_networks(config: TranslateConfig) -> nn.ModuleDict:
     """The two generators and the two discriminators of a run."""
-    return nn.ModuleDict({
-        "g_a": build_generator(config.generator, config.data.crop_size),
-        "g_b": build_generator(config.generator, config.data.crop_size),
-        "d_a": build_discriminator(config.discriminator),
-        "d_b": build_discriminator(config.discriminator),
-    })  # fmt: skip
+    return nn.ModuleDict(
+        {
+            "g_a": build_generator(config.generator, config.data.crop_size),
+            "g_b": build_generator(config.generator, config.data.crop_size),
+            "d_a": build_discriminator(config.discriminator),
+            "d_b": build_discriminator(config.discriminator),
+        }
+    )
 
 
 def generator_loss(
@@ -168,13 +170,15 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
             for name, pool in pools.items():
                 pool.load_state_dict(ckpt.load_tensors(run.checkpoint, f"pool_{name}"), device)
         (run.dir / "samples").mkdir(exist_ok=True)
-        run.announce({
-            "device": str(device),
-            "precision": f"{precision} (train.precision: {tc.precision}: {precision_reason})",
-            "generators": f"{config.generator.name}: {sum(p.numel() for p in nets['g_a'].parameters()):,} parameters each",
-            "data": f"{config.data.name}: {n_a:,} A / {n_b:,} B training images, {config.data.crop_size} px crops",
-            "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs + tc.decay_epochs:g} epochs) of batch {tc.batch_size}",
-        })  # fmt: skip
+        run.announce(
+            {
+                "device": str(device),
+                "precision": f"{precision} (train.precision: {tc.precision}: {precision_reason})",
+                "generators": f"{config.generator.name}: {sum(p.numel() for p in nets['g_a'].parameters()):,} parameters each",
+                "data": f"{config.data.name}: {n_a:,} A / {n_b:,} B training images, {config.data.crop_size} px crops",
+                "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs + tc.decay_epochs:g} epochs) of batch {tc.batch_size}",
+            }
+        )
 
         def save(extra: dict | None = None) -> None:
             tensors = {**{name: nets[name] for name in NETWORKS}, **{f"pool_{k}": p.state_dict() for k, p in pools.items()}}
@@ -213,9 +217,10 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
                 run.count(result.finite, result.overflow)
                 if run.diverged:
                     raise run.divergence(
-                        "loss", ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items()),
+                        "loss",
+                        ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items()),
                         "Lower optim.lr or try the stabilisers (generator.options.qk_norm, generator.options.branch_norm=mlp)",
-                    )  # fmt: skip
+                    )
                 run.advance(tc.batch_size)
 
                 if run.due(tc.log_every_steps):
@@ -233,8 +238,12 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
                         f"B→A {row['l1_ba']:.4f} (identity {row['identity_l1_ab']:.4f}, {row['identity_l1_ba']:.4f})"
                     )
                 if run.due(sample_every):
-                    run.image("samples", sample_grid(run.dir / "samples" / f"step-{run.step:08d}.png", nets, data,
-                                                     tc.num_samples, device, precision))  # fmt: skip
+                    run.image(
+                        "samples",
+                        sample_grid(
+                            run.dir / "samples" / f"step-{run.step:08d}.png", nets, data, tc.num_samples, device, precision
+                        ),
+                    )
                 run.end_step(save)
                 if run.step >= total_steps:
                     break
@@ -244,14 +253,17 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
         fakes = translate_test_sets(nets, data, tc.batch_size, device, precision)
         metrics = translation_metrics(data, *fakes, config.eval, device)
         results = {
-            "test": metrics, "steps": run.step, "epochs": run.epoch, "skipped_steps": run.skipped,
-            "train_seconds_this_session": elapsed, "train_images_per_s": run.seen / elapsed if run.seen else None,
+            "test": metrics,
+            "steps": run.step,
+            "epochs": run.epoch,
+            "skipped_steps": run.skipped,
+            "train_seconds_this_session": elapsed,
+            "train_images_per_s": run.seen / elapsed if run.seen else None,
             "generator_parameters": sum(p.numel() for p in nets["g_a"].parameters()),
-            "discriminator_parameters": sum(p.numel() for p in nets["d_a"].parameters()), "precision": precision,
-        }  # fmt: skip
+            "discriminator_parameters": sum(p.numel() for p in nets["d_a"].parameters()),
+            "precision": precision,
+        }
         save({"test": metrics})
         results = run.finish(results, plot_gan_curves)
         sample_grid(run.dir / "samples.png", nets, data, tc.num_samples, device, precision)
         return results
-
-

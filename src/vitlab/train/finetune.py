@@ -16,9 +16,17 @@ from vitlab.config import FinetuneConfig
 from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer
 from vitlab.models.weights import (
-    check_weights, filter_google_vit, filter_hf_vit, filter_timm_vit, is_hf_folder, load_state_dict_strict,
-    read_hf_folder, read_npz, read_state_dict, resample_pos_embed,
-)  # fmt: skip
+    check_weights,
+    filter_google_vit,
+    filter_hf_vit,
+    filter_timm_vit,
+    is_hf_folder,
+    load_state_dict_strict,
+    read_hf_folder,
+    read_npz,
+    read_state_dict,
+    resample_pos_embed,
+)
 from vitlab.runs import checkpoint as ckpt
 
 
@@ -49,9 +57,7 @@ def pretrained_state_dict(path: str | Path, kind: str, model: VisionTransformer)
     return filter_timm_vit(read_state_dict(path), model)
 
 
-def fit_to_model(
-    state_dict: dict[str, torch.Tensor], model: VisionTransformer, keep_head: bool
-) -> dict[str, torch.Tensor]:
+def fit_to_model(state_dict: dict[str, torch.Tensor], model: VisionTransformer, keep_head: bool) -> dict[str, torch.Tensor]:
     """Pretrained tensors made to fit `model`: position embedding resampled to its patch grid, head replaced.
 
     Unless `keep_head`, the head becomes a zero-initialised one for the model's classes and a

@@ -12,8 +12,8 @@ The loop asks the monitor to watch the steps it logs; everything else runs untou
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -69,8 +69,11 @@ class StabilityMonitor:
         if not self.values:
             return "no step monitored yet"
         attn = [v for k, v in self.values.items() if k.startswith("attn_logit_max/")]
-        parts = [f"max logit {self.values['max_logit']:.4g}", f"max |grad| {self.values['max_abs_grad']:.4g}",
-                 f"grad norm {self.values['grad_norm']:.4g}"]  # fmt: skip
+        parts = [
+            f"max logit {self.values['max_logit']:.4g}",
+            f"max |grad| {self.values['max_abs_grad']:.4g}",
+            f"grad norm {self.values['grad_norm']:.4g}",
+        ]
         if attn:
             parts.append(f"max attention logit {max(attn):.4g}")
         return ", ".join(parts)

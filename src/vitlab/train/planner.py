@@ -70,10 +70,18 @@ def preset_shape(name: str, image_size: int = 224, num_classes: int = 1000) -> S
     if cfg["patch_size"] < 1 or image_size < cfg["patch_size"] or image_size % cfg["patch_size"]:
         raise VitlabError(f"image size {image_size} is not a positive multiple of {name}'s patch size {cfg['patch_size']}")
     return Shape(
-        depth=cfg["depth"], width=cfg["embed_dim"], mlp_dim=cfg["mlp_dim"], heads=cfg["num_heads"],
-        patch=cfg["patch_size"], image_size=image_size, num_classes=num_classes, block=cfg["block"],
-        qkv_bias=cfg["qkv_bias"], qk_norm=cfg["qk_norm"], norm_bias=cfg["norm_bias"],
-    )  # fmt: skip
+        depth=cfg["depth"],
+        width=cfg["embed_dim"],
+        mlp_dim=cfg["mlp_dim"],
+        heads=cfg["num_heads"],
+        patch=cfg["patch_size"],
+        image_size=image_size,
+        num_classes=num_classes,
+        block=cfg["block"],
+        qkv_bias=cfg["qkv_bias"],
+        qk_norm=cfg["qk_norm"],
+        norm_bias=cfg["norm_bias"],
+    )
 
 
 def block_parameters(s: Shape) -> int:
@@ -178,8 +186,9 @@ def activation_bytes(s: Shape, images: int, checkpointing: bool, precision: str 
     return saved_activation_bytes(s, images, checkpointing, precision, attention) + recomputed
 
 
-def memory_per_device(s: Shape, strategy: str, devices: int, batch: int, checkpointing: bool,
-                      precision: str = "bf16", attention: str = "sdpa") -> Memory:  # fmt: skip
+def memory_per_device(
+    s: Shape, strategy: str, devices: int, batch: int, checkpointing: bool, precision: str = "bf16", attention: str = "sdpa"
+) -> Memory:
     """Parameters, gradients, optimizer state and activations per device (bytes)."""
     check_choice("strategy", strategy, STRATEGIES)
     check_choice("precision", precision, PRECISIONS)
@@ -190,8 +199,9 @@ def memory_per_device(s: Shape, strategy: str, devices: int, batch: int, checkpo
         autocast_copies = 2 * p if precision == "bf16" else 0
         return Memory(params=4 * p + autocast_copies, grads=8 * p, optimizer=8 * p, activations=activations)
     unsharded = (2 * block_parameters(s) + other_parameters(s)) * (2 if precision == "bf16" else 4)
-    return Memory(params=4 * p / devices + unsharded, grads=4 * p / devices + unsharded, optimizer=8 * p / devices,
-                  activations=activations)  # fmt: skip
+    return Memory(
+        params=4 * p / devices + unsharded, grads=4 * p / devices + unsharded, optimizer=8 * p / devices, activations=activations
+    )
 
 
 def flops_per_step(s: Shape, batch: int, checkpointing: bool = False) -> float:
@@ -218,9 +228,11 @@ class PlanRow:
     smallest_devices: int | None
 
 
-def smallest_devices(s: Shape, strategy: str, batch: int, checkpointing: bool, budget: float,
-                     precision: str = "bf16", attention: str = "sdpa") -> int | None:  # fmt: skip
+def smallest_devices(
+    s: Shape, strategy: str, batch: int, checkpointing: bool, budget: float, precision: str = "bf16", attention: str = "sdpa"
+) -> int | None:
     """The fewest devices (at most one per image of the batch) whose memory each fits in `budget` bytes."""
+
     def fits(n: int) -> bool:
         return memory_per_device(s, strategy, n, batch, checkpointing, precision, attention).total <= budget
 
@@ -233,8 +245,9 @@ def smallest_devices(s: Shape, strategy: str, batch: int, checkpointing: bool, b
     return low
 
 
-def plan(s: Shape, devices: int, device_memory_gib: float, batch: int, precision: str = "bf16",
-         attention: str = "sdpa") -> list[PlanRow]:  # fmt: skip
+def plan(
+    s: Shape, devices: int, device_memory_gib: float, batch: int, precision: str = "bf16", attention: str = "sdpa"
+) -> list[PlanRow]:
     """Every strategy with and without activation checkpointing on `devices` devices of `device_memory_gib`."""
     if devices < 1 or batch < 1 or device_memory_gib <= 0:
         raise VitlabError("--devices and --batch must be >= 1 and --device-memory positive")

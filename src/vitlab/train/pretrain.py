@@ -21,15 +21,15 @@ from vitlab.config import PretrainConfig
 from vitlab.data.augment import augment_batch, normalize
 from vitlab.data.sources import MemoryEval, StreamEval, run_data
 from vitlab.errors import VitlabError
+from vitlab.figures import new_figure, save_figure, save_image_grid
+from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_pretraining
 from vitlab.runs.kinds import check_experiment
-from vitlab.runs import checkpoint as ckpt
 from vitlab.runtime import distributed
-from vitlab.train import sharding
 from vitlab.runtime.distributed import Context
-from vitlab.train.optim import build_optimizer
 from vitlab.runtime.precision import autocast, choose_precision
-from vitlab.figures import new_figure, save_figure, save_image_grid
+from vitlab.train import sharding
+from vitlab.train.optim import build_optimizer
 from vitlab.train.run_log import read_csv
 from vitlab.train.scaffold import Run, step_seed
 from vitlab.train.schedule import lr_factor, warmup_steps
@@ -61,8 +61,16 @@ def to_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> to
 
 
 @torch.no_grad()
-def held_out_loss(model: nn.Module, held_out: MemoryEval | StreamEval, batch_size: int, ctx: Context, seed: int,
-                  precision: str, mean: Sequence[float], std: Sequence[float]) -> float:  # fmt: skip
+def held_out_loss(
+    model: nn.Module,
+    held_out: MemoryEval | StreamEval,
+    batch_size: int,
+    ctx: Context,
+    seed: int,
+    precision: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> float:
     """The mean loss over the held-out split, strided across ranks; masks drawn from `seed` (the same at every evaluation)."""
     model.eval()
     torch.manual_seed(seed + ctx.rank)
@@ -83,8 +91,16 @@ def first_images(held_out: MemoryEval | StreamEval, count: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_grid(path: Path, model: nn.Module, images: torch.Tensor, ctx: Context, seed: int,
-                precision: str, mean: Sequence[float], std: Sequence[float]) -> Path:  # fmt: skip
+def sample_grid(
+    path: Path,
+    model: nn.Module,
+    images: torch.Tensor,
+    ctx: Context,
+    seed: int,
+    precision: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> Path:
     """MAE Fig. 2: original, masked and reconstruction of each image, one image per row."""
     model.eval()
     torch.manual_seed(seed)
@@ -145,8 +161,9 @@ def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | Non
 
     with Run(config, ctx, resume_dir, total_steps, steps_per_epoch, progress) as run:
         torch.manual_seed(tc.seed)  # the same initial weights on every rank
-        model, net = sharding.wrap_model(lambda: build_pretraining(config, data.image_size), tc.strategy, ctx, precision,
-                                         tc.compile)  # fmt: skip
+        model, net = sharding.wrap_model(
+            lambda: build_pretraining(config, data.image_size), tc.strategy, ctx, precision, tc.compile
+        )
         optimizer = build_optimizer(model, oc)
         stepper = OptimizerStep(precision, ctx.device, oc.clip_grad_norm, oc.clip_grad_value)
         if run.checkpoint is not None:
@@ -155,16 +172,18 @@ def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | Non
             stepper.load_state_dict(ckpt.read_meta(run.checkpoint))
         (run.dir / "samples").mkdir(exist_ok=True)
         encoder_params = sum(t.numel() for t in model.encoder.parameters())
-        run.announce({
-            "device": f"{ctx.device}, {ctx.world_size} process(es), strategy {tc.strategy if ctx.distributed else 'single'}",
-            "precision": f"{precision} (train.precision: {tc.precision}: {precision_reason})",
-            "method": f"{p.method}, mask ratio {model.mask_ratio:g}",
-            "model": f"{config.model.name}: {encoder_params:,} encoder parameters "
-                     f"(+ {sum(t.numel() for t in model.parameters()) - encoder_params:,} dropped after pretraining)",
-            "data": f"{data.name}{' (streamed)' if sources.streamed else ''}: {sources.train_size:,} unlabeled training / "
-                    f"{sources.test.size:,} held-out images, {data.image_size} px",
-            "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs:g} epochs) of batch {tc.batch_size}",
-        })  # fmt: skip
+        run.announce(
+            {
+                "device": f"{ctx.device}, {ctx.world_size} process(es), strategy {tc.strategy if ctx.distributed else 'single'}",
+                "precision": f"{precision} (train.precision: {tc.precision}: {precision_reason})",
+                "method": f"{p.method}, mask ratio {model.mask_ratio:g}",
+                "model": f"{config.model.name}: {encoder_params:,} encoder parameters "
+                f"(+ {sum(t.numel() for t in model.parameters()) - encoder_params:,} dropped after pretraining)",
+                "data": f"{data.name}{' (streamed)' if sources.streamed else ''}: {sources.train_size:,} unlabeled training / "
+                f"{sources.test.size:,} held-out images, {data.image_size} px",
+                "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs:g} epochs) of batch {tc.batch_size}",
+            }
+        )
 
         def save(extra: dict | None = None) -> None:
             run.save(split_state(model), optimizer, {"method": p.method, **stepper.state_dict(), **(extra or {})})
@@ -179,8 +198,17 @@ def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | Non
                 step = run.step
                 gen = torch.Generator().manual_seed(step_seed(tc.seed, step, ctx.rank, 0))
                 torch.manual_seed(step_seed(tc.seed, step, ctx.rank, 1))  # the masks differ from rank to rank
-                x, _ = augment_batch(images, labels, config.augment, gen, sources.num_classes, data.mean, data.std,
-                                     cropped=sources.streamed, crop_scale=data.crop_scale)  # fmt: skip
+                x, _ = augment_batch(
+                    images,
+                    labels,
+                    config.augment,
+                    gen,
+                    sources.num_classes,
+                    data.mean,
+                    data.std,
+                    cropped=sources.streamed,
+                    crop_scale=data.crop_scale,
+                )
                 lr = oc.lr * lr_factor(step, total_steps, warmup, oc)
                 run.set_lr(optimizer, lr)
                 with autocast(ctx.device, precision):
@@ -192,10 +220,16 @@ def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | Non
                 optimizer.zero_grad(set_to_none=True)
                 run.count(result.finite, result.overflow)
                 if run.diverged:
-                    run.log("steps", dict(loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), images_per_s=0.0,
-                                          skipped=run.skipped), step=step + 1)  # fmt: skip
-                    raise run.divergence("loss or gradient", f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}",
-                                         "Lower optim.lr or set optim.clip_grad_norm")  # fmt: skip
+                    run.log(
+                        "steps",
+                        dict(loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), images_per_s=0.0, skipped=run.skipped),
+                        step=step + 1,
+                    )
+                    raise run.divergence(
+                        "loss or gradient",
+                        f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}",
+                        "Lower optim.lr or set optim.clip_grad_norm",
+                    )
                 run.advance(tc.batch_size)
 
                 if run.due(tc.log_every_steps):
@@ -218,11 +252,17 @@ def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | Non
         elapsed = run.elapsed()
         test_loss = held_out_loss(model, sources.test, tc.batch_size, *evaluation_args())
         results = {
-            "test": {"loss": test_loss}, "method": p.method, "steps": run.step, "epochs": run.epoch,
-            "skipped_steps": run.skipped, "train_seconds_this_session": elapsed,
+            "test": {"loss": test_loss},
+            "method": p.method,
+            "steps": run.step,
+            "epochs": run.epoch,
+            "skipped_steps": run.skipped,
+            "train_seconds_this_session": elapsed,
             "train_images_per_s": run.seen / elapsed if run.seen else None,
-            "encoder_parameters": encoder_params, "precision": precision, "world_size": ctx.world_size,
+            "encoder_parameters": encoder_params,
+            "precision": precision,
+            "world_size": ctx.world_size,
             "max_rank_param_difference": distributed.max_rank_difference(model),
-        }  # fmt: skip
+        }
         save({"test": {"loss": test_loss}})
         return run.finish(results, plot_pretrain_curves)

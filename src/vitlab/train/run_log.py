@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import csv
-import secrets
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
-
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 from vitlab.errors import VitlabError
@@ -81,8 +80,9 @@ def read_csv(path: Path) -> dict[str, list[float]]:
 class RunLog:
     """steps.csv, epochs.csv, TensorBoard events and (optionally) Weights & Biases for one run (main rank only)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, wandb_project: str | None = None,
-                 config: dict | None = None):  # fmt: skip
+    def __init__(
+        self, run_dir: Path, resume_step: int | None = None, wandb_project: str | None = None, config: dict | None = None
+    ):
         self.run_dir = run_dir
         self.steps = CsvLog(run_dir / "steps.csv")
         self.epochs = CsvLog(run_dir / "epochs.csv")

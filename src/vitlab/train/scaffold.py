@@ -32,9 +32,9 @@ from tqdm import tqdm
 from vitlab.config import RunConfig, from_dict
 from vitlab.data.stream_loader import DataWait
 from vitlab.errors import VitlabError
-from vitlab.runs.kinds import run_command
 from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.checkpoint import LOCK_FILE
+from vitlab.runs.kinds import run_command
 from vitlab.runtime import distributed
 from vitlab.runtime.allocator import host_memory
 from vitlab.train.run_log import RunLog
@@ -130,8 +130,15 @@ class RunLock:
 class Run:
     """One training run of any loop: what happens around the step body."""
 
-    def __init__(self, config, ctx: distributed.Context, resume: str | Path | None, total_steps: int,
-                 steps_per_epoch: int, progress: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        config,
+        ctx: distributed.Context,
+        resume: str | Path | None,
+        total_steps: int,
+        steps_per_epoch: int,
+        progress: bool = True,
+    ):
         self.config, self.ctx, self.tc = config, ctx, config.train
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.dir, resuming = distributed.broadcast_object(choose_run_dir(config, resume) if ctx.is_main else None)

@@ -174,8 +174,9 @@ def _broadcast_buffers(model: nn.Module, blueprint: nn.Module | None) -> None:
         dist.broadcast(buffer, src=0)
 
 
-def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                            meta: dict, keep: int) -> None:  # fmt: skip
+def save_sharded_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict, keep: int
+) -> None:
     """Every rank writes its shards of model and optimizer into `checkpoints/step-N/sharded`; rank 0 publishes it."""
     tmp = distributed.broadcast_object(ckpt.staging_folder(run_dir, step) if dist.get_rank() == 0 else None)
     model_state, optim_state = get_state_dict(model, optimizer)

@@ -84,8 +84,12 @@ def plot_study(root: Path, variants: list[str], threshold: float) -> Path:
         if any(k.startswith("attn_logit_max/") for k in curves):
             axes[2].plot(steps, clip(per_layer("attn_logit_max/", max)), lw=0.9, label=variant)
             axes[3].plot(steps, per_layer("attn_entropy/", min), lw=0.9, label=variant)
-    titles = (f"max logit (values > {threshold:g} drawn at {threshold:g})", "max |gradient|",
-              "max attention logit over layers", "lowest attention entropy over layers (nats)")  # fmt: skip
+    titles = (
+        f"max logit (values > {threshold:g} drawn at {threshold:g})",
+        "max |gradient|",
+        "max attention logit over layers",
+        "lowest attention entropy over layers (nats)",
+    )
     for ax, title in zip(axes, titles):
         ax.set(title=title, xlabel="iteration")
     for ax in axes[:3]:

@@ -31,8 +31,9 @@ class StepResult:
 class OptimizerStep:
     """Scale, backward, unscale, clip by value and by norm, check finiteness across ranks, step; one per run."""
 
-    def __init__(self, precision: str, device: torch.device, clip_grad_norm: float | None = None,
-                 clip_grad_value: float | None = None):  # fmt: skip
+    def __init__(
+        self, precision: str, device: torch.device, clip_grad_norm: float | None = None, clip_grad_value: float | None = None
+    ):
         self.scaler = make_grad_scaler(precision, device)
         self.clip_grad_norm, self.clip_grad_value = clip_grad_norm, clip_grad_value
 
