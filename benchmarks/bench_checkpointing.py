@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from vitlab import create_model
+from vitlab.models.planner import activation_bytes, measured_saved_bytes, parameter_count, preset_shape, saved_activation_bytes
 from vitlab.models.vit import VisionTransformer
-from vitlab.train.planner import activation_bytes, measured_saved_bytes, parameter_count, preset_shape, saved_activation_bytes
 
 MIB = 2**20
 

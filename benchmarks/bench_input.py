@@ -43,8 +43,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vitlab.data.stream_loader import DataWait, make_loader
-from vitlab.data.streaming import stream_splits
+from vitlab.data.stream.files import stream_splits
+from vitlab.data.stream.workers import DataWait, make_loader
 
 CLASSES = 10
 
@@ -203,8 +203,8 @@ def _memory(root: Path, batch: int, batches: int) -> float:
             "import time",
             "from pathlib import Path",
             "from benchmarks.bench_input import _pss_mib",
-            "from vitlab.data.stream_loader import make_loader",
-            "from vitlab.data.streaming import stream_splits",
+            "from vitlab.data.stream.workers import make_loader",
+            "from vitlab.data.stream.files import stream_splits",
             f"batches = make_loader(stream_splits(Path({str(root)!r}), 224).train, {batch}, workers=2, pin_memory=False).epoch(0)",
             f"for _ in range({batches}): next(batches)",
             "time.sleep(1)",

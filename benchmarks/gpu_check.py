@@ -7,7 +7,7 @@ Sections, each bounded in time; one that fails or runs out of time records its e
 the tests marked `gpu`, `precision: auto`, the bf16/fp16 matmul peak, training steps of ViT-B/16 and
 ViT-22B-B/16 (and timm's vit_base_patch16_224) in bf16 and fp16 with and without torch.compile, one FSDP2
 step in one process, and the streaming loader feeding the GPU from a JPEG folder (skipped until
-`vitlab.data.streaming` exists). MFU counts FLOPs as benchmarks/README.md does, with MLP width M:
+`vitlab.data.stream.files` exists). MFU counts FLOPs as benchmarks/README.md does, with MLP width M:
 6·B·N·L·(4D² + 2DM) + 12·B·L·N²·D per training step, against the peak measured in the same run.
 """
 
@@ -329,8 +329,8 @@ def write_jpegs(folder: Path, count: int, size: int) -> None:
 def streaming(plan: Plan, rows: list[Row]) -> None:
     """Train ViT-B/16 (bf16) from a JPEG folder through the streaming loader: images/s and data-wait share."""
     try:
-        from vitlab.data.stream_loader import DataWait, make_loader
-        from vitlab.data.streaming import stream_splits
+        from vitlab.data.stream.files import stream_splits
+        from vitlab.data.stream.workers import DataWait, make_loader
     except ImportError as exc:
         rows.append(Row("streaming", "JPEG folder → GPU", "skipped", note=f"streaming loader not in this tree yet ({exc})"))
         return

@@ -42,7 +42,7 @@ def cmd_params(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     """Print what training a preset needs per device under DDP and FSDP, or the fewest devices for every preset."""
-    from vitlab.train.planner import format_overview, format_plan, preset_shape
+    from vitlab.models.planner import format_overview, format_plan, preset_shape
 
     if args.preset:
         shape = preset_shape(args.preset, args.image_size, args.num_classes)
@@ -86,8 +86,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     """Write the inspection PNGs of a run's model: attention maps, rollout, distances, embeddings."""
     from vitlab.data.images import read_images
-    from vitlab.inspect.images import dataset_images
-    from vitlab.inspect.report import inspect_model
+    from vitlab.inspection.images import dataset_images
+    from vitlab.inspection.pictures import inspect_model
     from vitlab.runs import checkpoint as ckpt
     from vitlab.runs.stored import load_checkpoint_model
     from vitlab.train.run_log import pngs_to_tensorboard
@@ -178,7 +178,7 @@ def cmd_translate(args: argparse.Namespace) -> None:
 
 def cmd_shard(args: argparse.Namespace) -> None:
     """Write an image folder as WebDataset shards."""
-    from vitlab.data.shards import write_shards
+    from vitlab.data.stream.shards import write_shards
 
     info = write_shards(args.folder, args.out_dir, args.max_count, args.max_size * 1e6, args.val_fraction, args.seed)
     for split, facts in info["splits"].items():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import vitlab
-from vitlab.models.blocks import attend
+from vitlab.models.kernels import attend
 
 pytestmark = pytest.mark.gpu
 SMALL = dict(img_size=16, patch_size=8, embed_dim=64, depth=1, num_heads=2, mlp_dim=128, num_classes=10)

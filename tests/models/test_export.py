@@ -320,8 +320,8 @@ def test_transformers_preprocesses_as_the_run_did(tmp_path):
     from tests.eval.test_predict import saved_run
     from vitlab.cli import main
     from vitlab.data.augment import normalize
-    from vitlab.data.crops import CropDecoder
     from vitlab.data.images import read_images
+    from vitlab.data.stream.crops import CropDecoder
 
     gen = torch.Generator().manual_seed(0)
     smooth = F.interpolate(torch.rand(1, 3, 6, 8, generator=gen), size=(60, 80), mode="bilinear", align_corners=False)

@@ -76,7 +76,7 @@ def test_tiny_run_writes_grids_curves_and_resumes_exactly(tmp_path: Path, method
 
 @pytest.mark.parametrize("source", ["folder", "wds"])
 def test_pretraining_streams_unlabeled_folders_and_shards(tmp_path: Path, source: str, capsys: pytest.CaptureFixture) -> None:
-    from vitlab.data.shards import write_shards
+    from vitlab.data.stream.shards import write_shards
 
     root = jpeg_folder(tmp_path / "data", train=8, test=4)  # 24 training and 12 held-out JPEGs of 96×80
     if source == "wds":

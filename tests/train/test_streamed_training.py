@@ -99,7 +99,7 @@ def test_an_unreadable_image_met_mid_epoch_is_skipped_and_named(tmp_path, capsys
 
 
 def test_shards_of_a_folder_train_and_evaluate(tmp_path):
-    from vitlab.data.shards import write_shards
+    from vitlab.data.stream.shards import write_shards
 
     root = jpeg_folder(tmp_path / "data")
     write_shards(root, tmp_path / "shards", max_count=30)

@@ -55,10 +55,10 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator, mode: str =
 def random_resized_crop(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float] = (0.08, 1.0)) -> torch.Tensor:
     """Each float image's Inception crop (`scale` of the area, aspect 3/4 to 4/3), resized back to its size (bilinear).
 
-    The in-memory twin of the streamed loader's crop (`vitlab.data.crops.inception_box`, the same boxes),
+    The in-memory twin of the streamed loader's crop (`vitlab.data.stream.crops.inception_box`, the same boxes),
     done for the whole batch in one `grid_sample`; no padding enters the image, as it does with `random_crop`.
     """
-    from vitlab.data.crops import inception_box
+    from vitlab.data.stream.crops import inception_box
 
     n, _, h, w = x.shape
     rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen, device=gen.device)))

@@ -100,7 +100,7 @@ def held_out(dataset: ImageDataset, fraction: float, seed: int) -> tuple[ImageDa
     """Train minus a stratified minival of `fraction` of every class (big_vision's train[99%:]), and the minival."""
     if not fraction:
         return dataset, None
-    from vitlab.data.streaming import holdout
+    from vitlab.data.stream.files import holdout
 
     kept, held = (torch.from_numpy(i) for i in holdout(dataset.labels.numpy(), fraction, seed))
     part = lambda idx: ImageDataset(dataset.images[idx], dataset.labels[idx], dataset.classes)  # noqa: E731
@@ -137,8 +137,8 @@ def run_data(data, batch_size: int, seed: int, rank: int = 0, world_size: int = 
 
 def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, train: bool) -> RunData:
     """Folders or shards decoded in `data.workers` DataLoader workers per rank."""
-    from vitlab.data.crops import CropDecoder
-    from vitlab.data.stream_loader import make_loader
+    from vitlab.data.stream.crops import CropDecoder
+    from vitlab.data.stream.workers import make_loader
 
     if data.name not in ("folder", "wds"):
         raise VitlabError(f"data.name={data.name!r} is held in memory; streaming (data.stream) is for folder and wds")
@@ -146,7 +146,7 @@ def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, 
     centre = CropDecoder(data.image_size, train=False, crop_fraction=data.crop_fraction)
     if data.name == "wds":
         return shard_data(data, crop, centre, batch_size, seed, rank, world_size, train)
-    from vitlab.data.streaming import FolderStream, stream_splits
+    from vitlab.data.stream.files import FolderStream, stream_splits
 
     splits = stream_splits(data.root, data.image_size, data.val_fraction, data.seed, data.crop_fraction, tuple(data.crop_scale))
 
@@ -177,7 +177,7 @@ def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, 
 
 def shard_data(data, crop, centre, batch_size: int, seed: int, rank: int, world_size: int, train: bool) -> RunData:
     """WebDataset shards written by `vitlab shard`: `data.root` is their folder (with info.json)."""
-    from vitlab.data.shards import INFO, ShardStream, make_shard_loader, read_info, shard_paths
+    from vitlab.data.stream.shards import INFO, ShardStream, make_shard_loader, read_info, shard_paths
 
     root = Path(data.root)
     info = read_info(root / INFO)  # checked: plain shard names, counts, classes

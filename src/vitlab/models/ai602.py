@@ -22,7 +22,8 @@ from einops import rearrange
 from torch import nn
 
 from vitlab.errors import VitlabError
-from vitlab.models.blocks import Attention, BlockSpec, Mlp, attend, attention_logits, merge_heads, split_heads
+from vitlab.models.blocks import Attention, BlockSpec, Mlp, merge_heads, split_heads
+from vitlab.models.kernels import attend, attention_logits
 from vitlab.models.gan import ResnetBlock, init_gan_weights
 
 

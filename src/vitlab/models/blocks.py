@@ -13,84 +13,10 @@ from einops import rearrange
 from torch import nn
 
 from vitlab.errors import VitlabError, check_choice
+from vitlab.models.kernels import ATTENTION_IMPLS, Linear, attend, attention_logits, gemm
 
-ATTENTION_IMPLS = ("auto", "matmul", "sdpa")
 BRANCH_NORMS = ("none", "mlp", "sum")
 BLOCKS = ("serial", "parallel")
-
-
-def _native_cpu_bf16_gemm() -> bool:
-    """Whether torch multiplies bf16 matrices natively on this CPU (oneDNN with AVX512 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-# Probed once at import: torch.compile cannot trace the probe (it returns a bool), and calling it in every
-# `gemm` broke the compiled graph at every projection.
-NATIVE_CPU_BF16_GEMM = _native_cpu_bf16_gemm()
-
-
-def bf16_gemm_on_fp32(x: torch.Tensor) -> bool:
-    """Whether a product with `x` would run in bf16 (autocast or bf16 tensors) on a CPU without bf16 GEMMs."""
-    if x.device.type != "cpu" or NATIVE_CPU_BF16_GEMM:
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu") == torch.bfloat16
-    return x.dtype == torch.bfloat16
-
-
-def gemm(fn, *args: torch.Tensor | None) -> torch.Tensor:
-    """`fn(*args)` for a matrix product (F.linear, torch.matmul, torch.addmm) in the caller's precision.
-
-    Where the CPU has no bf16 GEMM (no AVX512/AMX, e.g. AMD Zen 3), torch's bf16 fallback ran at about
-    1 GFLOP/s against 60-190 for fp32, and bf16 autocast trained 20x slower than fp32 (benchmarks/README.md).
-    Products of bf16 numbers are exact in fp32, so the fp32 GEMM of the bf16-rounded operands, rounded to
-    bf16, is the bf16 GEMM with fp32 accumulation (as oneDNN's), only summed in another order.
-    """
-    if not bf16_gemm_on_fp32(args[0]):
-        return fn(*args)
-    with torch.autocast("cpu", enabled=False):
-        return fn(*(a if a is None else a.bfloat16().float() for a in args)).bfloat16()
-
-
-class Linear(nn.Linear):
-    """nn.Linear computed by `gemm`, so that a bf16 product uses the fastest GEMM of the CPU."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemm(F.linear, x, self.weight, self.bias)
-
-
-def resolve_attention_impl(impl: str, q: torch.Tensor) -> str:
-    """Pick the attention kernel for q's device and dtype; measured in benchmarks/README.md.
-
-    GPUs: SDPA (flash / memory-efficient kernels). CPU fp32: SDPA too; its flash kernel reads the strided
-    q, k, v views from `split_heads` and writes (B, N, H, d), so splitting and merging heads copies nothing
-    and a ViT-S/4 block trained about 5 % faster than with matmuls. CPU bf16 (and fp16, fp64): explicit
-    matmuls; with native bf16 GEMMs SDPA's bf16 backward was 1.3x slower than two batched matmuls and a
-    softmax, and without them the matmuls run as fp32 GEMMs (`gemm`) while SDPA's kernel cannot.
-    """
-    if impl != "auto":
-        return impl
-    return "matmul" if q.device.type == "cpu" and q.dtype != torch.float32 else "sdpa"
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, dropout: float = 0.0) -> torch.Tensor:
-    """softmax(q kᵀ / √d) v over (B, H, N, d) tensors, by the chosen kernel."""
-    if resolve_attention_impl(impl, q) == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-    logits = gemm(torch.matmul, q * q.shape[-1] ** -0.5, k.transpose(-2, -1))
-    weights = logits.softmax(dim=-1)
-    if dropout:
-        weights = F.dropout(weights, dropout)
-    return gemm(torch.matmul, weights, v)
-
-
-def attention_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Pre-softmax attention logits q kᵀ / √d as a detached fp32 tensor (B, H, N, N)."""
-    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-        return (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
 
 
 @contextmanager

@@ -80,7 +80,7 @@ class Preprocessing:
 
 def run_preprocessing(data: DataConfig, streamed: bool) -> Preprocessing:
     """A run's evaluation preprocessing: a `streamed` run cuts the centre square of data.crop_fraction and resizes it
-    bilinearly (`vitlab.data.crops`); in memory, CIFAR is resized bilinearly and image folders bicubically, whole."""
+    bilinearly (`vitlab.data.stream.crops`); in memory, CIFAR is resized bilinearly and image folders bicubically, whole."""
     return Preprocessing(
         tuple(data.mean),
         tuple(data.std),

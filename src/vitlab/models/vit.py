@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError, check_choice
-from vitlab.models.blocks import BlockSpec, ParallelBlock, gemm, layer_norm
+from vitlab.models.blocks import BlockSpec, ParallelBlock, layer_norm
+from vitlab.models.kernels import gemm
 
 POS_EMBEDS = ("learn", "sincos")
 POOLS = ("cls", "gap")

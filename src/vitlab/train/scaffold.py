@@ -30,7 +30,7 @@ import yaml
 from tqdm import tqdm
 
 from vitlab.config import RunConfig, from_dict
-from vitlab.data.stream_loader import DataWait
+from vitlab.data.stream.workers import DataWait
 from vitlab.errors import VitlabError
 from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.checkpoint import LOCK_FILE

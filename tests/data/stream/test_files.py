@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vitlab.data.crops import CropDecoder, centre_box, inception_box
 from vitlab.data.images import UnusableImage, decode_image
-from vitlab.data.sampler import EpochBatchSampler, SampleKey
-from vitlab.data.samples import Sample
-from vitlab.data.stream_loader import DataWait, make_loader
-from vitlab.data.streaming import FolderStream, holdout, scan_split, stream_splits
+from vitlab.data.stream.crops import CropDecoder, centre_box, inception_box
+from vitlab.data.stream.files import FolderStream, holdout, scan_split, stream_splits
+from vitlab.data.stream.order import EpochBatchSampler, SampleKey
+from vitlab.data.stream.samples import Sample
+from vitlab.data.stream.workers import DataWait, make_loader
 from vitlab.errors import VitlabError
 
 CLASSES = ("cat", "dog", "fox")

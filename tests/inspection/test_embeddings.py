@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab import create_model
-from vitlab.inspect import patch_embedding_components, position_embedding_similarity
+from vitlab.inspection import patch_embedding_components, position_embedding_similarity
 
 
 def test_position_similarity_is_the_cosine_of_each_pair_of_patch_embeddings():

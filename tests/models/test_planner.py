@@ -9,7 +9,7 @@ import torch
 from vitlab import count_parameters, create_model
 from vitlab.cli import main
 from vitlab.models import FAMILIES, SIZES
-from vitlab.train.planner import (
+from vitlab.models.planner import (
     GIB,
     flops_per_step,
     measured_saved_bytes,

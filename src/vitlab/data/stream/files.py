@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vitlab.data.crops import CropDecoder
 from vitlab.data.images import DECODE_ERRORS, IMAGE_SUFFIXES, listed_images, named
-from vitlab.data.sampler import SampleKey
-from vitlab.data.samples import Sample
+from vitlab.data.stream.crops import CropDecoder
+from vitlab.data.stream.order import SampleKey
+from vitlab.data.stream.samples import Sample
 from vitlab.errors import VitlabError
 
 EVAL_SPLITS = ("test", "val")  # the first that exists is the evaluation split; ImageNet ships val/

@@ -3,10 +3,10 @@
 Every function returns tensors (for notebooks); the `plot_*` functions and `inspect_model` write PNGs.
 """
 
-from vitlab.inspect.attention import attention_maps, attention_rollout, default_query, query_attention
-from vitlab.inspect.distance import mean_attention_distance, patch_distances
-from vitlab.inspect.embeddings import patch_embedding_components, position_embedding_similarity
-from vitlab.inspect.report import inspect_model
+from vitlab.inspection.attention import attention_maps, attention_rollout, default_query, query_attention
+from vitlab.inspection.distance import mean_attention_distance, patch_distances
+from vitlab.inspection.embeddings import patch_embedding_components, position_embedding_similarity
+from vitlab.inspection.pictures import inspect_model
 
 __all__ = [
     "attention_maps",

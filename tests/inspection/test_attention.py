@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab import VitlabError, create_model
-from vitlab.inspect import attention_maps, attention_rollout, default_query, query_attention
+from vitlab.inspection import attention_maps, attention_rollout, default_query, query_attention
 
 
 def tiny(family: str, pool: str = "cls"):

@@ -37,11 +37,11 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vitlab.data.crops import CropDecoder
 from vitlab.data.images import outside_note
-from vitlab.data.samples import Sample, collate
-from vitlab.data.stream_loader import StreamLoader
-from vitlab.data.streaming import DECODE_ERRORS, EVAL_SPLITS, holdout, scan_split
+from vitlab.data.stream.crops import CropDecoder
+from vitlab.data.stream.files import DECODE_ERRORS, EVAL_SPLITS, holdout, scan_split
+from vitlab.data.stream.samples import Sample, collate
+from vitlab.data.stream.workers import StreamLoader
 from vitlab.errors import VitlabError, brief
 
 INFO = "info.json"

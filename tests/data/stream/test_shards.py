@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.data.test_streaming import CLASSES, _write_folder
+from tests.data.stream.test_files import CLASSES, _write_folder
 from vitlab.cli import main
 from vitlab.config import load_config
-from vitlab.data.crops import CropDecoder
-from vitlab.data.shards import ShardStream, make_shard_loader, read_info, shard_paths, write_shards
 from vitlab.data.sources import run_data
-from vitlab.data.streaming import scan_split
+from vitlab.data.stream.crops import CropDecoder
+from vitlab.data.stream.files import scan_split
+from vitlab.data.stream.shards import ShardStream, make_shard_loader, read_info, shard_paths, write_shards
 from vitlab.errors import VitlabError
 
 

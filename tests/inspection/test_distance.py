@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from vitlab.inspect import mean_attention_distance, patch_distances
+from vitlab.inspection import mean_attention_distance, patch_distances
 
 
 def test_patch_distances_are_pixel_distances_between_patch_centres():

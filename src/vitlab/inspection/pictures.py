@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vitlab.data.augment import normalize
-from vitlab.inspect.attention import (
+from vitlab.inspection.attention import (
     Query,
     attention_maps,
     attention_rollout,
@@ -17,8 +17,8 @@ from vitlab.inspect.attention import (
     plot_rollout,
     query_attention,
 )
-from vitlab.inspect.distance import mean_attention_distance, plot_mean_attention_distance
-from vitlab.inspect.embeddings import (
+from vitlab.inspection.distance import mean_attention_distance, plot_mean_attention_distance
+from vitlab.inspection.embeddings import (
     patch_embedding_components,
     plot_patch_components,
     plot_position_similarity,

@@ -9,9 +9,9 @@ from typing import Protocol, TypeVar
 import torch
 from torch.utils.data import DataLoader
 
-from vitlab.data.sampler import EpochBatchSampler
-from vitlab.data.samples import Batch, collate
-from vitlab.data.streaming import FolderStream
+from vitlab.data.stream.files import FolderStream
+from vitlab.data.stream.order import EpochBatchSampler
+from vitlab.data.stream.samples import Batch, collate
 from vitlab.errors import VitlabError
 
 T = TypeVar("T")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-import vitlab.inspect
+import vitlab.inspection
 from vitlab import create_model
-from vitlab.inspect import inspect_model
+from vitlab.inspection import inspect_model
 
 PNGS = {
     "attention_image0.png",
@@ -33,7 +33,7 @@ def test_every_png_is_written(tmp_path, family, pool, query):
 
 
 def test_inspect_imports_neither_training_nor_the_cli():
-    for source in Path(vitlab.inspect.__file__).parent.glob("*.py"):
+    for source in Path(vitlab.inspection.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(source.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
