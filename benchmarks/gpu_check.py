@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import vitlab
 from vitlab.config import apply_overrides
 from vitlab.models import preset_config
-from vitlab.runtime.precision import resolve_precision
+from vitlab.runtime.precision import choose_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 # "name key=value": the preset with that model option, timed eager only. ViT-22B without its QK LayerNorm
@@ -158,7 +158,7 @@ def gpu_tests(plan: Plan, rows: list[Row]) -> None:
 
 def precision_auto(plan: Plan, rows: list[Row]) -> None:
     """`precision: auto` picks bf16 exactly where the device supports it well."""
-    picked = resolve_precision("auto", plan.device)
+    picked, _ = choose_precision("auto", plan.device)
     if plan.device.type == "cuda":
         supported = torch.cuda.is_bf16_supported()
         why = f"torch.cuda.is_bf16_supported() = {supported}, capability {torch.cuda.get_device_capability()}"
@@ -284,14 +284,14 @@ def fsdp_one_process(plan: Plan, rows: list[Row]) -> None:
     """One bf16 training step of a small ViT-22B sharded by FSDP2 over one process; its loss equals the plain model's."""
     import torch.distributed as dist
 
-    from vitlab.runtime.distributed import Context
+    from vitlab.runtime.context import Runtime
     from vitlab.train.sharding import wrap_model
 
     def build() -> torch.nn.Module:
         torch.manual_seed(0)
         return vitlab.create_model("vit22b-s/16", img_size=32, patch_size=8, depth=2, num_classes=10)
 
-    ctx = Context(rank=0, world_size=1, device=plan.device)
+    ctx = Runtime(rank=0, world_size=1, device=plan.device)
     x = torch.randn(8, 3, 32, 32, device=plan.device)
     y = torch.arange(8, device=plan.device) % 10
     try:

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from vitlab import VitlabError
-from vitlab.config import PretrainConfig, RunConfig, StabilityConfig, TranslateConfig, load_config
+from vitlab.config import PretrainConfig, RunConfig, StabilityConfig, TranslateConfig, config_kind, load_config
 from vitlab.runs.kinds import load_experiment
 
 
@@ -312,3 +312,12 @@ def test_numbers_python_cannot_hold_are_one_sentence(raw, words):
     with pytest.raises(VitlabError) as info:
         load_config(None, [f"train.epochs={raw}"])
     assert all(word in str(info.value) for word in words) and len(str(info.value)) < 300
+
+
+def test_every_config_records_its_kind_and_a_wrong_kind_is_refused(tmp_path):
+    for cls in (RunConfig, PretrainConfig, TranslateConfig, StabilityConfig):
+        assert cls().kind == cls.KIND and config_kind({"kind": cls.KIND}) is cls
+    assert load_config(None).to_dict()["kind"] == "train"  # written into every run's config.yaml
+    assert config_kind({"kind": "pretrain", "model": {}}) is PretrainConfig  # the kind wins over the sections
+    with pytest.raises(VitlabError, match="kind: 'pretrain' is not a `vitlab train` config; run it with `vitlab pretrain`"):
+        load_config(write(tmp_path, "kind: pretrain\n"))

@@ -302,9 +302,20 @@ class Experiment:
 
     name: str = "default"
     out_dir: str = "runs"
+    kind: str = ""  # the command that runs it (KIND); written into every run's config.yaml, optional in a YAML file
+
+    KIND: ClassVar[str] = "train"
+
+    def __post_init__(self) -> None:
+        self.kind = self.kind or self.KIND
 
     def validate(self):
         check_name("name", self.name)
+        if self.kind != self.KIND:
+            raise VitlabError(
+                f"kind: {brief(str(self.kind))} is not a `vitlab {self.KIND}` config; run it with "
+                f"`vitlab {self.kind}`, or remove the kind key"
+            )
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
@@ -661,6 +672,8 @@ class FidConfig:
 class TranslateConfig(Experiment):
     """One image-translation experiment: everything needed to rerun it."""
 
+    KIND: ClassVar[str] = "translate-train"
+
     name: str = "translate"
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
@@ -680,6 +693,8 @@ class TranslateConfig(Experiment):
 class StabilityConfig(Experiment):
     """A stability study: one base train config, run once per variant with the same data and seed."""
 
+    KIND: ClassVar[str] = "stability"
+
     name: str = "stability"
     threshold: float = 4000.0  # logits above this count as blown up and are drawn at it (paper Fig. 1)
     base: dict = field(default_factory=dict)  # a train config (the keys of RunConfig)
@@ -697,6 +712,8 @@ class StabilityConfig(Experiment):
 
     def validate(self) -> StabilityConfig:
         check_name("name", self.name)
+        if self.kind != self.KIND:
+            raise VitlabError(f"kind: {brief(str(self.kind))} is not a `vitlab stability` study; remove the kind key")
         check_range("threshold", self.threshold, POSITIVE)
         if not self.variants:
             raise VitlabError("variants is empty: name at least one variant, e.g. `plain: []`")
@@ -757,6 +774,8 @@ class MaskedModelingConfig:
 class PretrainConfig(Experiment):
     """One pretraining experiment: the encoder, unlabeled images, the task and the run."""
 
+    KIND: ClassVar[str] = "pretrain"
+
     name: str = "pretrain"
     pretrain: MaskedModelingConfig = field(default_factory=MaskedModelingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -792,7 +811,10 @@ class PretrainConfig(Experiment):
 
 
 def config_kind(keys) -> type:
-    """The config class of a config (a YAML file's or a run's saved one) from its top-level keys (sections)."""
+    """The config class of a config (a YAML file's or a run's saved one): its `kind`, else told by its sections."""
+    named = {cls.KIND: cls for cls in (RunConfig, PretrainConfig, TranslateConfig, StabilityConfig)}
+    if keys.get("kind") in named:
+        return named[keys["kind"]]
     if "variants" in keys:
         return StabilityConfig
     if "generator" in keys:

@@ -79,6 +79,34 @@ def test_zero_head_gives_zero_logits():
     assert torch.equal(model(torch.randn(2, 3, 16, 16)), torch.zeros(2, 4))
 
 
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_reset_head_gives_a_fresh_head_for_other_classes_and_keeps_the_rest(head):
+    model = create_model("vit-ti/8", img_size=16, num_classes=10, depth=1, head=head)
+    kept = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+    torch.manual_seed(3)
+    model.reset_head(7)
+    torch.manual_seed(3)  # a fresh model's head init (trunc-normal 0.02, zero bias), and no other draw before it
+    assert torch.equal(model.head.weight, torch.nn.init.trunc_normal_(torch.empty(7, 192), std=0.02))
+    assert not model.head.bias.any() and model.head.weight.requires_grad
+    after = model.state_dict()
+    assert set(after) == set(kept) | {"head.weight", "head.bias"} and all(torch.equal(after[k], v) for k, v in kept.items())
+    assert model.num_classes == 7 and model(torch.randn(2, 3, 16, 16)).shape == (2, 7)
+    type(model)(**model.config).load_state_dict(after)  # the config describes the new head
+
+
+def test_reset_head_honours_zero_head_and_can_remove_the_head():
+    model = create_model("vit-ti/8", img_size=16, num_classes=4, depth=1, zero_head=True)
+    model.reset_head(5)
+    assert torch.equal(model(torch.randn(2, 3, 16, 16)), torch.zeros(2, 5))
+    plain = create_model("vit-ti/8", img_size=16, num_classes=4, depth=1)
+    plain.reset_head(3, zero=True)
+    assert not plain.head.weight.any()
+    plain.reset_head(0)
+    assert plain(torch.randn(2, 3, 16, 16)).shape == (2, 192) and "head.weight" not in plain.state_dict()
+    with pytest.raises(VitlabError, match="num_classes=-1 is negative"):
+        plain.reset_head(-1)
+
+
 def test_sincos_embedding_is_fixed_and_not_saved():
     model = create_model("vit-ti/8", img_size=32, num_classes=4, pos_embed="sincos", pool="gap")
     assert "pos_embed" not in model.state_dict()

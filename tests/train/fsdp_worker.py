@@ -14,6 +14,7 @@ from tests.train.test_classify import TINY
 from vitlab import create_model
 from vitlab.config import load_config
 from vitlab.runtime import distributed
+from vitlab.runtime.context import Runtime, start
 from vitlab.train.classify import train
 from vitlab.train.sharding import wrap_model
 
@@ -37,7 +38,7 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {**get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)), **dict(model.named_buffers())}
 
 
-def init_is_exact(ctx: distributed.Context, name: str, **options) -> bool:
+def init_is_exact(ctx: Runtime, name: str, **options) -> bool:
     """Whether the sharded init equals `torch.manual_seed(7); build()` bit for bit."""
     torch.manual_seed(7)
     reference = build(name, **options)()
@@ -70,7 +71,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 def main(out_json: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    ctx = distributed.setup("cpu")
+    ctx = start("cpu", "fp32")
     results = {
         "init_exact_vit": init_is_exact(ctx, "vit-ti/8"),
         "init_exact_vit22b_sincos": init_is_exact(ctx, "vit22b-ti/8", pos_embed="sincos", branch_norm="mlp", qkv_bias=True),

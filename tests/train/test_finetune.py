@@ -292,3 +292,14 @@ def test_finetuning_at_48px_beats_training_from_scratch_for_the_same_steps(tmp_p
     z = (a - b) / math.sqrt(pooled * (1 - pooled) * 2 / 1000)
     print(f"pre-trained at 32 px: {pre['test']['acc1']:.3f}; at 48 px: fine-tuned {a:.3f}, scratch {b:.3f}, z = {z:.1f}")
     assert a - b >= 0.05 and z >= 3
+
+
+def test_an_ai602_model_without_a_replaceable_head_is_refused_in_one_line():
+    from vitlab.config import FinetuneConfig
+    from vitlab.runs.kinds import load_experiment
+
+    model = create_model("ai602-vit-ti/8", img_size=16, num_classes=3, depth=1)
+    with pytest.raises(VitlabError, match="Ai602ViT has no replaceable head to fine-tune"):
+        prepare_model(model, FinetuneConfig(checkpoint="unused"), load=True)
+    with pytest.raises(VitlabError, match="ai602-vit-ti/8: the paper code's models have no replaceable head"):  # at load
+        load_experiment(None, ["model.name=ai602-vit-ti/8", "finetune.checkpoint=unused"])

@@ -20,7 +20,7 @@ from vitlab.config import OptimConfig, load_config
 from vitlab.eval.classification import evaluate_checkpoint
 from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_model
-from vitlab.runtime.distributed import Context
+from vitlab.runtime.context import Runtime
 from vitlab.train.classify import train
 from vitlab.train.optim import build_optimizer
 from vitlab.train.scaffold import load_run_config
@@ -100,7 +100,7 @@ def test_bad_strategy_settings_name_the_key(overrides, words):
 
 
 def test_single_strategy_refuses_several_processes():
-    ctx = Context(rank=0, world_size=2, device=torch.device("cpu"))
+    ctx = Runtime(rank=0, world_size=2, device=torch.device("cpu"))
     with pytest.raises(VitlabError, match="use ddp or fsdp"):
         wrap_model(lambda: create_model("vit-ti/8", img_size=16), "single", ctx)
 

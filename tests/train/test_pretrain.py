@@ -21,7 +21,8 @@ from vitlab import VitlabError, create_model
 from vitlab.cli import main
 from vitlab.config import FinetuneConfig, PretrainConfig, load_config
 from vitlab.eval.probe import linear_probe
-from vitlab.train.finetune import fit_to_model, prepare_model, pretrained_state_dict
+from vitlab.models.weights import fit_to_model
+from vitlab.train.finetune import prepare_model, pretrained_state_dict
 from vitlab.train.pretrain import pretrain
 from vitlab.train.scaffold import RunInterrupted
 

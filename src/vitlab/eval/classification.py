@@ -15,7 +15,8 @@ from vitlab.data.sources import MemoryEval, StreamEval, run_data
 from vitlab.errors import AT_LEAST_1, VitlabError, check_range
 from vitlab.runs.stored import load_checkpoint_model
 from vitlab.runtime import distributed
-from vitlab.runtime.precision import autocast, resolve_precision
+from vitlab.runtime.context import Runtime, local
+from vitlab.runtime.precision import autocast
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -36,7 +37,7 @@ def dataset_logits(
     model: torch.nn.Module,
     split: MemoryEval | StreamEval,
     batch_size: int,
-    ctx: distributed.Context,
+    ctx: Runtime,
     precision: str,
     mean: Sequence[float] = (0.5,),
     std: Sequence[float] = (0.5,),
@@ -86,6 +87,5 @@ def evaluate_checkpoint(
     found = run_data(data, batch_size, seed=0, train=False)
     if found.num_classes != model.num_classes:
         raise VitlabError(f"the checkpoint predicts {model.num_classes} classes but {data.name} has {found.num_classes}")
-    ctx = distributed.Context(rank=0, world_size=1, device=distributed.pick_device(config.train.device))
-    precision = resolve_precision(config.train.precision, ctx.device)
-    return evaluate(model.to(ctx.device), found.test, batch_size, ctx, precision, data.mean, data.std)
+    ctx = local(config.train.device, config.train.precision)
+    return evaluate(model.to(ctx.device), found.test, batch_size, ctx, ctx.precision, data.mean, data.std)

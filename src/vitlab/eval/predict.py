@@ -84,8 +84,7 @@ def predict_run(
     from vitlab.data.classes import class_names
     from vitlab.runs import checkpoint as ckpt
     from vitlab.runs.stored import load_checkpoint_model
-    from vitlab.runtime.distributed import pick_device
-    from vitlab.runtime.precision import resolve_precision
+    from vitlab.runtime.context import local
 
     if top_k < 1:
         raise VitlabError(f"--top-k {top_k} must be at least 1")
@@ -96,7 +95,7 @@ def predict_run(
         raise VitlabError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {', '.join(map(str, inputs))}")
     model, config = load_checkpoint_model(run, ema)
     classes = class_names(config.data, model.num_classes, ckpt.read_meta(ckpt.find_checkpoint(run)).get("classes"))
-    device = pick_device(config.train.device)
+    ctx = local(config.train.device, config.train.precision)
     decoded = decode_images(files, config.data.image_size)  # an unreadable file is skipped and named, as in training
     skipped = [str(image) for image in decoded if isinstance(image, UnusableImage)]
     kept = [(file, image) for file, image in zip(files, decoded) if isinstance(image, np.ndarray)]
@@ -105,8 +104,7 @@ def predict_run(
     out = output_folder(out or Path(run) / "predictions")
     files = [file for file, _ in kept]
     images = torch.from_numpy(np.stack([image for _, image in kept])).permute(0, 3, 1, 2).contiguous()
-    precision = resolve_precision(config.train.precision, device)
-    probabilities = predict_images(model, images, device, precision, batch_size, config.data.mean, config.data.std)
+    probabilities = predict_images(model, images, ctx.device, ctx.precision, batch_size, config.data.mean, config.data.std)
     top = probabilities.topk(min(top_k, len(classes)), dim=-1)
     predictions = Predictions(files, top.indices, top.values, classes, skipped)
     titles = [

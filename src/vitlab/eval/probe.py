@@ -25,8 +25,8 @@ from vitlab.models.vit import VisionTransformer
 from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_model
 from vitlab.runs.stored import load_run
-from vitlab.runtime.distributed import pick_device
-from vitlab.runtime.precision import autocast, resolve_precision
+from vitlab.runtime.context import local
+from vitlab.runtime.precision import autocast
 
 
 @torch.no_grad()
@@ -138,8 +138,8 @@ def probe_run(
     encoder = build_model(config, config.data.image_size, num_classes=0)
     if not random_init:
         ckpt.load_weights(checkpoint, encoder)
-    device = pick_device(config.train.device)
-    precision = resolve_precision(config.train.precision, device)
+    ctx = local(config.train.device, config.train.precision)
+    device, precision = ctx.device, ctx.precision
     encoder.to(device)
     train, test = labelled_splits(config, num_train)
     feats = [features(encoder, s.images, batch_size, device, precision, config.data.mean, config.data.std) for s in (train, test)]

@@ -19,8 +19,8 @@ from vitlab.eval.table2 import table2_features, table2_scores
 from vitlab.figures import save_image_grid
 from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.stored import load_generators, load_run
-from vitlab.runtime.distributed import pick_device
-from vitlab.runtime.precision import autocast, resolve_precision
+from vitlab.runtime.context import local
+from vitlab.runtime.precision import autocast
 
 DIRECTIONS = ("AtoB", "BtoA")
 
@@ -123,8 +123,8 @@ def evaluate_run(
     fid.features = features or fid.features
     fid.inception_weights = inception_weights or fid.inception_weights
     fid.batch_size = batch_size
-    torch_device = pick_device(device)
-    precision = resolve_precision(config.train.precision, torch_device)
+    ctx = local(device, config.train.precision)
+    torch_device, precision = ctx.device, ctx.precision
     data = load_data(config, with_train=False)
     nets = nn.ModuleDict(load_generators(checkpoint, config, torch_device))
     fakes = translate_test_sets(nets, data, batch_size, torch_device, precision)
@@ -147,10 +147,10 @@ def translate_folder(
     if not in_dir.is_dir() or not (files := image_files(in_dir)):
         raise VitlabError(f"{in_dir} is not a folder of .png/.jpg/.jpeg images")
     checkpoint, config, _ = load_run(path, TranslateConfig)
-    torch_device = pick_device(device)
+    ctx = local(device, config.train.precision)
+    torch_device, precision = ctx.device, ctx.precision
     name = "g_a" if direction == "AtoB" else "g_b"
     generator = load_generators(checkpoint, config, torch_device, (name,))[name]
-    precision = resolve_precision(config.train.precision, torch_device)
     outputs = translate_images(generator, read_images(files, config.data.crop_size), batch_size, torch_device, precision)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -23,8 +23,8 @@ from torch import nn
 
 from vitlab.errors import VitlabError
 from vitlab.models.blocks import Attention, BlockSpec, Mlp, merge_heads, split_heads
-from vitlab.models.kernels import attend, attention_logits
 from vitlab.models.gan import ResnetBlock, init_gan_weights
+from vitlab.models.kernels import attend, attention_logits
 
 
 def check_block_options(block: str, attn_impl: str, dim: int, num_heads: int) -> None:

@@ -49,6 +49,12 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.qkv_bias)
 
 
+def check_num_classes(num_classes: int) -> None:
+    """Refuse a negative class count."""
+    if num_classes < 0:
+        raise VitlabError(f"num_classes={num_classes} is negative; use 0 for no head or the number of classes")
+
+
 class PatchEmbed(nn.Module):
     """Cut the image into non-overlapping patches and project each to `dim` (timm naming: proj)."""
 
@@ -127,8 +133,7 @@ class VisionTransformer(nn.Module):
         check_choice("pos_embed", pos_embed, POS_EMBEDS)
         check_choice("pool", pool, POOLS)
         check_choice("head", head, HEADS)
-        if num_classes < 0:
-            raise VitlabError(f"num_classes={num_classes} is negative; use 0 for no head or the number of classes")
+        check_num_classes(num_classes)
 
         self.num_classes, self.embed_dim, self.pool, self.zero_head = num_classes, embed_dim, pool, zero_head
         self.grad_checkpointing = grad_checkpointing
@@ -170,6 +175,24 @@ class VisionTransformer(nn.Module):
         if self.zero_head and isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+
+    def reset_head(self, num_classes: int, zero: bool | None = None) -> None:
+        """A new head for `num_classes` (0: none), initialised as at build, all zeros if `zero` (default: `zero_head`).
+
+        Backbone and pre-logits layer are kept (timm's `reset_classifier`); the new head takes no random draws when zero.
+        """
+        check_num_classes(num_classes)
+        self.num_classes = self.config["num_classes"] = num_classes
+        if num_classes == 0:
+            self.head = nn.Identity()
+            return
+        like = self.patch_embed.proj.weight
+        self.head = nn.utils.skip_init(nn.Linear, self.embed_dim, num_classes, device=like.device, dtype=like.dtype)
+        if self.zero_head if zero is None else zero:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        else:
+            init_weights(self.head)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) → tokens (B, prefix + patches, D) with position embedding added."""

@@ -512,3 +512,21 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefi
     image = rearrange(patches, "1 (h w) d -> 1 d h w", h=side).float()
     image = F.interpolate(image, size=tuple(grid), mode="bicubic", align_corners=False)
     return torch.cat([prefix, rearrange(image, "1 d h w -> 1 (h w) d").to(pos_embed.dtype)], dim=1)
+
+
+def fit_to_model(state_dict: dict[str, torch.Tensor], model: VisionTransformer, keep_head: bool) -> dict[str, torch.Tensor]:
+    """Pretrained tensors made to fit `model`: position embedding resampled to its patch grid, head replaced.
+
+    Unless `keep_head`, the pretrained head gives way to the model's own (fine-tuning makes that a zero one with
+    `reset_head`), and a pretrained pre-logits layer the model has no place for is dropped.
+    """
+    own = model.state_dict()
+    fitted = dict(state_dict)
+    pos = fitted.get("pos_embed")
+    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape and pos.ndim == 3 and len(pos) == 1:
+        grid = (model.patch_embed.grid, model.patch_embed.grid)
+        fitted["pos_embed"] = resample_pos_embed(fitted["pos_embed"], grid, model.num_prefix_tokens)
+    if not keep_head:
+        fitted = {k: v for k, v in fitted.items() if not k.startswith(("head.", "pre_logits.")) or k in own}
+        fitted |= {k: v for k, v in own.items() if k.startswith("head.")}
+    return fitted

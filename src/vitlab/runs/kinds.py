@@ -85,6 +85,11 @@ def check_classification(config: RunConfig) -> None:
             "Inception crops and horizontal flips in the workers (data.crop_scale, augment.hflip): unset them"
         )
     check_model(config.model, config.data.image_size)
+    if config.finetune is not None and not config.finetune.keep_head and config.model.name.startswith("ai602-"):
+        raise VitlabError(
+            f"model.name={config.model.name}: the paper code's models have no replaceable head to fine-tune; "
+            "fine-tune a vit-… or vit22b-… preset, or set finetune.keep_head: true"
+        )
 
 
 def check_pretraining(config: PretrainConfig) -> None:
@@ -110,21 +115,20 @@ def check_study(config: StabilityConfig) -> None:
 
 @dataclass(frozen=True)
 class RunKind:
-    """One kind of run: the command that makes it, what it is for, and its config's checks beyond the schema."""
+    """One kind of run: what it is for, and its config's checks beyond the schema (the command is its config's KIND)."""
 
-    command: str
     uses: str  # named where a run of another kind was given
     check: Callable
 
 
 KINDS: Mapping[type, RunKind] = {
-    RunConfig: RunKind("train", "`vitlab eval`, `predict`, `inspect`, `export` or `report fig2`", check_classification),
-    PretrainConfig: RunKind("pretrain", "`vitlab probe` or finetune.checkpoint", check_pretraining),
-    TranslateConfig: RunKind("translate-train", "`vitlab translate`, `translate-eval` or `report table2`", check_translation),
-    StabilityConfig: RunKind("stability", "its own Fig. 1; each variant folder is a `vitlab train` run", check_study),
+    RunConfig: RunKind("`vitlab eval`, `predict`, `inspect`, `export` or `report fig2`", check_classification),
+    PretrainConfig: RunKind("`vitlab probe` or finetune.checkpoint", check_pretraining),
+    TranslateConfig: RunKind("`vitlab translate`, `translate-eval` or `report table2`", check_translation),
+    StabilityConfig: RunKind("its own Fig. 1; each variant folder is a `vitlab train` run", check_study),
 }
 
-COMMANDS = {cls: kind.command for cls, kind in KINDS.items()}
+COMMANDS = {cls: cls.KIND for cls in KINDS}
 
 
 def run_command(config: dict) -> str:

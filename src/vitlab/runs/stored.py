@@ -23,7 +23,7 @@ def check_made_by(path: Path, config: dict, needed: str) -> None:
     if (made_by, needed) == ("pretrain", "train"):
         fix = f"fine-tune it into a classifier first with `vitlab finetune` (a config with finetune.checkpoint: {path})"
     else:
-        uses = next(kind.uses for kind in KINDS.values() if kind.command == made_by)
+        uses = next(kind.uses for cls, kind in KINDS.items() if cls.KIND == made_by)
         fix = f"give a run made by `vitlab {needed}` (this one is for {uses})"
     raise VitlabError(f"{path} is another kind of run (made by `vitlab {made_by}`, not `vitlab {needed}`); {fix}")
 

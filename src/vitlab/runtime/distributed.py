@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from vitlab.errors import VitlabError
-
-
-@dataclass(frozen=True)
-class Context:
-    """Where this process runs: its rank among `world_size` and its device."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
@@ -41,8 +23,9 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device(preference)
 
 
-def setup(preference: str = "auto") -> Context:
-    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+def join(preference: str = "auto") -> tuple[int, int, torch.device]:
+    """This process's rank, the world size and its device; joins torchrun's process group when launched by it (gloo on
+    CPU, nccl on GPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(preference, local_rank)
@@ -51,7 +34,7 @@ def setup(preference: str = "auto") -> Context:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return Context(rank=rank, world_size=world_size, device=device)
+    return rank, world_size, device
 
 
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

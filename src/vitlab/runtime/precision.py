@@ -59,11 +59,6 @@ def choose_precision(precision: str, device: torch.device) -> tuple[str, str]:
     return "fp32", "bf16 matmuls are slower than fp32 on this CPU (no AVX512-BF16 or AMX)"
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`fp32`, `bf16` or `fp16`; `auto` picks by the device (see `choose_precision`)."""
-    return choose_precision(precision, device)[0]
-
-
 def autocast(device: torch.device, precision: str):
     """bf16 or fp16 autocast on `device`, or nothing for fp32."""
     if precision in DTYPES:

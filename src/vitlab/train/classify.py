@@ -24,7 +24,8 @@ from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_model
 from vitlab.runs.kinds import check_experiment
 from vitlab.runtime import distributed
-from vitlab.runtime.precision import autocast, choose_precision
+from vitlab.runtime.context import Runtime, start
+from vitlab.runtime.precision import autocast
 from vitlab.train import sharding
 from vitlab.train.finetune import prepare_model
 from vitlab.train.monitors import StabilityMonitor
@@ -56,18 +57,16 @@ def penalties(
 def train(config: RunConfig, resume_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Train a classifier from scratch (or resume one: a run directory, or `auto`); returns the final test metrics."""
     check_experiment(config)  # configs built in code get the checks `load_experiment` makes
-    ctx = distributed.setup(config.train.device)
+    ctx = start(config.train.device, config.train.precision, config.train.threads)
     try:
         return _train(config, ctx, resume_dir, progress)
     finally:
         distributed.teardown()
 
 
-def _train(config: RunConfig, ctx: distributed.Context, resume: str | Path | None, progress: bool) -> dict:
+def _train(config: RunConfig, ctx: Runtime, resume: str | Path | None, progress: bool) -> dict:
     tc, oc = config.train, config.optim
-    precision, precision_reason = choose_precision(tc.precision, ctx.device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    precision, precision_reason = ctx.precision, ctx.precision_reason
     data = config.data
     if tc.batch_size % ctx.world_size:
         raise VitlabError(f"train.batch_size={tc.batch_size} (global) must be divisible by the {ctx.world_size} ranks")

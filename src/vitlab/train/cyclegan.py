@@ -31,8 +31,8 @@ from vitlab.eval.translation import DIRECTIONS, load_data, sample_grid, translat
 from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_discriminator, build_generator
 from vitlab.runs.kinds import check_experiment
-from vitlab.runtime.distributed import Context, pick_device
-from vitlab.runtime.precision import autocast, choose_precision
+from vitlab.runtime.context import local
+from vitlab.runtime.precision import autocast
 from vitlab.train.run_log import plot_gan_curves
 from vitlab.train.scaffold import Run, step_seed
 from vitlab.train.schedule import constant_then_linear
@@ -134,11 +134,8 @@ def train_translation(config: TranslateConfig, resume_dir: str | Path | None = N
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise VitlabError("translate-train runs in a single process; start it without torchrun")
     tc, lc = config.train, config.loss
-    ctx = Context(rank=0, world_size=1, device=pick_device(tc.device))
-    device = ctx.device
-    precision, precision_reason = choose_precision(tc.precision, device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    ctx = local(tc.device, tc.precision, tc.threads)
+    device, precision, precision_reason = ctx.device, ctx.precision, ctx.precision_reason
     data = load_data(config)
     if config.eval.protocol == "paper-table2":
         table2_features(config.eval.inception_weights)  # refuses now, not after the training, without Inception

@@ -1,9 +1,8 @@
 """Fine-tuning (ViT lecture): start from pretrained weights, new zero head, resampled position embedding.
 
 The pretrained tensors come from a vitlab run, a timm-format file, a Google ViT `.npz` or a Hugging Face
-ViT folder, each
-through its filter in `vitlab.models.weights`; they are made to fit the new model (image size,
-class count) here, and the training loop then runs as from scratch.
+ViT folder, each through its filter in `vitlab.models.weights`; `fit_to_model` there makes them fit the new
+model (image size, class count), and the training loop then runs as from scratch.
 """
 
 from __future__ import annotations
@@ -20,12 +19,12 @@ from vitlab.models.weights import (
     filter_google_vit,
     filter_hf_vit,
     filter_timm_vit,
+    fit_to_model,
     is_hf_folder,
     load_state_dict_strict,
     read_hf_folder,
     read_npz,
     read_state_dict,
-    resample_pos_embed,
 )
 from vitlab.runs import checkpoint as ckpt
 
@@ -57,25 +56,6 @@ def pretrained_state_dict(path: str | Path, kind: str, model: VisionTransformer)
     return filter_timm_vit(read_state_dict(path), model)
 
 
-def fit_to_model(state_dict: dict[str, torch.Tensor], model: VisionTransformer, keep_head: bool) -> dict[str, torch.Tensor]:
-    """Pretrained tensors made to fit `model`: position embedding resampled to its patch grid, head replaced.
-
-    Unless `keep_head`, the head becomes a zero-initialised one for the model's classes and a
-    pretrained pre-logits layer the model has no place for is dropped (Dosovitskiy et al. 2021
-    replace the whole head by one zero-initialised linear layer).
-    """
-    own = model.state_dict()
-    fitted = dict(state_dict)
-    pos = fitted.get("pos_embed")
-    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape and pos.ndim == 3 and len(pos) == 1:
-        grid = (model.patch_embed.grid, model.patch_embed.grid)
-        fitted["pos_embed"] = resample_pos_embed(fitted["pos_embed"], grid, model.num_prefix_tokens)
-    if not keep_head:
-        fitted = {k: v for k, v in fitted.items() if not k.startswith(("head.", "pre_logits.")) or k in own}
-        fitted |= {k: torch.zeros_like(v) for k, v in own.items() if k.startswith("head.")}
-    return fitted
-
-
 def prepare_model(model: VisionTransformer, cfg: FinetuneConfig | None, load: bool) -> VisionTransformer:
     """Fine-tuning set-up of a freshly built `model`: the pretrained weights (if `load`) and the frozen backbone.
 
@@ -83,10 +63,16 @@ def prepare_model(model: VisionTransformer, cfg: FinetuneConfig | None, load: bo
     """
     if cfg is None:
         return model
+    if not cfg.keep_head and not isinstance(model, VisionTransformer):  # the paper code's ai602-…: an MLP head with BatchNorm
+        raise VitlabError(
+            f"{type(model).__name__} has no replaceable head to fine-tune; fine-tune a vit-… or vit22b-… preset, "
+            "or set finetune.keep_head: true"
+        )
     if load:
         source = pretrained_state_dict(cfg.checkpoint, cfg.format, model)
-        fitted = fit_to_model(source, model, cfg.keep_head)
-        load_state_dict_strict(model, fitted, f"finetune.checkpoint {cfg.checkpoint}")
+        if not cfg.keep_head:
+            model.reset_head(model.num_classes, zero=True)  # Dosovitskiy et al. 2021 fine-tune a new zero head
+        load_state_dict_strict(model, fit_to_model(source, model, cfg.keep_head), f"finetune.checkpoint {cfg.checkpoint}")
     if cfg.freeze_backbone:
         for name, param in model.named_parameters():
             param.requires_grad_(name.startswith("head."))

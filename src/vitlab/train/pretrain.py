@@ -26,8 +26,8 @@ from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_pretraining
 from vitlab.runs.kinds import check_experiment
 from vitlab.runtime import distributed
-from vitlab.runtime.distributed import Context
-from vitlab.runtime.precision import autocast, choose_precision
+from vitlab.runtime.context import Runtime, start
+from vitlab.runtime.precision import autocast
 from vitlab.train import sharding
 from vitlab.train.optim import build_optimizer
 from vitlab.train.run_log import read_csv
@@ -65,7 +65,7 @@ def held_out_loss(
     model: nn.Module,
     held_out: MemoryEval | StreamEval,
     batch_size: int,
-    ctx: Context,
+    ctx: Runtime,
     seed: int,
     precision: str,
     mean: Sequence[float],
@@ -95,7 +95,7 @@ def sample_grid(
     path: Path,
     model: nn.Module,
     images: torch.Tensor,
-    ctx: Context,
+    ctx: Runtime,
     seed: int,
     precision: str,
     mean: Sequence[float],
@@ -135,18 +135,16 @@ def pretrain(config: PretrainConfig, resume_dir: str | Path | None = None, progr
     DistributedDataParallel averages the gradients.
     """
     check_experiment(config)  # configs built in code get the checks `load_experiment` makes
-    ctx = distributed.setup(config.train.device)
+    ctx = start(config.train.device, config.train.precision, config.train.threads)
     try:
         return _pretrain(config, ctx, resume_dir, progress)
     finally:
         distributed.teardown()
 
 
-def _pretrain(config: PretrainConfig, ctx: Context, resume_dir: str | Path | None, progress: bool) -> dict:
+def _pretrain(config: PretrainConfig, ctx: Runtime, resume_dir: str | Path | None, progress: bool) -> dict:
     tc, oc, data, p = config.train, config.optim, config.data, config.pretrain
-    precision, precision_reason = choose_precision(tc.precision, ctx.device)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    precision, precision_reason = ctx.precision, ctx.precision_reason
     if tc.batch_size % ctx.world_size:
         raise VitlabError(f"train.batch_size={tc.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
     per_rank = tc.batch_size // ctx.world_size

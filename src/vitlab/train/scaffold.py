@@ -37,6 +37,7 @@ from vitlab.runs.checkpoint import LOCK_FILE
 from vitlab.runs.kinds import run_command
 from vitlab.runtime import distributed
 from vitlab.runtime.allocator import host_memory
+from vitlab.runtime.context import Runtime
 from vitlab.train.run_log import RunLog
 
 AUTO = "auto"
@@ -133,7 +134,7 @@ class Run:
     def __init__(
         self,
         config,
-        ctx: distributed.Context,
+        ctx: Runtime,
         resume: str | Path | None,
         total_steps: int,
         steps_per_epoch: int,

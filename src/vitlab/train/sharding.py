@@ -29,13 +29,13 @@ from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer, init_weights
 from vitlab.runs import checkpoint as ckpt
 from vitlab.runtime import distributed
-from vitlab.runtime.distributed import Context
+from vitlab.runtime.context import Runtime
 
 
 def wrap_model(
     build: Callable[[], VisionTransformer],
     strategy: str,
-    ctx: Context,
+    ctx: Runtime,
     precision: str = "fp32",
     compile: bool = False,
     cpu_offload: bool = False,
