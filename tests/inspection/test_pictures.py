@@ -25,7 +25,7 @@ PNGS = {
 def test_every_png_is_written(tmp_path, family, pool, query):
     model = create_model(f"{family}-ti/8", img_size=24, num_classes=3, depth=2, embed_dim=32, num_heads=2, pool=pool)
     images = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
-    written = inspect_model(model, images, tmp_path, query=query, components=6)
+    written = inspect_model(model, images, tmp_path, query=query, components=6, mean=(0.5,), std=(0.5,))
     assert {p.name for p in written.values()} == PNGS == {p.name for p in tmp_path.iterdir()}
     for path in written.values():
         with Image.open(path) as png:

@@ -86,7 +86,7 @@ def test_mae_loss_covers_the_masked_patches_only(norm_pix_loss: bool) -> None:
 
 
 def test_mpp_corrupts_half_the_patches_80_10_10() -> None:
-    model = MaskedPatchPrediction(encoder(img_size=32))  # 64 patches: 32 corrupted = 26 mask, 3 other, 3 kept
+    model = MaskedPatchPrediction(encoder(img_size=32), (0.5,), (0.5,))  # 64 patches: 32 corrupted = 26 mask, 3 other, 3 kept
     torch.manual_seed(2)
     tokens = torch.randn(4, 64, 32)
     corrupted_tokens, corrupted, masked = model.corrupt(tokens)
@@ -114,7 +114,7 @@ def test_mpp_targets_are_the_3_bit_mean_colours() -> None:
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_mpp_learns_and_reconstructs_both_families(name: str) -> None:
-    model = MaskedPatchPrediction(encoder(name))
+    model = MaskedPatchPrediction(encoder(name), (0.5,), (0.5,))
     x = torch.rand(3, 3, 16, 16) * 2 - 1
     loss = model(x)
     assert 5.0 < loss.item() < 8.0  # about log(512) at initialisation
@@ -139,4 +139,4 @@ def test_pretraining_needs_a_headless_encoder() -> None:
     with pytest.raises(VitlabError, match="num_classes=0"):
         MaskedAutoencoder(create_model("vit-ti/4", **{**SMALL, "num_classes": 10}))
     with pytest.raises(VitlabError, match="mask_ratio"):
-        MaskedPatchPrediction(encoder(), mask_ratio=1.0)
+        MaskedPatchPrediction(encoder(), (0.5,), (0.5,), mask_ratio=1.0)

@@ -300,8 +300,8 @@ def augment_batch(
     cfg: AugmentConfig,
     gen: torch.Generator,
     num_classes: int,
-    mean: Sequence[float] = (0.5,),
-    std: Sequence[float] = (0.5,),
+    mean: Sequence[float],
+    std: Sequence[float],
     cropped: bool = False,
     crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,8 +39,8 @@ def dataset_logits(
     batch_size: int,
     ctx: Runtime,
     precision: str,
-    mean: Sequence[float] = (0.5,),
-    std: Sequence[float] = (0.5,),
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of a whole evaluation split (normalised by `mean`, `std`); each rank runs its shard, all get everything.
 

@@ -45,9 +45,9 @@ def predict_images(
     images: torch.Tensor,
     device: torch.device,
     precision: str,
-    batch_size: int = 64,
-    mean: Sequence[float] = (0.5,),
-    std: Sequence[float] = (0.5,),
+    batch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> torch.Tensor:
     """Class probabilities (N, classes) of uint8 images, normalised by the run's `mean` and `std`."""
     model.eval().to(device)

@@ -36,8 +36,8 @@ def features(
     batch_size: int,
     device: torch.device,
     precision: str,
-    mean: Sequence[float] = (0.5,),
-    std: Sequence[float] = (0.5,),
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> torch.Tensor:
     """The pooled features (class token, or mean of the patch tokens) of uint8 `images`, on the CPU."""
     encoder.eval()

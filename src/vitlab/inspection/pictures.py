@@ -33,8 +33,9 @@ def inspect_model(
     out_dir: str | Path,
     query: Query | None = None,
     components: int = 28,
-    mean: Sequence[float] = (0.5,),
-    std: Sequence[float] = (0.5,),
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> dict[str, Path]:
     """Write the inspection PNGs of `model` on uint8 `images` (B, C, H, W) into `out_dir`; returns them by name.
 

@@ -183,8 +183,8 @@ class MaskedPatchPrediction(nn.Module):
     def __init__(
         self,
         encoder: VisionTransformer,
-        mean: tuple[float, ...] = (0.5,),
-        std: tuple[float, ...] = (0.5,),
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
         mask_ratio: float = 0.5,
         replace: tuple[float, float] = (0.8, 0.1),
         bits: int = 3,
