@@ -72,8 +72,7 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_loads(path):
     keys = yaml.safe_load(path.read_text())
-    kinds = {"generator": TranslateConfig, "variants": StabilityConfig, "pretrain": PretrainConfig}
-    kind = next((cls for key, cls in kinds.items() if key in keys), RunConfig)
+    kind = config_kind(keys)
     config = load_config(path, cls=kind)
     if path.parent.name == "paper" and config.data.name.startswith("cifar"):
         # The paper's recipe (Sec. 3.2): AdamW, 200 epochs, multistep at 30/60/90 %, flips only.

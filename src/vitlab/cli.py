@@ -202,6 +202,23 @@ def cmd_stability(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_stability_map(args: argparse.Namespace) -> None:
+    """Train the unfinished cells of a stability map (or only merge them) and print the LR sensitivities."""
+    from vitlab.config import MapConfig
+    from vitlab.runs.kinds import load_experiment
+    from vitlab.train.stability_map import parse_shard, run_map
+
+    shard = parse_shard(args.shard)
+    result = run_map(load_experiment(args.config, args.set, cls=MapConfig), shard, args.report, not args.no_progress)
+    for s in result["summaries"]:
+        print(
+            f"{s['block']}/{s['size']}/{s['intervention']}: LR sensitivity {s['sensitivity']:.3f}, "
+            f"best LR {', '.join(f'{lr:g}' for lr in s['best_lr'])}, best loss {s['best_loss']:.3f}, "
+            f"{s['diverged']} of {s['cells']} cells diverged"
+        )
+    print(f"{len(result['cells'])} of {result['expected_cells']} cells finished; map.json, map.md and figures written")
+
+
 RESUME_HELP = (
     "continue a run from its last checkpoint; `auto`: continue the config's run (out_dir/name) if it has a "
     "checkpoint, else start it (for preemptible jobs and torchrun --max-restarts) (default: start a new run)"
@@ -331,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     stability.add_argument("config", help="stability study YAML (see configs/stability/)")
     add_run_options(stability, "study")
     stability.set_defaults(func=cmd_stability)
+
+    stability_map = command("stability-map", "learning-rate sensitivity per block, size and intervention (a run per cell)")
+    stability_map.add_argument("config", help="stability map YAML (see configs/stability/map-cpu.yaml)")
+    add_run_options(stability_map, "map")
+    stability_map.add_argument("--shard", default="0/1", metavar="I/N", help="run only every N-th cell, from the I-th")
+    stability_map.add_argument("--report", action="store_true", help="train nothing: merge finished cells and draw")
+    stability_map.set_defaults(func=cmd_stability_map)
 
     evaluate = command("eval", "evaluate a checkpoint on test data")
     evaluate.add_argument("checkpoint", help="run directory or checkpoint folder")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import re
 import types
@@ -689,6 +690,13 @@ class TranslateConfig(Experiment):
         return self
 
 
+def derived_run_config(base: dict, overrides: list[str], out_dir: Path, name: str) -> RunConfig:
+    """The train config `base` with `overrides`, run as out_dir/name (a study's variant or a map's cell)."""
+    # JSON quotes: `name=1e3` stays a string
+    overrides = [*overrides, f"out_dir={json.dumps(str(out_dir))}", f"name={json.dumps(name)}"]
+    return from_dict(RunConfig, merge_defaults(RunConfig, apply_overrides(copy.deepcopy(base), overrides, RunConfig))).validate()
+
+
 @dataclass
 class StabilityConfig(Experiment):
     """A stability study: one base train config, run once per variant with the same data and seed."""
@@ -702,11 +710,8 @@ class StabilityConfig(Experiment):
 
     def variant_config(self, variant: str) -> RunConfig:
         """The full train config of one variant, written under out_dir/name/variant."""
-        out_dir, name = Path(self.out_dir) / self.name, json.dumps(str(variant))  # JSON quotes: `name=1e3` stays a string
-        overrides = [*self.variants[variant], f"out_dir={out_dir}", f"name={name}"]
         try:
-            data = merge_defaults(RunConfig, apply_overrides(copy.deepcopy(self.base), overrides, RunConfig))
-            return from_dict(RunConfig, data).validate()
+            return derived_run_config(self.base, self.variants[variant], Path(self.out_dir) / self.name, str(variant))
         except VitlabError as exc:
             raise VitlabError(f"variants.{variant}: {exc}") from exc
 
@@ -722,6 +727,61 @@ class StabilityConfig(Experiment):
             if not isinstance(overrides, list):
                 raise VitlabError(f"variants.{variant} must be a list of key.sub=value strings")
             self.variant_config(variant)
+        return self
+
+
+MAP_LRS = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # Wortsman et al. 2023's log grid, ~half a decade apart
+
+
+@dataclass
+class MapConfig(Experiment):
+    """A stability map: one base train config, run once per cell (block, size, intervention, lr, seed)."""
+
+    KIND: ClassVar[str] = "stability-map"
+
+    name: str = "stability-map"
+    base: dict = field(default_factory=dict)  # a train config (the keys of RunConfig)
+    lrs: tuple[float, ...] = MAP_LRS  # peak learning rates (optim.lr)
+    sizes: dict = field(default_factory=lambda: {"base": []})  # size name → `key.sub=value` overrides of base
+    blocks: dict = field(
+        default_factory=lambda: {"serial": ["model.options.block=serial"], "parallel": ["model.options.block=parallel"]}
+    )
+    interventions: dict = field(default_factory=lambda: {"none": []})
+    seeds: tuple[int, ...] = (0,)
+    patience: int = 3  # evaluations in a row with a test loss above ℓ₀ (or non-finite) that make a cell diverged
+
+    def cells(self) -> list[tuple[str, str, str, float, int]]:
+        """Every (block, size, intervention, lr, seed), in the fixed order `--shard` counts in."""
+        return list(itertools.product(self.blocks, self.sizes, self.interventions, self.lrs, self.seeds))
+
+    def cell_config(self, block: str, size: str, intervention: str, lr: float, seed: int) -> RunConfig:
+        """The train config of one cell, run as out_dir/name/<block>/<size>/<intervention>/lr<lr>-seed<seed>."""
+        overrides = [*self.blocks[block], *self.sizes[size], *self.interventions[intervention], f"optim.lr={lr!r}"]
+        group = Path(self.out_dir) / self.name / block / size / intervention  # nested: no two cells share a folder
+        try:
+            return derived_run_config(self.base, [*overrides, f"train.seed={seed}"], group, f"lr{lr:g}-seed{seed}")
+        except VitlabError as exc:
+            raise VitlabError(f"cell {block}/{size}/{intervention}: {exc}") from exc
+
+    def validate(self) -> MapConfig:
+        super().validate()
+        if not self.lrs or not self.seeds:
+            raise VitlabError("lrs and seeds must each name at least one value, e.g. lrs: [1.0e-3, 1.0e-2], seeds: [0]")
+        if len({f"{lr:g}" for lr in self.lrs}) < len(self.lrs) or len(set(self.seeds)) < len(self.seeds):
+            raise VitlabError("lrs and seeds must not repeat (LRs equal to 6 digits share a folder); drop the repeats")
+        for lr in self.lrs:
+            check_range("lrs[]", lr, POSITIVE)
+        check_range("patience", self.patience, AT_LEAST_1)
+        for section in ("sizes", "blocks", "interventions"):
+            entries = getattr(self, section)
+            if not entries:
+                raise VitlabError(f"{section} is empty: name at least one entry, e.g. `plain: []`")
+            for entry, overrides in entries.items():
+                check_name(f"{section} name", str(entry))
+                if not isinstance(overrides, list):
+                    raise VitlabError(f"{section}.{entry} must be a list of key.sub=value strings")
+        for block, size, intervention in itertools.product(self.blocks, self.sizes, self.interventions):
+            self.cell_config(block, size, intervention, self.lrs[0], self.seeds[0])
         return self
 
 
@@ -812,9 +872,11 @@ class PretrainConfig(Experiment):
 
 def config_kind(keys) -> type:
     """The config class of a config (a YAML file's or a run's saved one): its `kind`, else told by its sections."""
-    named = {cls.KIND: cls for cls in (RunConfig, PretrainConfig, TranslateConfig, StabilityConfig)}
+    named = {cls.KIND: cls for cls in (RunConfig, PretrainConfig, TranslateConfig, StabilityConfig, MapConfig)}
     if keys.get("kind") in named:
         return named[keys["kind"]]
+    if "lrs" in keys:
+        return MapConfig
     if "variants" in keys:
         return StabilityConfig
     if "generator" in keys:

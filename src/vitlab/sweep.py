@@ -15,7 +15,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitlab.config import PretrainConfig, RunConfig, StabilityConfig, TranslateConfig, config_kind, parse_yaml
+from vitlab.config import MapConfig, PretrainConfig, RunConfig, StabilityConfig, TranslateConfig, config_kind, parse_yaml
 from vitlab.errors import VitlabError
 from vitlab.report import fig2, table2
 from vitlab.runs.kinds import COMMANDS, load_experiment
@@ -31,8 +31,8 @@ def load_sweep_config(path: str | Path, overrides: list[str]):
         raise VitlabError(f"config file {path} does not exist")
     data = parse_yaml(path.read_text(encoding="utf-8", errors="replace"), str(path))  # load_config names bad bytes
     kind = config_kind(data if isinstance(data, dict) else {})
-    if kind is StabilityConfig:
-        raise VitlabError(f"{path} is a stability study; run it with `vitlab stability`")
+    if kind in (StabilityConfig, MapConfig):
+        raise VitlabError(f"{path} is a {kind.KIND} config, not a run; run it with `vitlab {kind.KIND}`")
     return load_experiment(path, overrides, cls=kind)
 
 

@@ -10,6 +10,7 @@ on entry for configs built in code.
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from vitlab.config import (
     DataConfig,
     Experiment,
     GeneratorConfig,
+    MapConfig,
     ModelConfig,
     PairDataConfig,
     PretrainConfig,
@@ -113,6 +115,15 @@ def check_study(config: StabilityConfig) -> None:
             raise VitlabError(f"variants.{variant}: {exc}") from exc
 
 
+def check_map(config: MapConfig) -> None:
+    for block, size, intervention in itertools.product(config.blocks, config.sizes, config.interventions):
+        cell = config.cell_config(block, size, intervention, config.lrs[0], config.seeds[0])  # names itself on error
+        try:
+            check_classification(cell)
+        except VitlabError as exc:
+            raise VitlabError(f"cell {block}/{size}/{intervention}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class RunKind:
     """One kind of run: what it is for, and its config's checks beyond the schema (the command is its config's KIND)."""
@@ -126,6 +137,7 @@ KINDS: Mapping[type, RunKind] = {
     PretrainConfig: RunKind("`vitlab probe` or finetune.checkpoint", check_pretraining),
     TranslateConfig: RunKind("`vitlab translate`, `translate-eval` or `report table2`", check_translation),
     StabilityConfig: RunKind("its own Fig. 1; each variant folder is a `vitlab train` run", check_study),
+    MapConfig: RunKind("its own map.json and figures; each cell folder is a `vitlab train` run", check_map),
 }
 
 COMMANDS = {cls: cls.KIND for cls in KINDS}
