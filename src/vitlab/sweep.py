@@ -18,7 +18,7 @@ from pathlib import Path
 from vitlab.config import MapConfig, PretrainConfig, RunConfig, StabilityConfig, TranslateConfig, config_kind, parse_yaml
 from vitlab.errors import VitlabError
 from vitlab.report import fig2, table2
-from vitlab.runs.kinds import COMMANDS, load_experiment
+from vitlab.runs.kinds import load_experiment
 from vitlab.train.scaffold import AUTO, RunInterrupted
 
 REPORTS = {RunConfig: ("fig2", fig2), TranslateConfig: ("table2", table2)}  # pretraining runs have no report
@@ -54,7 +54,7 @@ def sweep_commands(paths: list[str], overrides: list[str], nproc: int = 1, repor
     sets = "".join(f" --set {shlex.quote(item)}" for item in overrides)
     commands, runs = [], {name: [] for name, _ in REPORTS.values()}
     for path, config in zip(paths, load_sweep(paths, overrides)):
-        kind, command = type(config), COMMANDS[type(config)]
+        kind, command = type(config), type(config).KIND
         if kind in REPORTS:
             runs[REPORTS[kind][0]].append(shlex.quote(str(Path(config.out_dir) / config.name)))
         if kind is TranslateConfig:

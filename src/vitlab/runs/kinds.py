@@ -140,12 +140,10 @@ KINDS: Mapping[type, RunKind] = {
     MapConfig: RunKind("its own map.json and figures; each cell folder is a `vitlab train` run", check_map),
 }
 
-COMMANDS = {cls: cls.KIND for cls in KINDS}
-
 
 def run_command(config: dict) -> str:
     """The command that made a run, from the config saved with it (or a YAML file's sections)."""
-    return COMMANDS[config_kind(config)]
+    return config_kind(config).KIND
 
 
 def check_experiment(config: Experiment) -> Experiment:

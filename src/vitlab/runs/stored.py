@@ -12,7 +12,7 @@ from vitlab.errors import VitlabError
 from vitlab.models.vit import VisionTransformer
 from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_generator, build_model
-from vitlab.runs.kinds import COMMANDS, KINDS, run_command
+from vitlab.runs.kinds import KINDS, run_command
 
 
 def check_made_by(path: Path, config: dict, needed: str) -> None:
@@ -32,7 +32,7 @@ def load_run(path: str | Path, cls: type = RunConfig) -> tuple[Path, RunConfig |
     """A run's checkpoint (from itself or its run directory), its config of kind `cls`, and its metadata."""
     checkpoint = ckpt.find_checkpoint(path)
     meta = ckpt.read_meta(checkpoint)
-    check_made_by(checkpoint, meta.get("config", {}), COMMANDS[cls])
+    check_made_by(checkpoint, meta.get("config", {}), cls.KIND)
     return checkpoint, from_dict(cls, meta["config"]).validate(), meta
 
 
