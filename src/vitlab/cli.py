@@ -209,7 +209,10 @@ def cmd_stability_map(args: argparse.Namespace) -> None:
     from vitlab.train.stability_map import parse_shard, run_map
 
     shard = parse_shard(args.shard)
-    result = run_map(load_experiment(args.config, args.set, cls=MapConfig), shard, args.report, not args.no_progress)
+    if args.workers < 1:
+        raise VitlabError(f"--workers {args.workers} must be at least 1 (cells trained side by side on this machine)")
+    config = load_experiment(args.config, args.set, cls=MapConfig)
+    result = run_map(config, shard, args.report, not args.no_progress, args.workers)
     for s in result["summaries"]:
         print(
             f"{s['block']}/{s['size']}/{s['intervention']}: LR sensitivity {s['sensitivity']:.3f}, "
@@ -353,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     stability_map.add_argument("config", help="stability map YAML (see configs/stability/map-cpu.yaml)")
     add_run_options(stability_map, "map")
     stability_map.add_argument("--shard", default="0/1", metavar="I/N", help="run only every N-th cell, from the I-th")
+    stability_map.add_argument(
+        "--workers", type=int, default=1, metavar="K", help="train K cells side by side (CPU threads divided, or a GPU each)"
+    )
     stability_map.add_argument("--report", action="store_true", help="train nothing: merge finished cells and draw")
     stability_map.set_defaults(func=cmd_stability_map)
 

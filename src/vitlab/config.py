@@ -253,6 +253,9 @@ class TrainConfig(RunSettings):
     strategy: str = "ddp"  # single, ddp (DDP under torchrun), fsdp (FSDP2 shards; vitlab.train.sharding)
     cpu_offload: bool = False  # fsdp only: sharded parameters, gradients and optimizer state in host memory
     accumulate_steps: int = 1  # micro-batches per step: batch_size stays the global batch the LR is set for
+    # > 0: measure the test loss ℓ₀ at step 0, and stop the run as diverged after this many evaluations in a row
+    # with a test loss above ℓ₀ (or non-finite); 0 never stops. The stability map's early stop.
+    divergence_patience: int = 0
 
     RANGES: ClassVar[dict] = dict(
         RunSettings.RANGES,
@@ -261,6 +264,7 @@ class TrainConfig(RunSettings):
         z_loss=AT_LEAST_0,
         grad_penalty=AT_LEAST_0,
         accumulate_steps=AT_LEAST_1,
+        divergence_patience=AT_LEAST_0,
     )
 
     def validate(self) -> None:
@@ -748,7 +752,14 @@ class MapConfig(Experiment):
     )
     interventions: dict = field(default_factory=lambda: {"none": []})
     seeds: tuple[int, ...] = (0,)
-    patience: int = 3  # evaluations in a row with a test loss above ℓ₀ (or non-finite) that make a cell diverged
+    patience: int = 3  # evaluations in a row with a test loss above ℓ₀ (or non-finite) that stop a cell as diverged
+    trend_lr: float | None = None  # figure D's learning rate (one of lrs); None: the grid's middle one
+    logit_threshold: float = 1.0e4  # figure D: the attention logit the fitted trend is extrapolated to
+
+    @property
+    def trend_learning_rate(self) -> float:
+        """Figure D's learning rate: trend_lr, or the middle of the sorted grid."""
+        return self.trend_lr if self.trend_lr is not None else sorted(self.lrs)[len(self.lrs) // 2]
 
     def cells(self) -> list[tuple[str, str, str, float, int]]:
         """Every (block, size, intervention, lr, seed), in the fixed order `--shard` counts in."""
@@ -756,7 +767,13 @@ class MapConfig(Experiment):
 
     def cell_config(self, block: str, size: str, intervention: str, lr: float, seed: int) -> RunConfig:
         """The train config of one cell, run as out_dir/name/<block>/<size>/<intervention>/lr<lr>-seed<seed>."""
-        overrides = [*self.blocks[block], *self.sizes[size], *self.interventions[intervention], f"optim.lr={lr!r}"]
+        overrides = [
+            *self.blocks[block],
+            *self.sizes[size],
+            *self.interventions[intervention],
+            f"optim.lr={lr!r}",
+            f"train.divergence_patience={self.patience}",
+        ]
         group = Path(self.out_dir) / self.name / block / size / intervention  # nested: no two cells share a folder
         try:
             return derived_run_config(self.base, [*overrides, f"train.seed={seed}"], group, f"lr{lr:g}-seed{seed}")
@@ -772,6 +789,9 @@ class MapConfig(Experiment):
         for lr in self.lrs:
             check_range("lrs[]", lr, POSITIVE)
         check_range("patience", self.patience, AT_LEAST_1)
+        check_range("logit_threshold", self.logit_threshold, POSITIVE)
+        if self.trend_lr is not None and self.trend_lr not in self.lrs:
+            raise VitlabError(f"trend_lr {self.trend_lr:g} is not one of lrs; pick one of them or leave it null (the middle one)")
         for section in ("sizes", "blocks", "interventions"):
             entries = getattr(self, section)
             if not entries:

@@ -1,6 +1,8 @@
 """`vitlab stability-map`: the LR-sensitivity arithmetic, resumable cells, shards, and config errors before training."""
 
+import fcntl
 import json
+import math
 
 import pytest
 import yaml
@@ -9,7 +11,8 @@ from vitlab import VitlabError
 from vitlab.cli import main
 from vitlab.config import MapConfig, config_kind
 from vitlab.runs.kinds import load_experiment
-from vitlab.train.stability_map import diverged_step, parse_shard, sensitivity
+from vitlab.train.stability_map import CLAIM_FILE, claim, parse_shard, run_cells, run_map, sensitivity
+from vitlab.train.stability_map_figures import fit_logit_trend
 
 BASE = {
     "model": {"name": "vit-ti/8", "options": {"depth": 1, "embed_dim": 32, "num_heads": 2, "mlp_dim": 64}},
@@ -32,9 +35,15 @@ def test_sensitivity_of_a_hand_worked_grid_caps_a_diverged_cell_at_l0():
     assert sensitivity(grid) == pytest.approx({"sensitivity": (0 + 0.8 + 0.8 + 0.8) / 4, "best_loss": 1.5, "best_lr": 0.001})
 
 
-def test_patience_counts_evaluations_in_a_row_above_l0():
-    assert diverged_step([10, 20, 30, 40], [3.0, 1.0, 3.0, float("nan")], 2.0, 2) == 40
-    assert diverged_step([10, 20, 30], [3.0, 1.0, 3.0], 2.0, 2) is None
+def test_logit_trend_is_a_power_law_fit_extrapolated_to_the_threshold():
+    cells = [
+        {"block": "serial", "intervention": "none", "num_parameters": n, "max_attention_logit": 2.0 * n**0.5}
+        for n in (100, 400, 1600)
+    ] + [{"block": "serial", "intervention": "qk", "num_parameters": n, "max_attention_logit": 5.0} for n in (100, 400)]
+    fits = {f["intervention"]: f for f in fit_logit_trend(cells, threshold=200.0)}
+    assert fits["none"]["slope"] == pytest.approx(0.5)
+    assert fits["none"]["params_at_threshold"] == pytest.approx(10_000)  # 2 · √n = 200
+    assert fits["qk"]["params_at_threshold"] is None  # flat: never reaches it
 
 
 def test_parse_shard():
@@ -75,10 +84,56 @@ def test_shards_partition_the_grid_reruns_skip_finished_cells_and_the_report_is_
     assert len(saved["cells"]) == 4 and len(saved["summaries"]) == 2
     for cell in saved["cells"]:
         assert cell["diverged"] is (cell["lr"] == 1e30)
+        assert cell["l0"] == pytest.approx(math.log(10), abs=0.3)  # the test loss at step 0: near ln(classes)
+        assert cell["num_parameters"] > 0 and cell["train_flops"] > 0 and len(cell["config_hash"]) == 12
+        if not cell["diverged"]:
+            assert cell["max_attention_logit"] > 0 and cell["final_log_z"] > 0 and cell["max_update_rms"] == 0  # SGD: no v
+    hashes = {c["config_hash"] for c in saved["cells"]}
+    assert len(hashes) == 4  # block and LR change what trains
     for summary in saved["summaries"]:
         assert summary["best_lr"] == [0.01] and summary["sensitivity"] > 0
     assert "| serial | w32 | none |" in (root / "map.md").read_text()
-    assert (root / "loss_vs_lr.png").is_file() and (root / "sensitivity_vs_params.png").is_file()
+    for png in ("loss_vs_lr", "sensitivity_vs_params", "excess_loss_heatmap", "attention_logit_trend"):
+        assert (root / f"{png}.png").is_file()
+    assert list((root / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_cell_whose_test_loss_stays_above_l0_stops_early_as_diverged(tmp_path):
+    # SGD at lr 30 with gradients clipped to norm 1: finite steps that wreck the model, so the loss stays above ℓ₀
+    base = {**BASE, "optim": {**BASE["optim"], "clip_grad_norm": 1.0}, "data": {"num_train": 256, "num_test": 32}}
+    base["train"] = {**BASE["train"], "epochs": 4, "eval_every_epochs": 0.25, "max_bad_steps": 3}
+    config = load_experiment(write_map(tmp_path, base=base, lrs=[30.0], blocks={"serial": []}, patience=2), cls=MapConfig)
+    assert run_cells(config, progress=False) == {}
+    result = run_map(config, report_only=True)
+    cell = result["cells"][0]
+    assert cell["diverged"] and "step-0 value" in cell["stopped"]
+    assert cell["diverged_step"] == 4  # two evaluations (every 2 steps) above ℓ₀: stopped at step 4 of 32
+
+
+def test_a_cell_claimed_by_another_worker_is_not_trained(tmp_path, capsys):
+    config = load_experiment(write_map(tmp_path, lrs=[0.01], blocks={"serial": []}), cls=MapConfig)
+    run_config = config.cell_config(*config.cells()[0])
+    run_dir = tmp_path / "m" / "serial" / "w32" / "none" / "lr0.01-seed0"
+    with claim(run_dir) as mine:
+        assert mine
+        with open(run_dir / CLAIM_FILE) as other:  # a second open file: what another process would hold
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert run_cells(config, progress=False) == {}
+    assert "claimed by another worker; skipped" in capsys.readouterr().out
+    assert not (run_dir / "steps.csv").exists() and run_config.name == "lr0.01-seed0"
+    assert run_cells(config, progress=False) == {}  # released: now it trains
+    assert (run_dir / "results.json").is_file()
+
+
+def test_two_workers_train_every_cell_once(tmp_path):
+    config = load_experiment(write_map(tmp_path, lrs=[0.01, 0.03]), cls=MapConfig)
+    result = run_map(config, workers=2)
+    assert len(result["cells"]) == 4
+    for cell in config.cells():
+        run_dir = tmp_path / "m" / cell[0] / cell[1] / cell[2] / f"lr{cell[3]:g}-seed{cell[4]}"
+        assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one training session
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["threads"] == 1  # 2 cores / 2 workers
 
 
 def test_a_bad_override_fails_before_any_cell_trains(tmp_path, capsys):

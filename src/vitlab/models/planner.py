@@ -63,10 +63,10 @@ class Shape:
         return self.patches + 1  # the class token (presets pool with it)
 
 
-def preset_shape(name: str, image_size: int = 224, num_classes: int = 1000) -> Shape:
-    """The shape of a preset (`vit22b-22b/14`, …) at an image size."""
+def preset_shape(name: str, image_size: int = 224, num_classes: int = 1000, options: dict | None = None) -> Shape:
+    """The shape of a preset (`vit22b-22b/14`, …) at an image size, with a run's `model.options` if given."""
     defaults = {k: p.default for k, p in inspect.signature(VisionTransformer).parameters.items()}
-    cfg = {**defaults, **preset_config(name)}
+    cfg = {**defaults, **preset_config(name), **(options or {})}
     if cfg["patch_size"] < 1 or image_size < cfg["patch_size"] or image_size % cfg["patch_size"]:
         raise VitlabError(f"image size {image_size} is not a positive multiple of {name}'s patch size {cfg['patch_size']}")
     return Shape(

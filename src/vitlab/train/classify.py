@@ -28,10 +28,10 @@ from vitlab.runtime.context import Runtime, start
 from vitlab.runtime.precision import autocast
 from vitlab.train import sharding
 from vitlab.train.finetune import prepare_model
-from vitlab.train.monitors import StabilityMonitor
+from vitlab.train.monitors import LossAboveStart, StabilityMonitor
 from vitlab.train.optim import build_optimizer
 from vitlab.train.run_log import plot_curves
-from vitlab.train.scaffold import Run, step_seed
+from vitlab.train.scaffold import Run, TrainingDiverged, step_seed
 from vitlab.train.schedule import lr_factor, warmup_steps
 from vitlab.train.step import OptimizerStep
 
@@ -108,9 +108,11 @@ def _train(config: RunConfig, ctx: Runtime, resume: str | Path | None, progress:
             else None
         )
         stepper = OptimizerStep(precision, ctx.device, oc.clip_grad_norm, oc.clip_grad_value)
+        meta = {} if run.checkpoint is None else ckpt.read_meta(run.checkpoint)
+        above_start = LossAboveStart(tc.divergence_patience, meta)
         if run.checkpoint is not None:
             sharding.load_checkpoint(run.checkpoint, model, optimizer)
-            stepper.load_state_dict(ckpt.read_meta(run.checkpoint))
+            stepper.load_state_dict(meta)
             if ema is not None:
                 ckpt.load_weights(run.checkpoint, ema.module, "ema")
                 ema.n_averaged.fill_(run.step)  # non-zero: the next update averages instead of copying
@@ -129,8 +131,26 @@ def _train(config: RunConfig, ctx: Runtime, resume: str | Path | None, progress:
 
         def save(extra: dict | None = None) -> None:
             meta = {"num_classes": num_classes, "classes": sources.classes, **stepper.state_dict(), **(extra or {})}
+            if tc.divergence_patience:
+                meta |= above_start.state_dict()
             run.save(model, optimizer, meta, ema.module if ema else None)
 
+        def log_evaluation(wait: float) -> dict[str, float]:
+            network = ema.module if ema else model
+            metrics = {f"test_{k}": v for k, v in evaluate_on(sources.test, network).items()}
+            if sources.minival:
+                metrics |= {f"val_{k}": v for k, v in evaluate_on(sources.minival, network).items()}
+            val = f"minival acc@1 {100 * metrics['val_acc1']:.2f} %, " if sources.minival else ""
+            run.write(
+                f"epoch {run.epoch:.2f}  step {run.step}  {val}test acc@1 {100 * metrics['test_acc1']:.2f} %  "
+                f"(data wait {100 * wait:.1f} % of the step time)"
+            )
+            run.log("epochs", {"epoch": run.epoch, "data_wait": wait, **metrics})
+            run.data_wait()  # the evaluation is not training time
+            return metrics
+
+        if tc.divergence_patience and above_start.l0 is None:
+            above_start.l0 = log_evaluation(0.0)["test_loss"]  # ℓ₀, logged as the evaluation at step 0
         net.train()
         while run.step < total_steps:
             epoch, start = divmod(run.step, steps_per_epoch)
@@ -168,7 +188,7 @@ def _train(config: RunConfig, ctx: Runtime, resume: str | Path | None, progress:
                     extra = {k: extra.get(k, 0) + v.detach() / tc.accumulate_steps for k, v in micro_extra.items()}
                 result = stepper.step(optimizer, model.parameters(), loss)
                 if logged or not result.finite:  # on every rank: the largest gradient of FSDP shards is a collective
-                    signals = monitor.collect(logits, result.grad_norm)  # before zero_grad: it reads the gradients
+                    signals = monitor.collect(logits, result.grad_norm, optimizer)  # before zero_grad: it reads the gradients
                 if result.finite and ema is not None:
                     ema.update_parameters(model)
                 stepper.update()
@@ -198,18 +218,14 @@ def _train(config: RunConfig, ctx: Runtime, resume: str | Path | None, progress:
                     )
                     run.log("steps", values, postfix=dict(loss=f"{mean_loss:.3f}", img_s=f"{rate:.0f}"))
                 if run.due(eval_every):
-                    wait = run.data_wait()  # of the training time since the last evaluation
-                    network = ema.module if ema else model
-                    metrics = {f"test_{k}": v for k, v in evaluate_on(sources.test, network).items()}
-                    if sources.minival:
-                        metrics |= {f"val_{k}": v for k, v in evaluate_on(sources.minival, network).items()}
-                    val = f"minival acc@1 {100 * metrics['val_acc1']:.2f} %, " if sources.minival else ""
-                    run.write(
-                        f"epoch {run.epoch:.2f}  step {run.step}  {val}test acc@1 {100 * metrics['test_acc1']:.2f} %  "
-                        f"(data wait {100 * wait:.1f} % of the step time)"
-                    )
-                    run.log("epochs", {"epoch": run.epoch, "data_wait": wait, **metrics})
-                    run.data_wait()  # the evaluation is not training time
+                    metrics = log_evaluation(run.data_wait())  # the wait: of the training time since the last evaluation
+                    if tc.divergence_patience and above_start.exceeded(metrics["test_loss"]):
+                        raise TrainingDiverged(
+                            f"training diverged: the test loss stayed above its step-0 value {above_start.l0:.4g} for "
+                            f"{tc.divergence_patience} evaluations in a row, the last {metrics['test_loss']:.4g} at step "
+                            f"{run.step} (train.divergence_patience={tc.divergence_patience}). Lower optim.lr or try the "
+                            "stabilisers (model.options.qk_norm, optim.clip_grad_norm)"
+                        )
                 run.end_step(save)
                 if run.step >= total_steps:
                     break

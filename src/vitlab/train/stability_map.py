@@ -3,33 +3,45 @@ intervention, from one ordinary classification run per cell (block, size, interv
 
 Each cell trains in out_dir/name/<block>/<size>/<intervention>/lr<lr>-seed<seed>. A finished cell (results.json,
 or diverged.json for one that diverged) is never trained again and an unfinished one is resumed, so running the
-map again fills in only what is missing; a cell that fails does not stop the others.
+map again fills in only what is missing; a cell that fails does not stop the others. Before training, a worker
+claims the cell with an exclusive lock (CLAIM_FILE in the cell's folder, released by the OS if the worker dies):
+several workers (`--workers K`, or `--shard` runs sharing one map folder) never train the same cell.
 
-ℓ₀ is the first logged training loss of the cell (steps.csv; the loss of the initial weights when
-train.log_every_steps is 1). A cell is diverged when it stops with TrainingDiverged (non-finite loss or gradient)
-or when `patience` evaluations in a row had a test loss above ℓ₀ (counted after the run: no early stop).
-LR sensitivity = mean over the LR grid of min(ℓ(η), ℓ₀) − ℓ*, with ℓ* the lowest final test loss over the grid
-and a diverged cell counted as ℓ₀; the best LR η* is the one of ℓ*.
+ℓ₀ is the cell's test loss at step 0 (train.divergence_patience makes the loop measure it). A cell is diverged when
+it stops with TrainingDiverged: a non-finite loss or gradient, or `patience` evaluations in a row with a test loss
+above ℓ₀ (the loop stops there). LR sensitivity = mean over the LR grid of min(ℓ(η), ℓ₀) − ℓ*, with ℓ* the lowest
+final test loss over the grid and a diverged cell counted as ℓ₀; the best LR η* is the one of ℓ*.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
+import multiprocessing
+import os
 import statistics
 import sys
+import time
 import traceback
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
-from vitlab.config import MapConfig
+from vitlab.config import MapConfig, RunConfig
 from vitlab.errors import VitlabError
-from vitlab.figures import new_figure, save_figure
+from vitlab.models.planner import flops_per_step, parameter_count, preset_shape
+from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.checkpoint import write_text_atomic
+from vitlab.train import stability_map_figures as figures
 from vitlab.train.classify import train
-from vitlab.train.run_log import read_csv
-from vitlab.train.scaffold import AUTO, RunInterrupted, TrainingDiverged
+from vitlab.train.run_log import pngs_to_tensorboard, read_csv
+from vitlab.train.scaffold import AUTO, RunInterrupted, TrainingDiverged, has_checkpoint
 
 DIVERGED = "diverged.json"  # written in a cell that stopped with TrainingDiverged: it is finished too
+CLAIM_FILE = "map-claim.lock"  # held by the worker training the cell
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -45,9 +57,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def sensitivity(cells: list[dict]) -> dict:
     """LR sensitivity, ℓ* and η* of one LR grid: cells with lr, l0, loss (None if none) and diverged."""
-    capped = [
-        c["l0"] if c["diverged"] or c["loss"] is None or not math.isfinite(c["loss"]) else min(c["loss"], c["l0"]) for c in cells
-    ]
+    capped = [figures.capped(c) for c in cells]
     best = min(range(len(cells)), key=capped.__getitem__)
     return {
         "sensitivity": sum(v - capped[best] for v in capped) / len(capped),
@@ -56,111 +66,217 @@ def sensitivity(cells: list[dict]) -> dict:
     }
 
 
-def diverged_step(steps: list[float], losses: list[float], l0: float, patience: int) -> int | None:
-    """The step of the `patience`-th evaluation in a row with a test loss above ℓ₀ (or non-finite), or None."""
-    bad = 0
-    for step, loss in zip(steps, losses):
-        bad = bad + 1 if not (math.isfinite(loss) and loss <= l0) else 0
-        if bad == patience:
-            return int(step)
-    return None
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "results.json").is_file() or (run_dir / DIVERGED).is_file()
 
 
-def cell_record(run_dir: Path, patience: int) -> dict | None:
-    """What a finished cell measured (ℓ₀, final test loss and accuracy, divergence), or None if it is unfinished."""
-    results, stopped = run_dir / "results.json", run_dir / DIVERGED
-    if not results.is_file() and not stopped.is_file():
-        return None
-    curves = read_csv(run_dir / "steps.csv")
-    l0 = curves["loss"][0] if curves.get("loss") else math.nan
-    if stopped.is_file():
-        facts = json.loads(stopped.read_text())
-        return {"l0": l0, "loss": None, "acc1": None, "diverged": True, "diverged_step": facts["step"], "stopped": facts["error"]}
-    test = json.loads(results.read_text())
-    evals = read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").is_file() else {}
-    step = diverged_step(evals.get("step", []), evals.get("test_loss", []), l0, patience)
+@contextmanager
+def claim(run_dir: Path) -> Iterator[bool]:
+    """Hold the cell's claim for the body; yields False (holding nothing) when another worker holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / CLAIM_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def config_hash(config: RunConfig) -> str:
+    """A short hash of what a cell trains: its config without where it goes and how many threads it uses."""
+    plain = config.to_dict()
+    for key in ("out_dir", "name"):
+        plain.pop(key)
+    for key in ("threads", "resume", "device"):
+        plain["train"].pop(key)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def trace_peaks(steps: dict[str, list[float]]) -> dict:
+    """The monitored traces of a cell: peak attention logit and update RMS, and the last log Z and high-norm fraction."""
+
+    def finite(values: list[float]) -> list[float]:
+        return [v for v in values if math.isfinite(v)]
+
+    attention = finite([v for k, column in steps.items() if k.startswith("attn_logit_max/") for v in column])
+    last = {k: finite(steps.get(k, [])) for k in ("log_z", "high_norm_tokens")}
     return {
-        "l0": l0,
-        "loss": test["test"]["loss"],
-        "acc1": test["test"]["acc1"],
-        "diverged": step is not None,
-        "diverged_step": step,
-        "num_parameters": test["num_parameters"],
-        "train_seconds": test["train_seconds_this_session"],
+        "max_attention_logit": max(attention, default=None),
+        "max_update_rms": max(finite(steps.get("update_rms_max", [])), default=None),
+        "final_log_z": last["log_z"][-1] if last["log_z"] else None,
+        "final_high_norm_tokens": last["high_norm_tokens"][-1] if last["high_norm_tokens"] else None,
     }
 
 
-def run_cells(config: MapConfig, shard: tuple[int, int] = (0, 1), progress: bool = True) -> dict[str, str]:
-    """Train this shard's unfinished cells (every N-th, from the I-th); returns the error of each cell that failed."""
+def cell_record(run_config: RunConfig, num_classes: int | None) -> dict | None:
+    """What a finished cell measured (ℓ₀, final test loss and accuracy, divergence, traces, cost), or None if unfinished."""
+    run_dir = Path(run_config.out_dir) / run_config.name
+    if not is_finished(run_dir):
+        return None
+    evals = read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").is_file() else {}
+    l0 = evals["test_loss"][0] if evals.get("step", [None])[0] == 0 else math.nan
+    steps = read_csv(run_dir / "steps.csv") if (run_dir / "steps.csv").is_file() else {}
+    if (run_dir / DIVERGED).is_file():
+        facts = json.loads((run_dir / DIVERGED).read_text())
+        outcome = {"loss": None, "acc1": None, "diverged": True, "diverged_step": facts["step"], "stopped": facts["error"]}
+        trained, seconds = facts["step"], facts.get("seconds")
+    else:
+        test = json.loads((run_dir / "results.json").read_text())
+        outcome = {"loss": test["test"]["loss"], "acc1": test["test"]["acc1"], "diverged": False, "diverged_step": None}
+        trained, seconds = test["steps"], test["train_seconds_this_session"]
+    model = run_config.model
+    shape = preset_shape(model.name, run_config.data.image_size, num_classes, model.options) if num_classes else None
+    return {
+        "l0": l0,
+        **outcome,
+        **trace_peaks(steps),
+        "num_parameters": parameter_count(shape) if shape else None,
+        "steps": trained,
+        "train_flops": flops_per_step(shape, run_config.train.batch_size) * trained if shape else None,
+        "train_seconds": seconds,
+        "config_hash": config_hash(run_config),
+    }
+
+
+def map_num_classes(run_configs: list[RunConfig]) -> int | None:
+    """The classes of the map's data (for the head in parameter and FLOP counts): from the first cell with a checkpoint."""
+    for run_config in run_configs:
+        run_dir = Path(run_config.out_dir) / run_config.name
+        if has_checkpoint(run_dir):
+            return ckpt.read_meta(ckpt.find_checkpoint(run_dir))["num_classes"]
+    return None
+
+
+def train_cell(run_config: RunConfig, where: str, progress: bool) -> str | None:
+    """Train one claimed, unfinished cell; returns its error if it failed (a divergence is a result, not a failure)."""
+    run_dir = Path(run_config.out_dir) / run_config.name
+    start = time.monotonic()
+    try:
+        train(run_config, resume_dir=AUTO, progress=progress)
+    except TrainingDiverged as exc:
+        steps = read_csv(run_dir / "steps.csv").get("step", []) if (run_dir / "steps.csv").is_file() else []
+        facts = {"step": int(steps[-1]) if steps else 0, "error": str(exc), "seconds": time.monotonic() - start}
+        write_text_atomic(run_dir / DIVERGED, json.dumps(facts))
+        print(f"{where} diverged", flush=True)
+    except RunInterrupted:
+        raise  # SIGTERM or Ctrl-C stops the map; running it again resumes
+    except Exception as exc:  # one failed cell must not stop the others
+        if not isinstance(exc, VitlabError):
+            traceback.print_exc()
+        error = str(exc) or type(exc).__name__
+        print(f"{where} failed: {error}", file=sys.stderr, flush=True)
+        return error
+    return None
+
+
+def run_cells(config: MapConfig, shard: tuple[int, int] = (0, 1), progress: bool = True, threads: int | None = None) -> dict:
+    """Train this shard's unfinished, unclaimed cells (every N-th, from the I-th); returns the error of each that failed."""
     cells = config.cells()[shard[0] :: shard[1]]
     failed = {}
     for i, cell in enumerate(cells, 1):
         run_config = config.cell_config(*cell)
+        if threads is not None:
+            run_config.train.threads = threads
         run_dir = Path(run_config.out_dir) / run_config.name
         where = f"stability-map cell {i}/{len(cells)}: {run_dir}"
-        if (run_dir / "results.json").is_file() or (run_dir / DIVERGED).is_file():
-            print(f"{where} is finished; skipped", flush=True)
-            continue
-        try:
-            train(run_config, resume_dir=AUTO, progress=progress)
-        except TrainingDiverged as exc:
-            steps = read_csv(run_dir / "steps.csv").get("step", [])
-            write_text_atomic(run_dir / DIVERGED, json.dumps({"step": int(steps[-1]) if steps else 0, "error": str(exc)}))
-            print(f"{where} diverged", flush=True)
-        except RunInterrupted:
-            raise  # SIGTERM or Ctrl-C stops the map; running it again resumes
-        except Exception as exc:  # one failed cell must not stop the others
-            if not isinstance(exc, VitlabError):
-                traceback.print_exc()
-            failed[str(run_dir)] = str(exc) or type(exc).__name__
-            print(f"{where} failed: {failed[str(run_dir)]}", file=sys.stderr, flush=True)
+        with claim(run_dir) as mine:
+            if not mine:
+                print(f"{where} is claimed by another worker; skipped", flush=True)
+            elif is_finished(run_dir):
+                print(f"{where} is finished; skipped", flush=True)
+            elif error := train_cell(run_config, where, progress):
+                failed[str(run_dir)] = error
+    return failed
+
+
+def worker_main(config: MapConfig, shard: tuple[int, int], index: int, threads: int | None, gpus: int) -> dict:
+    """One of `--workers K` processes: one visible GPU each (round robin), or `threads` CPU threads."""
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+    return run_cells(config, shard, progress=False, threads=threads)
+
+
+def run_workers(config: MapConfig, shard: tuple[int, int], workers: int) -> dict:
+    """Train this shard's cells with `workers` processes side by side, each claiming the next free cell."""
+    import torch  # a worker may only set CUDA_VISIBLE_DEVICES before its own CUDA starts; the parent only counts
+
+    gpus = torch.cuda.device_count() if config.base.get("train", {}).get("device", "auto") != "cpu" else 0
+    threads = None if gpus else max(1, (os.cpu_count() or 1) // workers)
+    failed = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(worker_main, config, shard, i, threads, gpus) for i in range(workers)]:
+            failed |= future.result()
     return failed
 
 
 def report(config: MapConfig) -> dict:
-    """Merge every finished cell into map.json and map.md and draw the figures; returns what map.json holds."""
+    """Merge every finished cell into map.json and map.md, draw the figures (PNG and TensorBoard); returns map.json's content."""
     root = Path(config.out_dir) / config.name
     cells, groups = [], {}
-    for block, size, intervention, lr, seed in config.cells():
-        run_config = config.cell_config(block, size, intervention, lr, seed)
-        record = cell_record(Path(run_config.out_dir) / run_config.name, config.patience)
+    run_configs = {cell: config.cell_config(*cell) for cell in config.cells()}
+    num_classes = map_num_classes(list(run_configs.values()))
+    for (block, size, intervention, lr, seed), run_config in run_configs.items():
+        record = cell_record(run_config, num_classes)
         if record is not None:
             cell = {"block": block, "size": size, "intervention": intervention, "lr": lr, "seed": seed, **record}
             cells.append(cell)
             groups.setdefault((block, size, intervention), {}).setdefault(seed, []).append(cell)
-    summaries = []
-    for (block, size, intervention), seeds in groups.items():
-        per_seed = [sensitivity(grid) for grid in seeds.values()]
-        values = [s["sensitivity"] for s in per_seed]
-        params = next((c["num_parameters"] for grid in seeds.values() for c in grid if "num_parameters" in c), None)
-        summaries.append(
-            {
-                "block": block,
-                "size": size,
-                "intervention": intervention,
-                "num_parameters": params,
-                "sensitivity": statistics.fmean(values),
-                "sensitivity_std": statistics.pstdev(values),
-                "best_loss": statistics.fmean(s["best_loss"] for s in per_seed),
-                "best_lr": [s["best_lr"] for s in per_seed],
-                "seeds": list(seeds),
-                "cells": sum(map(len, seeds.values())),
-                "diverged": sum(c["diverged"] for grid in seeds.values() for c in grid),
-            }
-        )
-    result = {"cells": cells, "summaries": summaries, "expected_cells": len(config.cells())}
+    summaries = [summarise(*key, seeds) for key, seeds in groups.items()]
+    for cell in cells:  # figure C's value: how far the cell is from its grid's best, min(ℓ, ℓ₀) − ℓ*
+        grid = groups[cell["block"], cell["size"], cell["intervention"]][cell["seed"]]
+        cell["excess_loss"] = figures.capped(cell) - min(figures.capped(c) for c in grid)
+    trend_lr = config.trend_learning_rate
+    trends = figures.fit_logit_trend([c for c in cells if c["lr"] == trend_lr], config.logit_threshold)
+    result = {
+        "cells": cells,
+        "summaries": summaries,
+        "trend": {"lr": trend_lr, "threshold": config.logit_threshold, "fits": trends},
+        "expected_cells": len(config.cells()),
+    }
     root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(root / "map.json", json.dumps(result, indent=2))
-    write_text_atomic(root / "map.md", markdown(summaries, len(cells), len(config.cells())))
-    plot_loss(root / "loss_vs_lr.png", cells, list(config.interventions))
-    plot_sensitivity(root / "sensitivity_vs_params.png", summaries)
+    write_text_atomic(root / "map.md", markdown(result))
+    drawn = {
+        "A_loss_vs_lr": figures.plot_loss(root / "loss_vs_lr.png", cells, list(config.interventions)),
+        "B_sensitivity_vs_params": figures.plot_sensitivity(root / "sensitivity_vs_params.png", summaries),
+        "C_excess_loss_heatmap": figures.plot_heatmap(
+            root / "excess_loss_heatmap.png", cells, list(config.blocks), list(config.sizes), list(config.interventions)
+        ),
+        "D_attention_logit_trend": figures.plot_logit_trend(
+            root / "attention_logit_trend.png", cells, trends, trend_lr, config.logit_threshold
+        ),
+    }
+    pngs_to_tensorboard(root, {f"stability-map/{tag}": path for tag, path in drawn.items()}, len(cells))
     return result
 
 
-def markdown(summaries: list[dict], done: int, expected: int) -> str:
-    """map.md: one row per block × size × intervention."""
+def summarise(block: str, size: str, intervention: str, seeds: dict[int, list[dict]]) -> dict:
+    """One block × size × intervention: LR sensitivity (mean and std over seeds), ℓ*, η*, cost."""
+    per_seed = [sensitivity(grid) for grid in seeds.values()]
+    values = [s["sensitivity"] for s in per_seed]
+    all_cells = [c for grid in seeds.values() for c in grid]
+    return {
+        "block": block,
+        "size": size,
+        "intervention": intervention,
+        "num_parameters": all_cells[0]["num_parameters"],
+        "sensitivity": statistics.fmean(values),
+        "sensitivity_std": statistics.pstdev(values),
+        "best_loss": statistics.fmean(s["best_loss"] for s in per_seed),
+        "best_lr": [s["best_lr"] for s in per_seed],
+        "seeds": list(seeds),
+        "cells": len(all_cells),
+        "diverged": sum(c["diverged"] for c in all_cells),
+        "train_flops": sum(c["train_flops"] or 0 for c in all_cells),
+    }
+
+
+def markdown(result: dict) -> str:
+    """map.md: one row per block × size × intervention, then figure D's fitted trends."""
+    summaries, trend = result["summaries"], result["trend"]
     lines = [
-        f"# Stability map ({done} of {expected} cells finished)",
+        f"# Stability map ({len(result['cells'])} of {result['expected_cells']} cells finished)",
         "",
         "| block | size | intervention | parameters | LR sensitivity | η* | ℓ* | diverged cells |",
         "|---|---|---|---:|---:|---|---:|---:|",
@@ -171,46 +287,30 @@ def markdown(summaries: list[dict], done: int, expected: int) -> str:
             f"| {s['block']} | {s['size']} | {s['intervention']} | {s['num_parameters'] or '-'} | {s['sensitivity']:.3f}{spread} "
             f"| {', '.join(f'{lr:g}' for lr in s['best_lr'])} | {s['best_loss']:.3f} | {s['diverged']} of {s['cells']} |"
         )
+    lines += [
+        "",
+        f"Peak attention logit against parameters at LR {trend['lr']:g} (fit: logit ∝ parameters^slope; the size at which "
+        f"the fit reaches {trend['threshold']:g}):",
+        "",
+        "| block | intervention | slope | predicted parameters at the threshold |",
+        "|---|---|---:|---:|",
+    ]
+    for fit in trend["fits"]:
+        at = f"{fit['params_at_threshold']:.3g}" if fit["params_at_threshold"] else "never (no growth)"
+        lines.append(f"| {fit['block']} | {fit['intervention']} | {fit['slope']:.2f} | {at} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_loss(path: Path, cells: list[dict], interventions: list[str]) -> Path:
-    """(A) final test loss (a diverged cell at its ℓ₀) against LR, a panel per intervention, a line per size and block."""
-    fig = new_figure(5 * len(interventions), 4)
-    axes = fig.subplots(1, len(interventions), squeeze=False)[0]
-    for ax, intervention in zip(axes, interventions):
-        lines = {}
-        for c in cells:
-            if c["intervention"] == intervention:
-                loss = c["l0"] if c["diverged"] or c["loss"] is None else min(c["loss"], c["l0"])
-                lines.setdefault(f"{c['size']} {c['block']}", {}).setdefault(c["lr"], []).append(loss)
-        for label, points in lines.items():
-            lrs = sorted(points)
-            ax.plot(lrs, [statistics.fmean(points[lr]) for lr in lrs], marker="o", lw=0.9, label=label)
-        ax.set(title=intervention, xlabel="peak learning rate", ylabel="final test loss, min(ℓ, ℓ₀)", xscale="log")
-        ax.legend(fontsize=7)
-    return save_figure(fig, path, axes)
-
-
-def plot_sensitivity(path: Path, summaries: list[dict]) -> Path:
-    """(B) LR sensitivity against parameter count, a line per intervention and block."""
-    fig = new_figure(6, 4)
-    ax = fig.subplots()
-    lines = {}
-    for s in summaries:
-        if s["num_parameters"]:
-            lines.setdefault(f"{s['intervention']} {s['block']}", []).append((s["num_parameters"], s["sensitivity"]))
-    for label, points in lines.items():
-        ax.plot(*zip(*sorted(points)), marker="o", lw=0.9, label=label)
-    ax.set(xlabel="parameters", ylabel="LR sensitivity", xscale="log", title="LR sensitivity against size")
-    if lines:
-        ax.legend(fontsize=7)
-    return save_figure(fig, path, [ax])
-
-
-def run_map(config: MapConfig, shard: tuple[int, int] = (0, 1), report_only: bool = False, progress: bool = True) -> dict:
-    """Train this shard's unfinished cells (unless `report_only`), then write map.json, map.md and the figures."""
-    failed = {} if report_only else run_cells(config, shard, progress)
+def run_map(
+    config: MapConfig, shard: tuple[int, int] = (0, 1), report_only: bool = False, progress: bool = True, workers: int = 1
+) -> dict:
+    """Train this shard's unfinished cells (unless `report_only`; with `workers` processes), then write the outputs."""
+    if report_only:
+        failed = {}
+    elif workers > 1:
+        failed = run_workers(config, shard, workers)
+    else:
+        failed = run_cells(config, shard, progress)
     result = report(config)
     if failed:
         listed = "; ".join(f"{run_dir}: {error}" for run_dir, error in failed.items())
