@@ -11,7 +11,7 @@ from vitlab import VitlabError
 from vitlab.cli import main
 from vitlab.config import MapConfig, config_kind
 from vitlab.runs.kinds import load_experiment
-from vitlab.train.stability_map import CLAIM_FILE, claim, parse_shard, run_cells, run_map, sensitivity
+from vitlab.train.stability_map import CLAIM_FILE, claim, parse_shard, run_cells, run_map, sensitivity, summarise
 from vitlab.train.stability_map_figures import fit_logit_trend
 
 BASE = {
@@ -33,6 +33,19 @@ def test_sensitivity_of_a_hand_worked_grid_caps_a_diverged_cell_at_l0():
     assert sensitivity(grid) == pytest.approx({"sensitivity": 0.775, "best_loss": 1.0, "best_lr": 0.01})
     grid[1]["diverged"] = True  # a diverged cell never counts below ℓ₀, even with a low final loss
     assert sensitivity(grid) == pytest.approx({"sensitivity": (0 + 0.8 + 0.8 + 0.8) / 4, "best_loss": 1.5, "best_lr": 0.001})
+
+
+def test_seeds_give_the_mean_and_spread_of_the_sensitivity():
+    def grid(loss_at_001: float) -> list[dict]:
+        return [
+            {"lr": 0.001, "l0": 2.0, "loss": 1.0, "diverged": False, "num_parameters": 10, "train_flops": 5.0},
+            {"lr": 0.01, "l0": 2.0, "loss": loss_at_001, "diverged": False, "num_parameters": 10, "train_flops": 5.0},
+        ]
+
+    # seed 0: ℓ* 1.0, sensitivity (0 + 1.0) / 2 = 0.5; seed 1: ℓ* 0.5, sensitivity (0.5 + 0) / 2 = 0.25
+    row = summarise("serial", "w32", "none", {0: grid(3.0), 1: grid(0.5)})
+    assert row["sensitivity"] == pytest.approx(0.375) and row["sensitivity_std"] == pytest.approx(0.125)
+    assert row["best_lr"] == [0.001, 0.01] and row["best_loss"] == pytest.approx(0.75) and row["train_flops"] == 20.0
 
 
 def test_logit_trend_is_a_power_law_fit_extrapolated_to_the_threshold():
@@ -124,6 +137,13 @@ def test_a_cell_claimed_by_another_worker_is_not_trained(tmp_path, capsys):
     assert not (run_dir / "steps.csv").exists() and run_config.name == "lr0.01-seed0"
     assert run_cells(config, progress=False) == {}  # released: now it trains
     assert (run_dir / "results.json").is_file()
+    # killed after its last checkpoint, before results.json: the rerun resumes the cell instead of starting over
+    (run_dir / "results.json").unlink()
+    rows = (run_dir / "steps.csv").read_text()
+    capsys.readouterr()
+    assert run_cells(config, progress=False) == {}
+    assert "step 1/" not in capsys.readouterr().out  # no step trained again
+    assert (run_dir / "results.json").is_file() and (run_dir / "steps.csv").read_text() == rows
 
 
 def test_two_workers_train_every_cell_once(tmp_path):
