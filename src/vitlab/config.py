@@ -29,14 +29,7 @@ from vitlab.errors import (
 )
 
 # The allowed values of the schema's choices; the modules that implement them import them from here.
-DATASETS = (
-    "builtin",
-    "cifar10",
-    "cifar100",
-    "folder",
-    "wds",
-    "hf",
-)  # wds: WebDataset shards, always streamed; hf: datasets on disk
+DATASETS = ("builtin", "cifar10", "cifar100", "folder", "wds", "hf")  # wds: WebDataset shards, always streamed
 PAIR_DATASETS = ("builtin", "folder")
 PAIRING_NAMES = ("random", "index")  # CycleGAN's random pairing of A and B images, or A[i] with B[i]
 PROTOCOLS = ("vitlab", "paper-table2")  # eval.protocol: vitlab's FID/KID per direction, or Table 2 as the code measured it

@@ -1,4 +1,4 @@
-"""Datasets by name (in memory), the streamed pipeline for folders, shards and Hugging Face datasets, batch iteration and batched augmentation."""
+"""Datasets by name (in memory), the streamed pipeline for folders, shards and hf datasets, batch iteration and augmentation."""
 
 from __future__ import annotations
 

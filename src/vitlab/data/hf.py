@@ -298,7 +298,7 @@ class ArrowTable:
         file = self.root / path
         if not file.resolve().is_relative_to(self.root.resolve()):
             raise UnusableImage(
-                f"{self.name(index)} (its path {path} leads outside {self.root}; store the bytes in the dataset or copy the file in)"
+                f"{self.name(index)} (its path {path} leads outside {self.root}; store the bytes in the dataset or copy it in)"
             )
         return file
 
@@ -348,7 +348,7 @@ def hf_splits(
         dataset = decoded_dataset(decoded, table.labels.tolist(), list(table.classes), skipped)
         if not len(dataset):
             raise VitlabError(
-                f"every image of {named([str(f) for f in table.images.files])} is unusable, e.g. {skipped[-1]}; save the images again"
+                f"every image of {named([str(f) for f in table.images.files])} is unusable, e.g. {skipped[-1]}; save them again"
             )
         return dataset
 

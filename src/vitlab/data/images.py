@@ -1,10 +1,11 @@
 """Reading image files: decode with Pillow, 8-bit RGB, resize, within a pixel cap and inside the folder given.
 
-The one reader behind image-folder datasets, Hugging Face datasets (encoded bytes), CycleGAN folders, `vitlab inspect --image`, `vitlab predict`
-and `vitlab translate`; the streamed crop decoder (folders, shards, Hugging Face datasets) opens and converts through the
-same `open_image` and `to_rgb`. 16-bit greyscale PNGs are scaled to 8 bits; images over `max_pixels` (a
-decompression-bomb guard) and links leading outside the folder are unusable, each with a message
-naming the file; decoding runs on torch's thread count, which `train.threads` sets.
+The one reader behind image-folder datasets, Hugging Face datasets (encoded bytes), CycleGAN folders,
+`vitlab inspect --image`, `vitlab predict` and `vitlab translate`; the streamed crop decoder (folders,
+shards, Hugging Face datasets) opens and converts through the same `open_image` and `to_rgb`. 16-bit
+greyscale PNGs are scaled to 8 bits; images over `max_pixels` (a decompression-bomb guard) and links
+leading outside the folder are unusable, each with a message naming the file; decoding runs on torch's
+thread count, which `train.threads` sets.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_image(source: Path | BinaryIO, image_size: int, max_pixels: int = MAX_PIXELS, name: str | None = None) -> np.ndarray:
-    """The image as (image_size, image_size, 3) uint8; raises UnusableImage, naming `name` (else the path), when it cannot be used."""
+    """The image as (image_size, image_size, 3) uint8; raises UnusableImage naming `name` (else the path) if unusable."""
     name = name or str(source)
     try:
         with open_image(source, max_pixels) as image:
