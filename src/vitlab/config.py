@@ -29,7 +29,7 @@ from vitlab.errors import (
 )
 
 # The allowed values of the schema's choices; the modules that implement them import them from here.
-DATASETS = ("builtin", "cifar10", "cifar100", "folder", "wds")  # wds: WebDataset shards, always streamed
+DATASETS = ("builtin", "cifar10", "cifar100", "folder", "wds", "hf")  # wds: WebDataset shards, always streamed
 PAIR_DATASETS = ("builtin", "folder")
 PAIRING_NAMES = ("random", "index")  # CycleGAN's random pairing of A and B images, or A[i] with B[i]
 PROTOCOLS = ("vitlab", "paper-table2")  # eval.protocol: vitlab's FID/KID per direction, or Table 2 as the code measured it
@@ -105,6 +105,8 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)  # Inception crop area (Szegedy et al. 2015)
     crop_fraction: float = 0.875  # evaluation: resize the shorter side to size / 0.875, cut the centre
     val_fraction: float = 0.0  # a minival held out of train, per class (big_vision's train[99%:] is 0.01)
+    image_column: str | None = None  # hf only: the image column; null finds `image` or `img`
+    label_column: str | None = None  # hf only: the label column; null finds `label`, `labels` or `fine_label`
 
     RANGES: ClassVar[dict] = dict(
         image_size=AT_LEAST_1,

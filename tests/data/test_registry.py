@@ -14,8 +14,8 @@ from vitlab.data import DATASETS, load_splits
 from vitlab.errors import VitlabError
 
 
-def test_names_cover_the_five_sources() -> None:
-    assert set(DATASETS) == {"builtin", "cifar10", "cifar100", "folder", "wds"}
+def test_names_cover_the_six_sources() -> None:
+    assert set(DATASETS) == {"builtin", "cifar10", "cifar100", "folder", "wds", "hf"}
 
 
 def test_shards_are_never_held_in_memory() -> None:
@@ -34,7 +34,7 @@ def test_unknown_name_lists_the_allowed_ones() -> None:
 
 
 def test_file_datasets_need_a_root() -> None:
-    for name in ("cifar10", "cifar100", "folder"):
+    for name in ("cifar10", "cifar100", "folder", "hf"):
         with pytest.raises(VitlabError, match="needs a root"):
             load_splits(name)
 

@@ -1,4 +1,4 @@
-"""Datasets by name (in memory), the streamed pipeline for folders and shards, batch iteration and batched augmentation."""
+"""Datasets by name (in memory), the streamed pipeline for folders, shards and hf datasets, batch iteration and augmentation."""
 
 from __future__ import annotations
 
@@ -10,9 +10,15 @@ from vitlab.errors import VitlabError
 
 
 def load_splits(
-    name: str, root: str | Path | None = None, image_size: int = 32, download: bool = False, **builtin_kwargs
+    name: str,
+    root: str | Path | None = None,
+    image_size: int = 32,
+    download: bool = False,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    **builtin_kwargs,
 ) -> DataSplits:
-    """Train and test splits of a dataset by name; `builtin_kwargs` go to the built-in generator."""
+    """Train and test splits of a dataset by name; the columns are hf's, `builtin_kwargs` go to the built-in generator."""
     if name == "builtin":
         from vitlab.data.builtin import builtin_splits
 
@@ -28,6 +34,10 @@ def load_splits(
 
         splits = cifar_splits(name, root, download=download)
         return splits if image_size == 32 else resize_splits(splits, image_size)
+    if name == "hf":
+        from vitlab.data.hf import hf_splits
+
+        return hf_splits(root, image_size, image_column, label_column)
     from vitlab.data.folders import folder_splits
 
     return folder_splits(root, image_size)

@@ -20,6 +20,10 @@ def dataset_class_names(data: DataConfig) -> list[str] | None:
     from vitlab.data import load_splits
 
     try:
+        if data.name == "hf":
+            from vitlab.data.hf import hf_classes
+
+            return hf_classes(data.root, data.image_column, data.label_column)
         return load_splits(data.name, data.root, data.image_size).test.classes
     except VitlabError:  # the dataset is not on this machine
         return None

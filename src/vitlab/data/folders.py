@@ -48,18 +48,27 @@ def _load_split(split: Path, classes: list[str], image_size: int, max_pixels: in
         files += found
         labels += [label] * len(found)
         skipped += outside
-    decoded = decode_images(files, image_size, max_pixels)
-    usable = [i for i, array in enumerate(decoded) if isinstance(array, np.ndarray)]
-    skipped += [str(array) for array in decoded if isinstance(array, UnusableImage)]
-    kept_labels = torch.tensor([labels[i] for i in usable], dtype=torch.int64)
-    empty = [name for label, name in enumerate(classes) if not (kept_labels == label).any()]
+    dataset = decoded_dataset(decode_images(files, image_size, max_pixels), labels, classes, skipped)
+    empty = [name for label, name in enumerate(classes) if not (dataset.labels == label).any()]
     if empty:
         raise VitlabError(
             f"every image in {[str(split / name) for name in empty]} is unusable (unreadable, over "
             f"{max_pixels} pixels, or a link outside the root); replace the files"
         )
+    return dataset
+
+
+def decoded_dataset(
+    decoded: list[np.ndarray | UnusableImage], labels: list[int], classes: list[str], skipped: list[str]
+) -> ImageDataset:
+    """The usable images of `decoded` (of decode_images) with their labels; a note for each unusable one goes to skipped."""
+    usable = [i for i, array in enumerate(decoded) if isinstance(array, np.ndarray)]
+    skipped += [str(array) for array in decoded if isinstance(array, UnusableImage)]
+    kept = torch.tensor([labels[i] for i in usable], dtype=torch.int64)
+    if not usable:
+        return ImageDataset(torch.zeros(0, 3, 0, 0, dtype=torch.uint8), kept, classes)
     images = torch.from_numpy(np.stack([decoded[i] for i in usable])).permute(0, 3, 1, 2).contiguous()
-    return ImageDataset(images=images, labels=kept_labels, classes=classes)
+    return ImageDataset(images=images, labels=kept, classes=classes)
 
 
 def folder_splits(root: str | Path, image_size: int, max_pixels: int = MAX_PIXELS) -> DataSplits:

@@ -1,16 +1,17 @@
 """Reading image files: decode with Pillow, 8-bit RGB, resize, within a pixel cap and inside the folder given.
 
-The one reader behind image-folder datasets, CycleGAN folders, `vitlab inspect --image`, `vitlab predict`
-and `vitlab translate`; the streamed crop decoder (folders and shards) opens and converts through the
-same `open_image` and `to_rgb`. 16-bit greyscale PNGs are scaled to 8 bits; images over `max_pixels` (a
-decompression-bomb guard) and links leading outside the folder are unusable, each with a message
-naming the file; decoding runs on torch's thread count, which `train.threads` sets.
+The one reader behind image-folder datasets, Hugging Face datasets (encoded bytes), CycleGAN folders,
+`vitlab inspect --image`, `vitlab predict` and `vitlab translate`; the streamed crop decoder (folders,
+shards, Hugging Face datasets) opens and converts through the same `open_image` and `to_rgb`. 16-bit
+greyscale PNGs are scaled to 8 bits; images over `max_pixels` (a decompression-bomb guard) and links
+leading outside the folder are unusable, each with a message naming the file; decoding runs on torch's
+thread count, which `train.threads` sets.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,31 +53,42 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(path: Path, image_size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """The image as (image_size, image_size, 3) uint8; raises UnusableImage when it cannot be used."""
+def decode_image(source: Path | BinaryIO, image_size: int, max_pixels: int = MAX_PIXELS, name: str | None = None) -> np.ndarray:
+    """The image as (image_size, image_size, 3) uint8; raises UnusableImage naming `name` (else the path) if unusable."""
+    name = name or str(source)
     try:
-        with open_image(path, max_pixels) as image:
+        with open_image(source, max_pixels) as image:
             rgb = to_rgb(image)  # decodes fully: truncation fails here
     except UnusableImage as exc:
-        raise UnusableImage(f"{path} ({exc})") from None
+        raise UnusableImage(f"{name} ({exc})") from None
     except DECODE_ERRORS as exc:
-        raise UnusableImage(f"{path} (unreadable)") from exc
+        raise UnusableImage(f"{name} (unreadable)") from exc
     if rgb.size != (image_size, image_size):
         rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.asarray(rgb)
 
 
-def _attempt(path: Path, image_size: int, max_pixels: int) -> np.ndarray | UnusableImage:
+def _attempt(item, image_size: int, max_pixels: int, opener: Callable) -> np.ndarray | UnusableImage:
     try:
-        return decode_image(path, image_size, max_pixels)
+        source, name = opener(item)
+        return decode_image(source, image_size, max_pixels, name)
     except UnusableImage as exc:
         return exc
 
 
-def decode_images(files: list[Path], image_size: int, max_pixels: int = MAX_PIXELS) -> list[np.ndarray | UnusableImage]:
-    """Decode files in parallel on torch's thread count; each entry is the image or why it is unusable."""
+def _as_path(item: Path) -> tuple[Path, str]:
+    return item, str(item)
+
+
+def decode_images(
+    items: Sequence, image_size: int, max_pixels: int = MAX_PIXELS, opener: Callable = _as_path
+) -> list[np.ndarray | UnusableImage]:
+    """Decode items in parallel on torch's thread count; each entry is the image or why it is unusable.
+
+    Items are paths, or anything `opener` turns into (a path or file object, its name); an opener may raise UnusableImage.
+    """
     with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:  # Pillow decodes without the GIL
-        return list(pool.map(lambda path: _attempt(path, image_size, max_pixels), files))
+        return list(pool.map(lambda item: _attempt(item, image_size, max_pixels, opener), items))
 
 
 def outside_note(path: Path, root: Path) -> str | None:

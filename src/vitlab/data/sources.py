@@ -2,9 +2,10 @@
 
 Whatever the source, training yields uint8 batches `(images, labels)` of one rank, epoch by epoch and
 restartable at any batch, and each evaluation split yields `(images, labels, dataset indices)` over
-the whole split, strided across ranks. In memory: the built-in data, CIFAR and small image folders
-(decoded once; random crops and flips run batched in the loop). Streamed: image folders decoded per
-image in DataLoader workers (Inception crop and flip there) and WebDataset shards.
+the whole split, strided across ranks. In memory: the built-in data, CIFAR, small image folders and
+Hugging Face datasets (decoded once; random crops and flips run batched in the loop). Streamed: image
+folders and Hugging Face datasets decoded per image in DataLoader workers (Inception crop and flip
+there) and WebDataset shards.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ STREAM_ABOVE_PX = 64  # `data.stream: auto` streams image folders above this siz
 
 
 def streams(data) -> bool:
-    """Whether the run's data is streamed: `data.stream`, or for `auto` shards and folders of large images."""
+    """Whether the run's data is streamed: `data.stream`, or for `auto` shards, and folders or hf datasets of large images."""
     if data.stream == "auto":
-        return data.name == "wds" or (data.name == "folder" and data.image_size > STREAM_ABOVE_PX)
+        return data.name == "wds" or (data.name in ("folder", "hf") and data.image_size > STREAM_ABOVE_PX)
     return bool(data.stream)
 
 
@@ -118,6 +119,8 @@ def run_data(data, batch_size: int, seed: int, rank: int = 0, world_size: int = 
         data.root,
         data.image_size,
         data.download,
+        data.image_column,
+        data.label_column,
         num_train=data.num_train,
         num_test=data.num_test,
         seed=data.seed,
@@ -136,19 +139,25 @@ def run_data(data, batch_size: int, seed: int, rank: int = 0, world_size: int = 
 
 
 def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, train: bool) -> RunData:
-    """Folders or shards decoded in `data.workers` DataLoader workers per rank."""
+    """Folders, shards or hf datasets decoded in `data.workers` DataLoader workers per rank."""
     from vitlab.data.stream.crops import CropDecoder
     from vitlab.data.stream.workers import make_loader
 
-    if data.name not in ("folder", "wds"):
-        raise VitlabError(f"data.name={data.name!r} is held in memory; streaming (data.stream) is for folder and wds")
+    if data.name not in ("folder", "wds", "hf"):
+        raise VitlabError(f"data.name={data.name!r} is held in memory; streaming (data.stream) is for folder, wds and hf")
     crop = CropDecoder(data.image_size, train=True, scale=tuple(data.crop_scale), crop_fraction=data.crop_fraction)
     centre = CropDecoder(data.image_size, train=False, crop_fraction=data.crop_fraction)
     if data.name == "wds":
         return shard_data(data, crop, centre, batch_size, seed, rank, world_size, train)
-    from vitlab.data.stream.files import FolderStream, stream_splits
+    from vitlab.data.stream.files import FolderStream, stream_splits, table_splits
 
-    splits = stream_splits(data.root, data.image_size, data.val_fraction, data.seed, data.crop_fraction, tuple(data.crop_scale))
+    options = (data.image_size, data.val_fraction, data.seed, data.crop_fraction, tuple(data.crop_scale))
+    if data.name == "hf":
+        from vitlab.data.hf import hf_tables
+
+        splits = table_splits(*hf_tables(data.root, data.image_column, data.label_column), *options)
+    else:
+        splits = stream_splits(data.root, *options)
 
     def evaluation(stream: FolderStream) -> StreamEval:
         return StreamEval(lambda b, r, w: make_loader(stream, b, rank=r, world_size=w, workers=data.workers), len(stream))

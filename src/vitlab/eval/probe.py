@@ -86,7 +86,18 @@ def labelled_splits(config: PretrainConfig, num_train: int | None) -> tuple[Imag
     """The run's dataset with its labels: the first `num_train` training images (all when None) and the test split."""
     d = config.data
     count = min(num_train or d.num_train, d.num_train)
-    splits = load_splits(d.name, d.root, d.image_size, d.download, num_train=count, num_test=d.num_test, seed=d.seed, **d.builtin)
+    splits = load_splits(
+        d.name,
+        d.root,
+        d.image_size,
+        d.download,
+        num_train=count,
+        num_test=d.num_test,
+        seed=d.seed,
+        image_column=d.image_column,
+        label_column=d.label_column,
+        **d.builtin,
+    )
     train = splits.train
     if num_train is not None and num_train < len(train):
         train = ImageDataset(train.images[:num_train], train.labels[:num_train], train.classes)

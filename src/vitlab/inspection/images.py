@@ -10,5 +10,15 @@ from vitlab.data import load_splits
 
 def dataset_images(data: DataConfig, count: int) -> torch.Tensor:
     """The first `count` test images of a run's dataset, uint8 (count, C, H, W)."""
-    splits = load_splits(data.name, data.root, data.image_size, num_train=1, num_test=count, seed=data.seed, **data.builtin)
+    splits = load_splits(
+        data.name,
+        data.root,
+        data.image_size,
+        num_train=1,
+        num_test=count,
+        seed=data.seed,
+        image_column=data.image_column,
+        label_column=data.label_column,
+        **data.builtin,
+    )
     return splits.test.images[:count]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -100,7 +101,7 @@ class CropDecoder:
                 f"got scale={self.scale}, ratio={self.ratio}"
             )
 
-    def __call__(self, source: str | BinaryIO, rng: np.random.Generator | None = None) -> torch.Tensor:
+    def __call__(self, source: str | Path | BinaryIO, rng: np.random.Generator | None = None) -> torch.Tensor:
         """The crop of the image at `source` (a path or a file object); `rng` draws the train crop and flip."""
         if self.train and rng is None:
             raise VitlabError("a train CropDecoder needs an rng")

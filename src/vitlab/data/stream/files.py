@@ -13,6 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
@@ -44,6 +45,14 @@ class FileTable:
     def path(self, index: int) -> Path:
         """The full path of sample `index`."""
         return self.root / os.fsdecode(self.files[index])
+
+    def source(self, index: int) -> Path:
+        """What the decoder opens for sample `index`: its file."""
+        return self.path(index)
+
+    def name(self, index: int) -> str:
+        """Sample `index` in messages: its path below the split."""
+        return os.fsdecode(self.files[index])
 
 
 def scan_split(split: str | Path, classes: tuple[str, ...] | None = None) -> FileTable:
@@ -94,10 +103,22 @@ def holdout(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndar
     return np.setdiff1d(np.arange(len(labels)), held_out), held_out
 
 
+class SampleTable(Protocol):
+    """What a FolderStream reads: a FileTable, or a Hugging Face split (vitlab.data.hf.ArrowTable)."""
+
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+    def subset(self, indices: np.ndarray) -> SampleTable: ...
+    def source(self, index: int) -> Path | BinaryIO: ...
+    def name(self, index: int) -> str: ...
+
+
 class FolderStream:
     """Map-style dataset: item SampleKey(index, epoch) -> Sample, decoded and cropped on demand."""
 
-    def __init__(self, table: FileTable, decoder: CropDecoder, seed: int = 0):
+    def __init__(self, table: SampleTable, decoder: CropDecoder, seed: int = 0):
         if seed < 0:
             raise VitlabError(f"the augmentation seed must be >= 0, got {seed}")
         self.table, self.decoder, self.seed = table, decoder, seed
@@ -117,10 +138,10 @@ class FolderStream:
 
     def __getitem__(self, key: SampleKey) -> Sample:
         index, epoch, real = key
-        name, label = os.fsdecode(self.table.files[index]), int(self.table.labels[index])
+        name, label = self.table.name(index), int(self.table.labels[index])
         rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
         try:
-            image = self.decoder(str(self.table.path(index)), rng)
+            image = self.decoder(self.table.source(index), rng)
         except DECODE_ERRORS as exc:
             return Sample(None, label, index, name, real, f"{type(exc).__name__}: {exc}")
         return Sample(image, label, index, name, real)
@@ -150,11 +171,24 @@ def stream_splits(
         raise VitlabError(f"expected {root}/train/<class>/*.jpg and {root}/test/<class>/… or {root}/val/<class>/…")
     train_table = scan_split(root / "train")
     test_table = scan_split(evaluation, train_table.classes)
+    return table_splits(train_table, test_table, image_size, val_fraction, seed, crop_fraction, scale)
+
+
+def table_splits(
+    train: SampleTable,
+    test: SampleTable,
+    image_size: int,
+    val_fraction: float,
+    seed: int,
+    crop_fraction: float,
+    scale: tuple[float, float],
+) -> StreamSplits:
+    """Train (Inception crop + flip), a minival held out of it, and test (centre crop) streams of two tables."""
     train_crop = CropDecoder(image_size, train=True, scale=scale, crop_fraction=crop_fraction)
     eval_crop = replace(train_crop, train=False)
-    kept, held = holdout(train_table.labels, val_fraction, seed)
+    kept, held = holdout(train.labels, val_fraction, seed)
     return StreamSplits(
-        train=FolderStream(train_table.subset(kept), train_crop, seed),
-        minival=FolderStream(train_table.subset(held), eval_crop, seed) if len(held) else None,
-        test=FolderStream(test_table, eval_crop, seed),
+        train=FolderStream(train.subset(kept), train_crop, seed),
+        minival=FolderStream(train.subset(held), eval_crop, seed) if len(held) else None,
+        test=FolderStream(test, eval_crop, seed),
     )
