@@ -198,3 +198,15 @@ def test_the_planner_counts_the_gains_and_the_register_tokens(name):
         model.grad_checkpointing = checkpointing
         measured = measured_saved_bytes(model, torch.randn(2, 3, 64, 64))
         assert measured == saved_activation_bytes(shape, 2, checkpointing, "fp32")
+
+
+def test_fine_tuning_at_another_size_reads_a_timm_export_with_registers(tmp_path):
+    from vitlab.models.weights import fit_to_model, load_state_dict_strict
+    from vitlab.train.finetune import pretrained_state_dict
+
+    model = randomised(tiny(num_registers=2))
+    export_model(model, "timm", tmp_path, DATA)
+    larger = tiny(num_registers=2, img_size=48)  # a 6x6 grid: the 4x4 position embedding is resampled
+    source = pretrained_state_dict(tmp_path / "model.safetensors", "timm", larger)
+    load_state_dict_strict(larger, fit_to_model(source, larger, keep_head=True), "export")
+    assert torch.equal(larger.reg_token, model.reg_token) and torch.equal(larger.pos_embed[:, 0], model.pos_embed[:, 0])

@@ -209,11 +209,14 @@ def registers_to_timm(rest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def registers_from_timm(rest: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
-    """`registers_to_timm` undone: register rows of pos_embed (present when it is longer than `model`'s) into reg_token."""
+    """`registers_to_timm` undone: pos_embed's register rows into reg_token. It has them when it is not `model`'s
+    length and the rows after the class token and the registers form a square grid (of any size: fine-tuning
+    resamples it afterwards); timm's no_embed_class=True layout has none."""
     if "reg_token" not in rest or "pos_embed" not in rest:
         return rest
     pos, count, prefix = rest["pos_embed"], rest["reg_token"].shape[1], model.num_prefix_tokens
-    if pos.ndim != 3 or pos.shape[1] != model.pos_embed.shape[1] + count:
+    patches = pos.shape[1] - prefix - count if pos.ndim == 3 else -1
+    if pos.shape[1] == model.pos_embed.shape[1] or patches < 1 or math.isqrt(patches) ** 2 != patches:
         return rest
     rows = pos[:, prefix : prefix + count]
     return rest | {
