@@ -45,7 +45,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from vitlab.models.planner import format_overview, format_plan, preset_shape
 
     if args.preset:
-        shape = preset_shape(args.preset, args.image_size, args.num_classes)
+        shape = preset_shape(args.preset, args.image_size, args.num_classes, num_registers=args.num_registers)
         print(format_plan(args.preset, shape, args.devices, args.device_memory, args.batch, args.precision))
     else:
         print(format_overview(args.patch_size, args.device_memory, args.batch, args.image_size, args.precision))
@@ -315,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_geometry_options(plan)
     plan.add_argument("--patch-size", type=int, default=DEFAULT_PATCH_SIZE, help="patch of every preset when no preset is named")
     plan.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="compute precision")
+    plan.add_argument("--num-registers", type=int, default=0, help="register tokens of the named preset (model.options)")
     plan.set_defaults(func=cmd_plan)
 
     consolidate = command("consolidate", "merge a sharded (FSDP) checkpoint into one safetensors file")

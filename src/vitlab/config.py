@@ -174,7 +174,10 @@ class OptimConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05
     decay_all: bool = False  # decay every parameter (the paper's code), not only weight matrices; see parameter_groups
+    # AdamW only: decay by weight_decay·(LR schedule factor) per step, not by lr·weight_decay (Wortsman et al. 2023)
+    independent_weight_decay: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8  # AdamW's ε (torch's default)
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
@@ -190,6 +193,7 @@ class OptimConfig:
         lr=POSITIVE,
         weight_decay=AT_LEAST_0,
         betas=BELOW_1,
+        eps=POSITIVE,
         momentum=BELOW_1,
         warmup_epochs=AT_LEAST_0,
         warmup_steps=AT_LEAST_0,
@@ -205,6 +209,10 @@ class OptimConfig:
         check_choice("optim.name", self.name, ("adamw", "sgd"))
         check_choice("optim.schedule", self.schedule, ("cosine", "multistep", "constant"))
         check_fields("optim", self)
+        if self.independent_weight_decay and self.name != "adamw":
+            raise VitlabError(
+                f"optim.independent_weight_decay needs optim.name=adamw, not {self.name!r}; use adamw or set it false"
+            )
 
 
 @dataclass

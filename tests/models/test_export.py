@@ -38,12 +38,12 @@ def images(n: int = 3) -> torch.Tensor:
 
 def timm_parallel_logits(sd: dict, args: dict, x: torch.Tensor) -> torch.Tensor:
     """timm's VisionTransformer with ParallelScalingBlock (fuse_out_proj=False), written functionally from
-    timm/models/vision_transformer.py: in_proj rows [mlp, q, k, v], separate attention and MLP out projections."""
+    timm/models/vision_transformer.py: in_proj rows [mlp, q, k, v], separate attention and MLP out projections,
+    tokens [cls, registers, patches] all under pos_embed (no_embed_class=False), LayerScale `ls` on the sum."""
     ln = lambda t, name, d=DIM: F.layer_norm(t, (d,), sd[name + ".weight"], sd[name + ".bias"], eps=1e-6)  # noqa: E731
     t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=PATCH).flatten(2).transpose(1, 2)
-    if args["class_token"]:
-        t = torch.cat([sd["cls_token"].expand(len(t), -1, -1), t], dim=1)
-    t = t + sd["pos_embed"]
+    prefix = [sd[k] for k, on in (("cls_token", args["class_token"]), ("reg_token", args.get("reg_tokens"))) if on]
+    t = torch.cat([p.expand(len(t), -1, -1) for p in prefix] + [t], dim=1) + sd["pos_embed"]
     b, n, _ = t.shape
     hidden = int(args["mlp_ratio"] * DIM)
     for i in range(DEPTH):
@@ -58,9 +58,10 @@ def timm_parallel_logits(sd: dict, args: dict, x: torch.Tensor) -> torch.Tensor:
         attn = ((q @ k.transpose(-2, -1)) / math.sqrt(DIM // HEADS)).softmax(-1) @ v
         attn = attn.transpose(1, 2).reshape(b, n, DIM)
         out = F.linear(attn, sd[p + "attn_out_proj.weight"], sd[p + "attn_out_proj.bias"])
-        t = t + out + F.linear(F.gelu(mlp), sd[p + "mlp_out_proj.weight"], sd[p + "mlp_out_proj.bias"])
+        out = out + F.linear(F.gelu(mlp), sd[p + "mlp_out_proj.weight"], sd[p + "mlp_out_proj.bias"])
+        t = t + out * sd.get(p + "ls.gamma", 1)
     t = ln(t, "norm")
-    pooled = t[:, 0] if args["global_pool"] == "token" else t.mean(dim=1)
+    pooled = t[:, 0] if args["global_pool"] == "token" else t[:, sum(p.shape[1] for p in prefix) :].mean(dim=1)
     return F.linear(pooled, sd["head.weight"], sd["head.bias"])
 
 

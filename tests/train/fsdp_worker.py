@@ -75,6 +75,7 @@ def main(out_json: str, out_dir: str) -> None:
     results = {
         "init_exact_vit": init_is_exact(ctx, "vit-ti/8"),
         "init_exact_vit22b_sincos": init_is_exact(ctx, "vit22b-ti/8", pos_embed="sincos", branch_norm="mlp", qkv_bias=True),
+        "init_exact_stabilisers": init_is_exact(ctx, "vit22b-ti/8", layer_scale=1e-5, num_registers=2),
     }
 
     # The global batch in one process against its two halves on two FSDP ranks (activation checkpointing on).

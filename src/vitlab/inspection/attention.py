@@ -2,8 +2,11 @@
 
 Attention tensors are softmax weights of shape (layers, B, heads, tokens, tokens), rows are
 queries; the first `num_prefix_tokens` tokens are the class token (if any), the rest the patches
-in row-major order. A query is "cls" (the class token), "mean" (the average row: what the tokens
-attend to on the whole, the natural choice for a model with average pooling) or a patch index.
+in row-major order. Register tokens (`num_registers`) are cut from both axes: the maps show what the class
+token and the patches attend to among themselves, and a row sums to one minus what the query gave the
+registers (Darcet et al. 2023: the attention that registers take over from high-norm patches). A query is
+"cls" (the class token), "mean" (the average row: what the tokens attend to on the whole, the natural choice
+for a model with average pooling) or a patch index.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ Query = str | int
 
 @torch.no_grad()
 def attention_maps(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
-    """Softmax attention weights of every layer for normalised `images`: (layers, B, heads, tokens, tokens)."""
+    """Softmax attention weights of every layer for normalised `images`: (layers, B, heads, tokens, tokens), registers cut."""
     weights: dict[int, torch.Tensor] = {}
     was_training = model.training
     model.eval()
@@ -35,7 +38,9 @@ def attention_maps(model: VisionTransformer, images: torch.Tensor) -> torch.Tens
             model(images)
     finally:
         model.train(was_training)
-    return torch.stack([weights[layer] for layer in sorted(weights)])
+    maps = torch.stack([weights[layer] for layer in sorted(weights)])
+    kept = maps.shape[-1] - model.num_registers
+    return maps[..., :kept, :kept]
 
 
 def default_query(model: VisionTransformer) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -74,6 +75,30 @@ class DropPath(nn.Module):
         return f"p={self.p}"
 
 
+class LayerScale(nn.Module):
+    """A learnable per-channel gain on a residual branch, `init` at the start (CaiT, Touvron et al. 2021; timm's `gamma`)."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.init = init
+        self.gamma = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gamma, self.init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+    def extra_repr(self) -> str:
+        return f"init={self.init}"
+
+
+def layer_scale(dim: int, init: float | None) -> nn.Module:
+    """A LayerScale starting at `init`, or an identity when `init` is None or 0 (off)."""
+    return LayerScale(dim, init) if init else nn.Identity()
+
+
 def qk_norms(head_dim: int, enabled: bool, bias: bool) -> tuple[nn.Module, nn.Module]:
     """LayerNorms over each head's features of queries and keys (ViT-22B), or identities."""
     if not enabled:
@@ -142,7 +167,7 @@ class Mlp(nn.Module):
 
 
 class SerialBlock(nn.Module):
-    """Pre-LN ViT block: x = x + Attn(LN(x)); x = x + MLP(LN(x))."""
+    """Pre-LN ViT block: x = x + Attn(LN(x)); x = x + MLP(LN(x)), each branch times its LayerScale gain if on."""
 
     def __init__(
         self,
@@ -156,17 +181,20 @@ class SerialBlock(nn.Module):
         attn_dropout: float = 0.0,
         drop_path: float = 0.0,
         attn_impl: str = "auto",
+        layer_scale_init: float | None = None,
     ):
         super().__init__()
         self.norm1 = layer_norm(dim, norm_bias)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, norm_bias, attn_dropout, dropout, attn_impl)
+        self.ls1 = layer_scale(dim, layer_scale_init)
         self.norm2 = layer_norm(dim, norm_bias)
         self.mlp = Mlp(dim, mlp_dim, dropout)
+        self.ls2 = layer_scale(dim, layer_scale_init)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 class ParallelBlock(AttentionCore):
@@ -183,6 +211,8 @@ class ParallelBlock(AttentionCore):
       - "sum":  vitlab's variant, y = x + LN(MLP(y') + Attn(y')) with a non-affine LN on the sum; it keeps
                 the input LayerNorm y' = LN(x), which the paper's code dropped (its block is
                 `vitlab.models.ai602.SumNormParallelBlock`, the `ai602-vit22b-…` presets).
+    With `layer_scale_init`, each branch has its own LayerScale gain (`ls1` attention, `ls2` MLP, as in the
+    serial block), applied after the branch's out projection (and its LayerNorm, with "mlp").
     """
 
     def __init__(
@@ -198,6 +228,7 @@ class ParallelBlock(AttentionCore):
         attn_dropout: float = 0.0,
         drop_path: float = 0.0,
         attn_impl: str = "auto",
+        layer_scale_init: float | None = None,
     ):
         check_choice("branch_norm", branch_norm, BRANCH_NORMS)
         super().__init__(dim, num_heads, qk_norm, norm_bias, attn_dropout, attn_impl)
@@ -213,6 +244,7 @@ class ParallelBlock(AttentionCore):
             self.branch_norm = layer_norm(dim, norm_bias)
         elif branch_norm == "sum":
             self.branch_norm = layer_norm(dim, affine=False)
+        self.ls1, self.ls2 = layer_scale(dim, layer_scale_init), layer_scale(dim, layer_scale_init)
         self.drop = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 
@@ -234,14 +266,25 @@ class ParallelBlock(AttentionCore):
     def project_out(self, attn: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """`out_proj` of [attention output, MLP hidden] with its bias, and `branch_norm` where it acts.
 
-        The MLP part accumulates into the attention part (addmm) instead of concatenating [attn, hidden].
+        The MLP part accumulates into the attention part (addmm) instead of concatenating [attn, hidden], except
+        with LayerScale, whose per-branch gains need each branch apart.
         """
         w_attn, w_mlp = self.out_proj.weight.split([self.dim, self.mlp_dim], dim=-1)
-        attn = gemm(F.linear, attn, w_attn, self.out_proj.bias)
+        attn = self.ls1(gemm(F.linear, attn, w_attn, self.out_proj.bias))
         if self.branch_norm_kind == "mlp":
-            return attn + self.branch_norm(gemm(F.linear, hidden, w_mlp))
+            return attn + self.ls2(self.branch_norm(gemm(F.linear, hidden, w_mlp)))
+        if isinstance(self.ls2, LayerScale):  # BlockSpec refuses it with branch_norm="sum"
+            return attn + self.ls2(gemm(F.linear, hidden, w_mlp))
         update = gemm(torch.addmm, attn.flatten(0, 1), hidden.flatten(0, 1), w_mlp.t()).view_as(attn)
         return self.branch_norm(update) if self.branch_norm_kind == "sum" else update
+
+
+def check_layer_scale(value: object) -> None:
+    """Refuse a LayerScale init that is not a number >= 0 (None or 0: off)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf):
+        raise VitlabError(
+            f"layer_scale={value!r} must be a finite number >= 0; set the gains' initial value, e.g. 1e-5 (CaiT), or null/0 for none"
+        )
 
 
 @dataclass(frozen=True)
@@ -260,6 +303,7 @@ class BlockSpec:
     attn_dropout: float
     drop_path: float
     attn_impl: str
+    layer_scale: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("block", self.block, BLOCKS)
@@ -275,6 +319,12 @@ class BlockSpec:
         for name in ("dropout", "attn_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise VitlabError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        check_layer_scale(self.layer_scale)
+        if self.layer_scale and self.branch_norm == "sum":
+            raise VitlabError(
+                "layer_scale with branch_norm='sum': the sum's LayerNorm would undo the branches' gains; "
+                "use branch_norm 'none' or 'mlp' with layer_scale, or layer_scale null"
+            )
 
     def build(self, count: int) -> list[nn.Module]:
         """`count` blocks, stochastic depth growing linearly from 0 to `drop_path` (Huang et al. 2016; DeiT)."""
@@ -288,6 +338,7 @@ class BlockSpec:
             dropout=self.dropout,
             attn_dropout=self.attn_dropout,
             attn_impl=self.attn_impl,
+            layer_scale_init=self.layer_scale,
         )
         if self.block == "parallel":
             return [ParallelBlock(branch_norm=self.branch_norm, drop_path=rate, **common) for rate in self.rates(count)]

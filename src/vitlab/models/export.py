@@ -50,6 +50,10 @@ def unsupported(config: dict, fmt: str) -> list[str]:
             problems.append("qk_norm=True: transformers' ViT has no QK LayerNorm (export --format timm)")
         if config["pool"] != "cls":
             problems.append("pool='gap': ViTForImageClassification classifies the class token (export --format timm)")
+        if config["layer_scale"]:
+            problems.append("layer_scale: transformers' ViT has no LayerScale (export --format timm)")
+        if config["num_registers"]:
+            problems.append("num_registers: transformers' ViT has no register tokens (export --format timm)")
     if fmt == "timm" and int(config["mlp_dim"] / config["embed_dim"] * config["embed_dim"]) != config["mlp_dim"]:
         problems.append(f"mlp_dim={config['mlp_dim']}: timm's mlp_ratio cannot express it for embed_dim={config['embed_dim']}")
     return problems
@@ -114,6 +118,10 @@ def timm_arguments(config: dict, preprocessing: Preprocessing) -> dict:
         proj_drop_rate=c["dropout"],
         attn_drop_rate=c["attn_dropout"],
         drop_path_rate=c["drop_path"],
+        reg_tokens=c["num_registers"],
+        # timm's serial Block has vitlab's ls1, ls2; its ParallelScalingBlock one gain on the sum, so there the
+        # gains are folded into the out projections (`parallel_block_to_timm`) and timm builds none.
+        init_values=(c["layer_scale"] or None) if c["block"] == "serial" else None,
         pretrained_cfg_overlay=dict(
             input_size=[c["in_chans"], c["img_size"], c["img_size"]],
             interpolation=preprocessing.interpolation,

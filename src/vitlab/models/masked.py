@@ -1,8 +1,8 @@
 """Masked image modelling on vitlab's VisionTransformer: MAE (He et al. 2022) and MPP (Dosovitskiy et al. 2021).
 
-Both wrap an `encoder` (a VisionTransformer built without a head) and use its own patch_embed,
-pos_embed, cls_token, blocks and norm, so the encoder's state dict is a classifier's minus the head
-and fine-tuning loads it like any vitlab run. Everything else (MAE's decoder, MPP's mask token and
+Both wrap an `encoder` (a VisionTransformer built without a head) and use its own patch_embed, pos_embed,
+cls_token, and blocks and norm through `forward_tokens` (which appends and cuts its registers), so the encoder's
+state dict is a classifier's minus the head and fine-tuning loads it like any vitlab run. Everything else (MAE's decoder, MPP's mask token and
 colour head) lives beside it and is dropped after pretraining.
 """
 
@@ -73,6 +73,7 @@ def transformer_blocks(encoder: VisionTransformer, dim: int, depth: int, num_hea
         qk_norm=c["qk_norm"],
         norm_bias=c["norm_bias"],
         attn_impl=c["attn_impl"],
+        layer_scale_init=c["layer_scale"],
     )
     if c["block"] == "parallel":
         return nn.Sequential(*[ParallelBlock(branch_norm=c["branch_norm"], **kwargs) for _ in range(depth)])
@@ -130,7 +131,7 @@ class MaskedAutoencoder(nn.Module):
         tokens, mask, ids_restore = random_masking(enc.patch_embed(x) + enc.pos_embed[:, prefix:], self.mask_ratio)
         if enc.cls_token is not None:
             tokens = torch.cat([(enc.cls_token + enc.pos_embed[:, :prefix]).expand(x.shape[0], -1, -1), tokens], dim=1)
-        return enc.norm(enc.blocks(tokens)), mask, ids_restore
+        return enc.forward_tokens(tokens), mask, ids_restore
 
     def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Encoded visible tokens → predicted pixels of every patch (B, N, patch·patch·C)."""
@@ -222,7 +223,7 @@ class MaskedPatchPrediction(nn.Module):
         tokens, corrupted, masked = self.corrupt(enc.patch_embed(x))
         if enc.cls_token is not None:
             tokens = torch.cat([enc.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1)
-        tokens = enc.norm(enc.blocks(tokens + enc.pos_embed))
+        tokens = enc.forward_tokens(tokens + enc.pos_embed)
         return self.mpp_head(tokens[:, prefix:]), corrupted, masked
 
     def targets(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from vitlab.errors import VitlabError, check_choice
+from vitlab.models.blocks import check_layer_scale
 from vitlab.models.presets import FAMILIES, SIZES, preset_config
-from vitlab.models.vit import VisionTransformer
+from vitlab.models.vit import VisionTransformer, check_num_registers
 
 GIB = 2**30
 PRECISIONS = ("bf16", "fp32")
@@ -53,6 +54,8 @@ class Shape:
     qk_norm: bool
     norm_bias: bool
     channels: int = 3
+    registers: int = 0  # register tokens (Darcet et al. 2023), which every block sees
+    layer_scale: bool = False  # a LayerScale gain on each of a block's two branches
 
     @property
     def patches(self) -> int:
@@ -60,13 +63,15 @@ class Shape:
 
     @property
     def tokens(self) -> int:
-        return self.patches + 1  # the class token (presets pool with it)
+        return self.patches + 1 + self.registers  # the class token (presets pool with it) and the registers
 
 
-def preset_shape(name: str, image_size: int = 224, num_classes: int = 1000, options: dict | None = None) -> Shape:
-    """The shape of a preset (`vit22b-22b/14`, …) at an image size, with a run's `model.options` if given."""
+def preset_shape(name: str, image_size: int = 224, num_classes: int = 1000, **options) -> Shape:
+    """The shape of a preset (`vit22b-22b/14`, …) at an image size, with `options` (num_registers, layer_scale) over it."""
     defaults = {k: p.default for k, p in inspect.signature(VisionTransformer).parameters.items()}
-    cfg = {**defaults, **preset_config(name), **(options or {})}
+    cfg = {**defaults, **preset_config(name), **options}
+    check_num_registers(cfg["num_registers"])
+    check_layer_scale(cfg["layer_scale"])
     if cfg["patch_size"] < 1 or image_size < cfg["patch_size"] or image_size % cfg["patch_size"]:
         raise VitlabError(f"image size {image_size} is not a positive multiple of {name}'s patch size {cfg['patch_size']}")
     return Shape(
@@ -81,6 +86,8 @@ def preset_shape(name: str, image_size: int = 224, num_classes: int = 1000, opti
         qkv_bias=cfg["qkv_bias"],
         qk_norm=cfg["qk_norm"],
         norm_bias=cfg["norm_bias"],
+        registers=cfg["num_registers"],
+        layer_scale=bool(cfg["layer_scale"]),
     )
 
 
@@ -90,18 +97,20 @@ def block_parameters(s: Shape) -> int:
     norm = d * (1 + s.norm_bias)
     qk_norms = 2 * (d // s.heads) * (1 + s.norm_bias) if s.qk_norm else 0
     qkv_bias = 3 * d if s.qkv_bias else 0
+    gains = 2 * d if s.layer_scale else 0  # ls1, ls2
     if s.block == "serial":  # norm1, qkv, proj, norm2, fc1, fc2
-        return norm + 3 * d * d + qkv_bias + qk_norms + d * d + d + norm + d * m + m + m * d + d
+        return norm + 3 * d * d + qkv_bias + qk_norms + d * d + d + norm + d * m + m + m * d + d + gains
     # norm, in_proj [q k v | mlp-in] without bias, the MLP-in bias, out_proj [attn-out | mlp-out] with one bias
-    return norm + qk_norms + d * (3 * d + m) + qkv_bias + m + (d + m) * d + d
+    return norm + qk_norms + d * (3 * d + m) + qkv_bias + m + (d + m) * d + d + gains
 
 
 def other_parameters(s: Shape) -> int:
-    """Parameters outside the blocks: patch embedding, class token, position embedding, final norm, head."""
+    """Parameters outside the blocks: patch embedding, class token, position embedding, registers, final norm, head."""
     d = s.width
     patch_embedding = s.channels * s.patch**2 * d + d
     head = d * s.num_classes + s.num_classes if s.num_classes else 0
-    return patch_embedding + d + s.tokens * d + d * (1 + s.norm_bias) + head  # + class token, positions, norm
+    positions = (s.patches + 1) * d
+    return patch_embedding + d + positions + s.registers * d + d * (1 + s.norm_bias) + head
 
 
 def parameter_count(s: Shape) -> int:
@@ -112,28 +121,32 @@ def parameter_count(s: Shape) -> int:
 def block_activations(s: Shape, attention: str = "sdpa") -> tuple[int, int]:
     """Elements one block saves for its backward per token: (kept in fp32, in the compute dtype).
 
-    fp32 under autocast: LayerNorm inputs (the residual stream) and statistics, softmax statistics.
+    fp32 under autocast: LayerNorm inputs (the residual stream) and statistics, softmax statistics. LayerScale
+    keeps each branch's output before its gain (2 d).
     """
     d, m, h = s.width, s.mlp_dim, s.heads
+    gains = 2 * d if s.layer_scale else 0
     # SDPA keeps q, k, v, its output and a log-sum-exp per head; explicit matmuls keep q·scale, k, v, the
     # probabilities (a T-long row per head) and the merged output: 4 d either way, plus h or h·T.
     attn_fp32, attn_low = (h, 0) if attention == "sdpa" else (0, h * s.tokens)
     if s.block == "serial":
         # fp32: x, x + attention (LayerNorm inputs), 2 + 2 statistics;
         # low: norm1 out, q k v (3), attention out, norm2 out, fc1 out, GELU out.
-        return 2 * d + 4 + attn_fp32, 6 * d + 2 * m + attn_low
+        return 2 * d + 4 + attn_fp32, 6 * d + 2 * m + attn_low + gains
     # fp32: x, 2 statistics and 2 per head for each of the q and k LayerNorms;
     # low: LN(x), q k v (3), normalised q and k (2), attention out and its merged copy (2), MLP hidden, GELU out.
-    return d + 2 + 4 * h + attn_fp32, 8 * d + 2 * m + attn_low
+    return d + 2 + 4 * h + attn_fp32, 8 * d + 2 * m + attn_low + gains
 
 
 def other_activations(s: Shape) -> tuple[int, int]:
     """Elements saved outside the blocks per image: (fp32, compute dtype).
 
     The patch pixels into the patch projection; the final LayerNorm's input and statistics, and its
-    output, which the head reads through the class-token view.
+    output, which the head reads through the class-token view. The registers are cut before that LayerNorm by a
+    view, so its input still holds them.
     """
-    return s.tokens * (s.width + 2), s.patches * s.channels * s.patch**2 + s.tokens * s.width
+    kept = s.tokens - s.registers
+    return s.tokens * s.width + 2 * kept, s.patches * s.channels * s.patch**2 + kept * s.width
 
 
 def measured_saved_bytes(model: nn.Module, images: torch.Tensor) -> int:

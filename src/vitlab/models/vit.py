@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitlab.errors import VitlabError, check_choice
-from vitlab.models.blocks import BlockSpec, ParallelBlock, layer_norm
+from vitlab.models.blocks import BlockSpec, LayerScale, ParallelBlock, layer_norm
 from vitlab.models.kernels import gemm
 
 POS_EMBEDS = ("learn", "sincos")
@@ -43,10 +43,20 @@ def init_weights(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+    elif isinstance(module, LayerScale):
+        module.reset_parameters()
     elif isinstance(module, ParallelBlock):
         nn.init.zeros_(module.mlp_bias)
         if module.qkv_bias is not None:
             nn.init.zeros_(module.qkv_bias)
+
+
+def check_num_registers(num_registers: object) -> None:
+    """Refuse a register count that is not a whole number >= 0."""
+    if isinstance(num_registers, bool) or not isinstance(num_registers, int) or num_registers < 0:
+        raise VitlabError(
+            f"num_registers={num_registers!r} must be a whole number >= 0; use 0 for none, or e.g. 4 (Darcet et al. 2023)"
+        )
 
 
 def check_num_classes(num_classes: int) -> None:
@@ -87,7 +97,12 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT classifier. Defaults are the classic ViT; the `vit22b` presets switch to the ViT-22B block."""
+    """ViT classifier. Defaults are the classic ViT; the `vit22b` presets switch to the ViT-22B block.
+
+    Stabilisers: `layer_scale` (CaiT's per-channel gain on every residual branch, starting at that value) and
+    `num_registers` (Darcet et al. 2023: learnable tokens appended after the position embedding, with none of
+    their own, seen by every block and cut before the final norm, so pooling, heads and prefixes never see them).
+    """
 
     def __init__(
         self,
@@ -113,6 +128,8 @@ class VisionTransformer(nn.Module):
         zero_head: bool = False,
         attn_impl: str = "auto",
         grad_checkpointing: bool = False,
+        layer_scale: float | None = None,
+        num_registers: int = 0,
     ):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -129,11 +146,13 @@ class VisionTransformer(nn.Module):
             attn_dropout,
             drop_path,
             attn_impl,
+            layer_scale,
         )
         check_choice("pos_embed", pos_embed, POS_EMBEDS)
         check_choice("pool", pool, POOLS)
         check_choice("head", head, HEADS)
         check_num_classes(num_classes)
+        check_num_registers(num_registers)
 
         self.num_classes, self.embed_dim, self.pool, self.zero_head = num_classes, embed_dim, pool, zero_head
         self.grad_checkpointing = grad_checkpointing
@@ -145,6 +164,8 @@ class VisionTransformer(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, embed_dim))
         else:  # filled by `reset_embeddings`, so that a model built on the meta device is complete after it
             self.register_buffer("pos_embed", torch.empty(1, num_positions, embed_dim), persistent=False)
+        self.num_registers = num_registers
+        self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None  # timm's name
         self.pos_drop = nn.Dropout(dropout)
 
         self.blocks = nn.Sequential(*spec.build(depth))
@@ -163,7 +184,8 @@ class VisionTransformer(nn.Module):
         self.reset_embeddings()
 
     def reset_embeddings(self) -> None:
-        """Trunc-normal(0.02) learned position embedding (or the sin-cos table), zero class token, optional zero head."""
+        """Trunc-normal(0.02) learned position embedding (or the sin-cos table), zero class token, N(0, 1e-6) registers
+        (DINOv2's and timm's init), optional zero head."""
         if isinstance(self.pos_embed, nn.Parameter):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         else:
@@ -172,6 +194,8 @@ class VisionTransformer(nn.Module):
             self.pos_embed.copy_(torch.cat([table.new_zeros(self.num_prefix_tokens, self.embed_dim), table])[None])
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         if self.zero_head and isinstance(self.head, nn.Linear):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -203,14 +227,19 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images → normalised tokens after the last block."""
-        x = self.embed(x)
+        return self.forward_tokens(self.embed(x))
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedded tokens (B, T, D) → normalised tokens (B, T, D) after the blocks, the registers appended and cut."""
+        if self.reg_token is not None:
+            x = torch.cat([x, self.reg_token.expand(x.shape[0], -1, -1)], dim=1)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # Activation checkpointing: keep each block's input only, recompute its inside in the backward.
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.norm(x)
+        return self.norm(x[:, : x.shape[1] - self.num_registers])
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pool the tokens (class token or mean of patches) and apply the head."""

@@ -160,11 +160,13 @@ def parallel_block_to_timm(block: dict[str, torch.Tensor]) -> dict[str, torch.Te
     else:
         out["in_proj.bias"] = torch.cat([mlp_bias, qkv_bias])
     attn_w, mlp_w = b.pop("out_proj.weight").split([dim, mlp.shape[0]], dim=1)
-    out_bias = b.pop("out_proj.bias")
+    # timm's one LayerScale gain acts on the sum of the branches: vitlab's per-branch gains go into the out projections
+    gain_attn, gain_mlp = (b.pop(f"ls{i}.gamma", attn_w.new_ones(dim))[:, None] for i in (1, 2))
+    out_bias = b.pop("out_proj.bias") * gain_attn[:, 0]
     out |= {
-        "attn_out_proj.weight": attn_w,
+        "attn_out_proj.weight": attn_w * gain_attn,
         "attn_out_proj.bias": out_bias,
-        "mlp_out_proj.weight": mlp_w,
+        "mlp_out_proj.weight": mlp_w * gain_mlp,
         "mlp_out_proj.bias": torch.zeros_like(out_bias),
     }
     return out | b  # anything left (a branch norm) keeps its name, so that timm lists it
@@ -187,15 +189,48 @@ def timm_block_to_parallel(block: dict[str, torch.Tensor]) -> dict[str, torch.Te
     if "attn_out_proj.weight" in b:
         out["out_proj.weight"] = torch.cat([b.pop("attn_out_proj.weight"), b.pop("mlp_out_proj.weight")], dim=1)
         out["out_proj.bias"] = b.pop("attn_out_proj.bias") + b.pop("mlp_out_proj.bias")
+    if "ls.gamma" in b:  # timm's LayerScale on the sum of both branches, folded into the out projection
+        gain = b.pop("ls.gamma")
+        out |= {k: b.pop(k) for k in ("out_proj.weight", "out_proj.bias") if k in b}  # fused: not renamed above
+        out["out_proj.weight"], out["out_proj.bias"] = out["out_proj.weight"] * gain[:, None], out["out_proj.bias"] * gain
     return out | b  # a fused out_proj (fuse_out_proj=True) already has vitlab's names
+
+
+# timm's VisionTransformer (no_embed_class=False) orders its tokens [cls, registers, patches] and its pos_embed
+# covers all of them; vitlab's registers come after the patches and have no position. The register rows of timm's
+# pos_embed are zero on export, and added into reg_token on import: the same sums either way.
+def registers_to_timm(rest: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors outside the blocks with zero position rows for the registers, after the class token."""
+    if "reg_token" not in rest:
+        return rest
+    pos, prefix = rest["pos_embed"], int("cls_token" in rest)
+    zeros = pos.new_zeros(1, rest["reg_token"].shape[1], pos.shape[-1])
+    return rest | {"pos_embed": torch.cat([pos[:, :prefix], zeros, pos[:, prefix:]], dim=1)}
+
+
+def registers_from_timm(rest: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """`registers_to_timm` undone: pos_embed's register rows into reg_token. It has them when it is not `model`'s
+    length and the rows after the class token and the registers form a square grid (of any size: fine-tuning
+    resamples it afterwards); timm's no_embed_class=True layout has none."""
+    if "reg_token" not in rest or "pos_embed" not in rest:
+        return rest
+    pos, count, prefix = rest["pos_embed"], rest["reg_token"].shape[1], model.num_prefix_tokens
+    patches = pos.shape[1] - prefix - count if pos.ndim == 3 else -1
+    if pos.shape[1] == model.pos_embed.shape[1] or patches < 1 or math.isqrt(patches) ** 2 != patches:
+        return rest
+    rows = pos[:, prefix : prefix + count]
+    return rest | {
+        "reg_token": rest["reg_token"] + rows,
+        "pos_embed": torch.cat([pos[:, :prefix], pos[:, prefix + count :]], dim=1),
+    }
 
 
 def to_timm(state_dict: dict[str, torch.Tensor], block: str) -> dict[str, torch.Tensor]:
     """A vitlab state dict under timm's names: serial blocks already have them, parallel ones are renamed."""
-    if block == "serial":
-        return dict(state_dict)
     rest, blocks = split_blocks(state_dict)
-    return join_blocks(rest, {i: parallel_block_to_timm(b) for i, b in blocks.items()})
+    if block == "parallel":
+        blocks = {i: parallel_block_to_timm(b) for i, b in blocks.items()}
+    return join_blocks(registers_to_timm(rest), blocks)
 
 
 def filter_timm_vit(state_dict: dict[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
@@ -212,8 +247,15 @@ def filter_timm_vit(state_dict: dict[str, torch.Tensor], model: VisionTransforme
             f"the checkpoint holds {found} ViT blocks; build the model with block='{found}', not '{model.config['block']}'"
         )
     # Parallel blocks named by timm (in_norm, …) are renamed; ones saved by vitlab (norm, …) are already ours.
-    blocks = {i: timm_block_to_parallel(b) if "in_norm.weight" in b else b for i, b in blocks.items()}
-    return drop_implied(join_blocks(rest, blocks), model)
+    # Their gains are in the out projections (`parallel_block_to_timm`), so a LayerScale model's start at one.
+    gains = model.config["layer_scale"] and model.config["block"] == "parallel"
+    for i, b in blocks.items():
+        if "in_norm.weight" in b:
+            blocks[i] = timm_block_to_parallel(b)
+            if gains:
+                ones = torch.ones_like(blocks[i]["out_proj.bias"])
+                blocks[i] |= {"ls1.gamma": ones, "ls2.gamma": ones.clone()}
+    return drop_implied(join_blocks(registers_from_timm(rest, model), blocks), model)
 
 
 def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> VisionTransformer:
@@ -221,8 +263,8 @@ def load_timm_checkpoint(model: VisionTransformer, path: str | Path) -> VisionTr
 
     vitlab's serial ViT uses timm's parameter names (cls_token, pos_embed, patch_embed.proj,
     blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm, head), so the tensors map
-    one to one; a parallel model reads timm's ParallelScalingBlock names (`filter_timm_vit`); anything
-    else (register tokens, fc_norm of timm's average-pool variant) is listed.
+    one to one (LayerScale's `ls1.gamma`, `ls2.gamma` and `reg_token` too); a parallel model reads timm's
+    ParallelScalingBlock names (`filter_timm_vit`); anything else (fc_norm of timm's average-pool variant) is listed.
     """
     load_state_dict_strict(model, filter_timm_vit(read_state_dict(path), model), str(path))
     return model

@@ -126,7 +126,7 @@ def cell_record(run_config: RunConfig, num_classes: int | None) -> dict | None:
         outcome = {"loss": test["test"]["loss"], "acc1": test["test"]["acc1"], "diverged": False, "diverged_step": None}
         trained, seconds = test["steps"], test["train_seconds_this_session"]
     model = run_config.model
-    shape = preset_shape(model.name, run_config.data.image_size, num_classes, model.options) if num_classes else None
+    shape = preset_shape(model.name, run_config.data.image_size, num_classes, **model.options) if num_classes else None
     return {
         "l0": l0,
         **outcome,
