@@ -229,7 +229,7 @@ RESUME_HELP = (
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """Write a run's model for timm or Hugging Face transformers."""
+    """Write a run's model for timm, Hugging Face transformers, ONNX or torch.export."""
     from vitlab.runs.export import export_run
 
     written = export_run(args.run, args.format, args.out, args.ema, args.force)
@@ -380,14 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--ema", action="store_true", help="predict with the EMA weights")
     predict.set_defaults(func=cmd_predict)
 
-    export = command("export", "write a run's model for timm (safetensors + create_model arguments) or Hugging Face")
+    export = command("export", "write a run's model for timm, Hugging Face, ONNX or torch.export, with a model card")
     export.add_argument("run", help="run directory or checkpoint folder")
     export.add_argument("out", help="output folder: new or empty, outside the run (see --force)")
     export.add_argument(
         "--format",
         required=True,
-        choices=("timm", "hf"),
-        help="timm: model.safetensors + create_model.json; hf: a ViTForImageClassification folder",
+        choices=("timm", "hf", "onnx", "torch-export"),
+        help="timm: model.safetensors + create_model.json; hf: a ViTForImageClassification folder; "
+        "onnx: model.onnx; torch-export: model.pt2 (an ExportedProgram); the last two with a dynamic batch size",
     )
     export.add_argument("--ema", action="store_true", help="export the EMA weights")
     export.add_argument(

@@ -98,6 +98,66 @@ def test_timm_export_reimports_through_vitlabs_timm_loader_with_the_same_logits(
             torch.testing.assert_close(reference, model(images()), atol=1e-4, rtol=0)
 
 
+TRACED_MODELS = [
+    ("vit", {}),
+    ("vit22b", {}),  # the default block: parallel, QK norm, no biases
+    ("vit22b", dict(branch_norm="mlp", head="mlp", pool="gap", pos_embed="sincos")),  # neither timm nor transformers has these
+]
+
+
+@pytest.mark.parametrize("family, overrides", TRACED_MODELS)
+def test_a_torch_export_program_computes_the_models_logits_at_any_batch_size(tmp_path, family, overrides):
+    model = randomised(tiny(family, dropout=0.5, **overrides)).train()
+    files = export_model(model, "torch-export", tmp_path / "out", DATA)
+    assert [f.name for f in files] == ["model.pt2", "class_names.json", "preprocessing.json"]
+    assert model.training  # traced in eval mode (no dropout), left as it was
+    program = torch.export.load(tmp_path / "out" / "model.pt2")  # a file vitlab wrote: torch.export.load unpickles
+    with torch.no_grad():
+        for batch in (1, 5):
+            torch.testing.assert_close(program.module()(images(batch)), model.eval()(images(batch)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family, overrides", TRACED_MODELS)
+def test_an_onnx_export_under_onnxruntime_computes_the_models_logits_at_any_batch_size(tmp_path, family, overrides):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model = randomised(tiny(family, **overrides))
+    files = export_model(model, "onnx", tmp_path, DATA, [f"shape {i}" for i in range(CLASSES)])
+    assert [f.name for f in files] == ["model.onnx", "class_names.json", "preprocessing.json"]
+    assert json.loads((tmp_path / "class_names.json").read_text())[4] == "shape 4"
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inputs,), (outputs,) = session.get_inputs(), session.get_outputs()
+    assert (inputs.name, outputs.name, inputs.shape[1:]) == ("pixel_values", "logits", [3, IMG, IMG])
+    with torch.no_grad():
+        for batch in (1, 5):
+            (logits,) = session.run(None, {"pixel_values": images(batch).numpy()})
+            torch.testing.assert_close(torch.from_numpy(logits), model(images(batch)), atol=1e-5, rtol=0)
+
+
+def test_onnx_without_its_exporter_names_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "onnxscript" else find_spec(name, *args))
+    with pytest.raises(VitlabError, match=r"--format onnx needs onnxscript: pip install 'vitlab\[onnx\]'"):
+        export_model(tiny(), "onnx", tmp_path / "out", DATA)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_preprocessing_is_written_beside_a_traced_export(tmp_path):
+    crop = run_preprocessing(DataConfig(image_size=IMG, mean=(0.485, 0.456, 0.406), crop_fraction=0.8), streamed=True)
+    export_model(tiny(), "torch-export", tmp_path, crop)
+    assert json.loads((tmp_path / "preprocessing.json").read_text()) == {
+        "image_size": IMG,
+        "in_chans": 3,
+        "crop_fraction": 0.8,
+        "interpolation": "bilinear",
+        "rescale_factor": 1 / 255,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.5, 0.5, 0.5],
+    }
+
+
 @pytest.mark.parametrize(
     "fmt, overrides, named",
     [
@@ -115,10 +175,10 @@ def test_options_without_an_equivalent_are_refused_by_name(tmp_path, fmt, overri
 def test_parallel_blocks_with_a_branch_norm_or_for_hf_are_refused(tmp_path):
     with pytest.raises(VitlabError, match="branch_norm='mlp'"):
         export_model(tiny("vit22b", branch_norm="mlp"), "timm", tmp_path, DATA)
-    with pytest.raises(VitlabError, match="block='parallel'"):
+    with pytest.raises(VitlabError, match=r"block='parallel'.*QK LayerNorm \(--format onnx, torch-export and timm carry them\)$"):
         export_model(tiny("vit22b"), "hf", tmp_path, DATA)
     with pytest.raises(VitlabError, match="--format"):
-        export_model(tiny(), "onnx", tmp_path, DATA)
+        export_model(tiny(), "tflite", tmp_path, DATA)
 
 
 def test_hf_export_reads_back_into_vitlab_with_the_same_logits(tmp_path):
@@ -234,7 +294,12 @@ def test_export_never_writes_over_a_run_or_into_its_checkpoints(tmp_path, capsys
         assert str(out) in one_line_error(capsys)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing of the run was replaced
     assert main(["export", str(run), str(run / "hf"), "--format", "hf", "--force"]) == 0  # a new folder inside: allowed
-    assert sorted(p.name for p in (run / "hf").iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in (run / "hf").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
 
 
 def test_force_replaces_an_earlier_export_whole_and_nothing_else(tmp_path, capsys):
@@ -246,7 +311,7 @@ def test_force_replaces_an_earlier_export_whole_and_nothing_else(tmp_path, capsy
     assert main(["export", str(run), str(out), "--format", "timm"]) == 2
     assert "--force" in one_line_error(capsys)
     assert main(["export", str(run), str(out), "--format", "timm", "--force"]) == 0  # the hf files go with the old folder
-    assert sorted(p.name for p in out.iterdir()) == ["class_names.json", "create_model.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "class_names.json", "create_model.json", "model.safetensors"]
     assert [p.name for p in out.parent.iterdir()] == ["model"]  # no staging folder left beside it
     (out / "notes.txt").write_text("mine")
     assert main(["export", str(run), str(out), "--format", "timm", "--force"]) == 2

@@ -81,9 +81,7 @@ def predict_run(
     batch_size: int = 64,
 ) -> tuple[Predictions, list[Path]]:
     """Predict the images under a run's model with its preprocessing; write predictions.csv and predictions.png."""
-    from vitlab.data.classes import class_names
-    from vitlab.runs import checkpoint as ckpt
-    from vitlab.runs.stored import load_checkpoint_model
+    from vitlab.runs.trained import load_trained_run
     from vitlab.runtime.context import local
 
     if top_k < 1:
@@ -93,8 +91,8 @@ def predict_run(
     files = image_files(inputs)
     if not files:
         raise VitlabError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {', '.join(map(str, inputs))}")
-    model, config = load_checkpoint_model(run, ema)
-    classes = class_names(config.data, model.num_classes, ckpt.read_meta(ckpt.find_checkpoint(run)).get("classes"))
+    trained = load_trained_run(run, ema)
+    model, config, classes = trained.model, trained.config, trained.classes
     ctx = local(config.train.device, config.train.precision)
     decoded = decode_images(files, config.data.image_size)  # an unreadable file is skipped and named, as in training
     skipped = [str(image) for image in decoded if isinstance(image, UnusableImage)]

@@ -1,9 +1,10 @@
-"""Export a vitlab ViT for timm (named safetensors + `timm.create_model` arguments) or Hugging Face transformers.
+"""Export a vitlab ViT for timm (named safetensors + `timm.create_model` arguments), Hugging Face transformers,
+ONNX or torch.export (the model's own computation traced with a dynamic batch size, every option included).
 
-Only what the target computes the same way is written; an option without an equivalent is refused with
-the reason, and so is a weight that is NaN or infinite. The tensor names come from `vitlab.models.weights`,
-which reads the same formats back; the preprocessing written beside them (mean, std, crop, resampling) is the
-run's own (`run_preprocessing`).
+For timm and Hugging Face, only what the target computes the same way is written; an option without an
+equivalent is refused with the reason. A weight that is NaN or infinite is refused for every format. The
+tensor names come from `vitlab.models.weights`, which reads the same formats back; the preprocessing written
+beside the model (mean, std, crop, resampling) is the run's own (`run_preprocessing`).
 
 Nothing is overwritten by surprise: the export goes to a new or empty folder, staged beside it under a temporary
 name and renamed into place; `force` replaces an earlier export (a folder holding export files only). `vitlab.runs.export`
@@ -14,10 +15,13 @@ files are never written to.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
+import logging
 import os
 import shutil
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +33,12 @@ from vitlab.config import DataConfig
 from vitlab.errors import VitlabError, check_choice
 from vitlab.models.weights import check_weights, implied_tensors, to_hf, to_timm
 
-FORMATS = ("timm", "hf")
-EXPORT_FILES = ("model.safetensors", "create_model.json", "class_names.json", "config.json", "preprocessor_config.json")
+FORMATS = ("timm", "hf", "onnx", "torch-export")
+TRACED = ("onnx", "torch-export")  # the model's own forward as a graph: no option to map, none refused
+EXPORT_FILES = (
+    *("model.safetensors", "create_model.json", "class_names.json", "config.json", "preprocessor_config.json"),
+    *("model.onnx", "model.onnx.data", "model.pt2", "preprocessing.json", "README.md"),
+)
 _DISK_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
@@ -39,31 +47,47 @@ def unsupported(config: dict, fmt: str) -> list[str]:
     problems = []
     if config["num_classes"] <= 0:
         problems.append("num_classes=0 (no head): export a classifier")
+    if fmt in TRACED:
+        return problems
+    traced = "export --format onnx or torch-export"
     if config["head"] == "mlp":
-        problems.append("head='mlp' (the pre-logits layer): the exported classifier has a linear head only")
+        problems.append(f"head='mlp' (the pre-logits layer): the exported classifier has a linear head only ({traced})")
     if config["block"] == "parallel" and config["branch_norm"] != "none":
-        problems.append(f"branch_norm={config['branch_norm']!r}: timm's ParallelScalingBlock has no branch LayerNorm")
+        problems.append(f"branch_norm={config['branch_norm']!r}: timm's ParallelScalingBlock has no branch LayerNorm ({traced})")
     if fmt == "hf":
-        if config["block"] == "parallel":
-            problems.append("block='parallel': transformers' ViT has serial blocks only (export --format timm)")
-        if config["qk_norm"]:
-            problems.append("qk_norm=True: transformers' ViT has no QK LayerNorm (export --format timm)")
-        if config["pool"] != "cls":
-            problems.append("pool='gap': ViTForImageClassification classifies the class token (export --format timm)")
-        if config["layer_scale"]:
-            problems.append("layer_scale: transformers' ViT has no LayerScale (export --format timm)")
-        if config["num_registers"]:
-            problems.append("num_registers: transformers' ViT has no register tokens (export --format timm)")
+        serial_vit = [
+            problem
+            for bad, problem in (
+                (
+                    config["block"] == "parallel",
+                    "block='parallel' (the ViT-22B-style block): transformers' ViT has serial blocks only",
+                ),
+                (config["qk_norm"], "qk_norm=True: transformers' ViT has no QK LayerNorm"),
+                (config["pool"] != "cls", "pool='gap': ViTForImageClassification classifies the class token"),
+                (config["layer_scale"], "layer_scale: transformers' ViT has no LayerScale"),
+                (config["num_registers"], "num_registers: transformers' ViT has no register tokens"),
+            )
+            if bad
+        ]
+        if serial_vit:
+            carry = "it" if len(serial_vit) == 1 else "them"
+            problems += [*serial_vit[:-1], f"{serial_vit[-1]} (--format onnx, torch-export and timm carry {carry})"]
     if fmt == "timm" and int(config["mlp_dim"] / config["embed_dim"] * config["embed_dim"]) != config["mlp_dim"]:
         problems.append(f"mlp_dim={config['mlp_dim']}: timm's mlp_ratio cannot express it for embed_dim={config['embed_dim']}")
     return problems
 
 
-def exported_state_dict(model: torch.nn.Module, fmt: str) -> dict[str, torch.Tensor]:
-    """The model's tensors, those the target stores but vitlab computes included, under `fmt`'s names; all finite."""
+def finite_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors as floats, those timm and Hugging Face store but vitlab computes included; all finite."""
     tensors = {**model.state_dict(), **implied_tensors(model)}
     tensors = {k: v.detach().float() for k, v in tensors.items()}
     check_weights(tensors, "cannot export the model", "its run diverged or started from them: export an earlier checkpoint")
+    return tensors
+
+
+def exported_state_dict(model: torch.nn.Module, fmt: str) -> dict[str, torch.Tensor]:
+    """The model's tensors under `fmt`'s names (`finite_tensors`)."""
+    tensors = finite_tensors(model)
     named = to_timm(tensors, model.config["block"]) if fmt == "timm" else to_hf(tensors)
     return {k: v.contiguous().clone() for k, v in named.items()}  # split views would share storage
 
@@ -192,6 +216,62 @@ def hf_preprocessor_config(config: dict, preprocessing: Preprocessing) -> dict:
     }
 
 
+def preprocessing_document(config: dict, preprocessing: Preprocessing) -> dict:
+    """preprocessing.json beside an ONNX or torch.export model: how an RGB image becomes its float32 (batch, C, S, S) input."""
+    mean, std = preprocessing.per_channel(config["in_chans"])
+    return {
+        "image_size": config["img_size"],
+        "in_chans": config["in_chans"],
+        "crop_fraction": preprocessing.crop_fraction,  # null: the whole image resized to the square
+        "interpolation": preprocessing.interpolation,
+        "rescale_factor": 1 / 255,
+        "mean": mean,
+        "std": std,
+    }
+
+
+def traced_writer(model: torch.nn.Module, fmt: str) -> Callable[[Path], object]:
+    """A writer of `model`'s eval-mode forward into a folder, traced by torch.export with a dynamic batch size:
+    model.pt2 (`torch.export.save`) or model.onnx (the dynamo ONNX exporter, input `pixel_values`, output `logits`)."""
+    if fmt == "onnx":
+        missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise VitlabError(
+                f"--format onnx needs {' and '.join(missing)}: pip install 'vitlab[onnx]' (or pip install onnx onnxscript)"
+            )
+    c, param = model.config, next(model.parameters())
+    # A batch of 2: torch.export specialises a dimension of size 1 to the constant 1.
+    example = torch.zeros(2, c["in_chans"], c["img_size"], c["img_size"], dtype=param.dtype, device=param.device)
+    training = model.training
+    try:
+        with _quiet():
+            program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    finally:
+        model.train(training)
+    if fmt == "torch-export":
+        return lambda folder: torch.export.save(program, folder / "model.pt2")
+    with _quiet():
+        onnx = torch.onnx.export(program, dynamo=True, input_names=["pixel_values"], output_names=["logits"], verbose=False)
+    return lambda folder: onnx.save(folder / "model.onnx")  # weights in model.onnx.data beside it past ONNX's 2 GB
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep torch's deprecation warnings and the exporters' notes (torchvision ops not registered, constants not
+    folded) off the console while tracing: none is the user's to act on."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
 def export_target(out: str | Path, force: bool) -> Path:
     """The folder `out`, resolved, once it is safe to export to (see the module's docstring); else a VitlabError."""
     target = Path(out).resolve()
@@ -246,33 +326,49 @@ def export_model(
     preprocessing: Preprocessing,
     classes: list[str] | None = None,
     force: bool = False,
+    card: str | None = None,
 ) -> list[Path]:
-    """Write `model`, with the `preprocessing` of its inputs, to the folder `out` for timm or Hugging Face; returns the files."""
+    """Write `model`, with the `preprocessing` of its inputs (and a model `card` as README.md), to the folder `out`
+    for timm, Hugging Face, ONNX or torch.export; returns the files."""
     check_choice("--format", fmt, FORMATS)
     config = model.config
     problems = unsupported(config, fmt)
     if problems:
         raise VitlabError(f"cannot export this model for {fmt}: " + "; ".join(problems))
-    tensors = exported_state_dict(model, fmt)
     classes = classes or [f"class {i}" for i in range(config["num_classes"])]
-    if fmt == "timm":
-        documents = {"create_model.json": timm_arguments(config, preprocessing), "class_names.json": classes}
-    else:
-        documents = {
-            "config.json": hf_config(config, classes),
-            "preprocessor_config.json": hf_preprocessor_config(config, preprocessing),
-        }
     with _disk_errors(out):
-        target = export_target(out, force)
+        target = export_target(out, force)  # before tracing, which takes a while
+    if fmt in TRACED:
+        finite_tensors(model)
+        write_model = traced_writer(model, fmt)
+        documents = {"class_names.json": classes, "preprocessing.json": preprocessing_document(config, preprocessing)}
+    else:
+        tensors = exported_state_dict(model, fmt)
+
+        def write_model(folder: Path) -> None:
+            save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+        if fmt == "timm":
+            documents = {"create_model.json": timm_arguments(config, preprocessing), "class_names.json": classes}
+        else:
+            documents = {
+                "config.json": hf_config(config, classes),
+                "preprocessor_config.json": hf_preprocessor_config(config, preprocessing),
+            }
+    texts = {name: json.dumps(document, indent=2) + "\n" for name, document in documents.items()}
+    if card is not None:
+        texts["README.md"] = card
+    with _disk_errors(out):
         staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
-            save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
-            for name, document in documents.items():
-                (staging / name).write_text(json.dumps(document, indent=2) + "\n")
+            write_model(staging)
+            written = sorted(p.name for p in staging.iterdir()) + list(texts)
+            for name, text in texts.items():
+                (staging / name).write_text(text)
             _publish(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    return [Path(out) / "model.safetensors", *(Path(out) / name for name in documents)]
+    return [Path(out) / name for name in written]
