@@ -27,7 +27,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
 from vitlab.config import MapConfig, RunConfig
@@ -42,6 +42,7 @@ from vitlab.train.scaffold import AUTO, RunInterrupted, TrainingDiverged, has_ch
 
 DIVERGED = "diverged.json"  # written in a cell that stopped with TrainingDiverged: it is finished too
 CLAIM_FILE = "map-claim.lock"  # held by the worker training the cell
+OUTPUT_FILE = "output.txt"  # what a cell trained by a worker printed
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -148,17 +149,22 @@ def map_num_classes(run_configs: list[RunConfig]) -> int | None:
     return None
 
 
-def train_cell(run_config: RunConfig, where: str, progress: bool) -> str | None:
-    """Train one claimed, unfinished cell; returns its error if it failed (a divergence is a result, not a failure)."""
+def train_cell(run_config: RunConfig, where: str, progress: bool, quiet: bool = False) -> str | None:
+    """Train one claimed, unfinished cell; returns its error if it failed (a divergence is a result, not a failure).
+
+    `quiet` (a worker beside others): the run's own lines go to OUTPUT_FILE in the cell, one line per cell to the console.
+    """
     run_dir = Path(run_config.out_dir) / run_config.name
     start = time.monotonic()
     try:
-        train(run_config, resume_dir=AUTO, progress=progress)
+        with open(run_dir / OUTPUT_FILE, "a") if quiet else nullcontext() as output, redirect_stdout(output or sys.stdout):
+            result = train(run_config, resume_dir=AUTO, progress=progress and not quiet)
+        print(f"{where} finished in {time.monotonic() - start:.0f} s: test loss {result['test']['loss']:.4g}", flush=True)
     except TrainingDiverged as exc:
         steps = read_csv(run_dir / "steps.csv").get("step", []) if (run_dir / "steps.csv").is_file() else []
         facts = {"step": int(steps[-1]) if steps else 0, "error": str(exc), "seconds": time.monotonic() - start}
         write_text_atomic(run_dir / DIVERGED, json.dumps(facts))
-        print(f"{where} diverged", flush=True)
+        print(f"{where} diverged at step {facts['step']}", flush=True)
     except RunInterrupted:
         raise  # SIGTERM or Ctrl-C stops the map; running it again resumes
     except Exception as exc:  # one failed cell must not stop the others
@@ -170,8 +176,13 @@ def train_cell(run_config: RunConfig, where: str, progress: bool) -> str | None:
     return None
 
 
-def run_cells(config: MapConfig, shard: tuple[int, int] = (0, 1), progress: bool = True, threads: int | None = None) -> dict:
-    """Train this shard's unfinished, unclaimed cells (every N-th, from the I-th); returns the error of each that failed."""
+def run_cells(
+    config: MapConfig, shard: tuple[int, int] = (0, 1), progress: bool = True, threads: int | None = None, quiet: bool = False
+) -> dict:
+    """Train this shard's unfinished, unclaimed cells (every N-th, from the I-th); returns the error of each that failed.
+
+    `threads` overrides each cell's train.threads; `quiet` sends each cell's own output to its OUTPUT_FILE.
+    """
     cells = config.cells()[shard[0] :: shard[1]]
     failed = {}
     for i, cell in enumerate(cells, 1):
@@ -185,7 +196,7 @@ def run_cells(config: MapConfig, shard: tuple[int, int] = (0, 1), progress: bool
                 print(f"{where} is claimed by another worker; skipped", flush=True)
             elif is_finished(run_dir):
                 print(f"{where} is finished; skipped", flush=True)
-            elif error := train_cell(run_config, where, progress):
+            elif error := train_cell(run_config, where, progress, quiet):
                 failed[str(run_dir)] = error
     return failed
 
@@ -194,7 +205,7 @@ def worker_main(config: MapConfig, shard: tuple[int, int], index: int, threads: 
     """One of `--workers K` processes: one visible GPU each (round robin), or `threads` CPU threads."""
     if gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
-    return run_cells(config, shard, progress=False, threads=threads)
+    return run_cells(config, shard, progress=False, threads=threads, quiet=True)
 
 
 def run_workers(config: MapConfig, shard: tuple[int, int], workers: int) -> dict:
