@@ -101,7 +101,7 @@ class DataConfig:
     # per image in `workers` DataLoader processes per rank, with Inception crops for training and a
     # centre crop of `crop_fraction` of the shorter side for evaluation.
     stream: bool | str = "auto"
-    workers: int = 4
+    workers: int | str = "auto"  # auto: as many as the rank's CPUs and training shards allow, at most 8
     crop_scale: tuple[float, float] = (0.08, 1.0)  # Inception crop area (Szegedy et al. 2015)
     crop_fraction: float = 0.875  # evaluation: resize the shorter side to size / 0.875, cut the centre
     val_fraction: float = 0.0  # a minival held out of train, per class (big_vision's train[99%:] is 0.01)
@@ -115,7 +115,6 @@ class DataConfig:
         seed=AT_LEAST_0,
         mean=Range(),
         std=POSITIVE,
-        workers=AT_LEAST_0,
         crop_scale=Range(0, 1, low_open=True),
         crop_fraction=Range(0, 1, low_open=True),
         val_fraction=BELOW_1,
@@ -125,6 +124,8 @@ class DataConfig:
         check_choice("data.name", self.name, DATASETS)
         check_fields("data", self)
         check_choice("data.stream", self.stream, ("auto", True, False))
+        if self.workers != "auto" and (isinstance(self.workers, str) or self.workers < 0):
+            raise VitlabError(f"data.workers={brief(self.workers)} must be auto or a count >= 0; set --set data.workers=auto")
         if self.crop_scale[0] > self.crop_scale[1]:
             raise VitlabError(f"data.crop_scale={list(self.crop_scale)} must be [low, high] with low <= high")
         if len(self.mean) not in (1, 3) or len(self.std) != len(self.mean):
@@ -142,7 +143,7 @@ class AugmentConfig:
     crop_padding: int = 0  # random crop after zero padding by this many pixels; 0 disables
     resized_crop: bool = False  # in memory, the Inception crop of data.crop_scale of the area (streams always get it)
     hflip: bool = True
-    vflip: bool = True  # the paper flipped vertically too
+    vflip: bool | str = "auto"  # auto: on in memory (the paper flipped vertically too), off for streamed data
     flip_prob: float = 0.5  # per flip; the paper's code used 0.33
     randaugment_ops: int = 0  # 0 disables RandAugment
     randaugment_magnitude: int = 9
@@ -162,6 +163,7 @@ class AugmentConfig:
 
     def validate(self) -> None:
         check_fields("augment", self)
+        check_choice("augment.vflip", self.vflip, ("auto", True, False))
         if self.crop_padding and self.resized_crop:
             raise VitlabError("augment.crop_padding and augment.resized_crop are two crops; set one of them")
 

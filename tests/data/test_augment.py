@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vitlab.config import AugmentConfig
 from vitlab.data.augment import (
     RAND_AUGMENT_OPS,
+    fit_augment,
     mixup_cutmix,
     normalize,
     rand_augment,
@@ -208,3 +210,11 @@ def test_random_resized_crop_resamples_one_box_per_image_without_padding() -> No
     steps = out[..., 2:-1] - out[..., 1:-2]  # linear inside the box: no padding (the edge pixels may clamp)
     assert torch.allclose(steps, slope.view(-1, 1, 1, 1).expand_as(steps), atol=1e-4)
     assert out.min() >= 0 and out.max() <= 31
+
+
+def test_vflip_auto_flips_in_memory_data_only_and_says_so_while_a_set_value_is_kept() -> None:
+    kept, said = fit_augment(AugmentConfig(), streamed=False)
+    assert kept.vflip is True and "augment.vflip: auto" in said["augment"]
+    streamed, said = fit_augment(AugmentConfig(), streamed=True)
+    assert streamed.vflip is False and "horizontally in the workers" in said["augment"]
+    assert fit_augment(AugmentConfig(vflip=False), streamed=False) == (AugmentConfig(vflip=False), {})

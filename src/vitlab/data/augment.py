@@ -7,6 +7,7 @@ fixed order, so the same generator state gives the same batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -292,6 +293,17 @@ def random_erasing(
     mask = (inside_rows[:, :, None] & inside_cols[:, None, :] & erase[:, None, None])[:, None]
     noise = torch.randn(x.shape, generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
     return torch.where(mask, noise, x)
+
+
+def fit_augment(cfg: AugmentConfig, streamed: bool) -> tuple[AugmentConfig, dict[str, str]]:
+    """`cfg` with `vflip: auto` decided for in-memory or streamed data, and the start block's line on it ({} if none)."""
+    if cfg.vflip != "auto":
+        return cfg, {}
+    if streamed:
+        said = "no vertical flip (augment.vflip: auto): streamed images are cropped and flipped horizontally in the workers"
+    else:
+        said = "vertical flips (augment.vflip: auto): in-memory data gets the paper's flips"
+    return dataclasses.replace(cfg, vflip=not streamed), {"augment": said}
 
 
 def augment_batch(

@@ -10,8 +10,9 @@ there) and WebDataset shards.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,8 +21,10 @@ from vitlab.data import load_splits
 from vitlab.data.dataset import ImageDataset
 from vitlab.data.loader import BatchIterator
 from vitlab.errors import VitlabError
+from vitlab.runtime import distributed
 
 STREAM_ABOVE_PX = 64  # `data.stream: auto` streams image folders above this size (32-px sets decode faster whole)
+MAX_AUTO_WORKERS = 8  # `data.workers: auto` starts at most this many DataLoader processes per rank
 
 
 def streams(data) -> bool:
@@ -29,6 +32,30 @@ def streams(data) -> bool:
     if data.stream == "auto":
         return data.name == "wds" or (data.name in ("folder", "hf") and data.image_size > STREAM_ABOVE_PX)
     return bool(data.stream)
+
+
+def stream_workers(data, world_size: int, shards: int | None = None) -> tuple[int, str]:
+    """DataLoader workers per rank for `data.workers`, and the start block's line on them.
+
+    `auto`: min(this rank's share of the machine's CPUs, training shards per rank, MAX_AUTO_WORKERS), rank 0's
+    choice on every rank (a shard epoch's length depends on it). `shards`: the training shards, None for folders.
+    A number of workers that the shards cannot feed is an error naming the fix.
+    """
+    per_rank = None if shards is None else shards // world_size
+    if data.workers != "auto":
+        if per_rank and data.workers > per_rank:
+            raise VitlabError(
+                f"data.workers={data.workers}: {shards} training shard(s) over {world_size} rank(s) feed at most {per_rank} "
+                f"worker(s) per rank; set --set data.workers={per_rank} (or auto), or write smaller shards (vitlab shard --max-count)"
+            )
+        return data.workers, f"{data.workers} per rank (data.workers)"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpus //= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine share them
+    limits = {f"{cpus} CPU(s) per rank": cpus, f"the cap of {MAX_AUTO_WORKERS}": MAX_AUTO_WORKERS}
+    if per_rank is not None:
+        limits[f"{per_rank} training shard(s) per rank"] = per_rank
+    workers = distributed.broadcast_object(max(1, min(limits.values())))
+    return workers, f"{workers} per rank (data.workers: auto, the smallest of {', '.join(limits)})"
 
 
 class MemoryTrain:
@@ -83,7 +110,8 @@ class StreamEval:
 
 @dataclass
 class RunData:
-    """A run's training batches, its evaluation splits (test, and minival when held out) and its classes."""
+    """A run's training batches, its evaluation splits (test, and minival when held out), its classes, and `notes`:
+    what was decided for it (e.g. the number of workers), as start block lines."""
 
     train: MemoryTrain | StreamTrain | None
     test: MemoryEval | StreamEval
@@ -91,6 +119,7 @@ class RunData:
     classes: list[str]
     train_size: int
     streamed: bool
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -158,9 +187,10 @@ def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, 
         splits = table_splits(*hf_tables(data.root, data.image_column, data.label_column), *options)
     else:
         splits = stream_splits(data.root, *options)
+    workers, said = stream_workers(data, world_size)
 
     def evaluation(stream: FolderStream) -> StreamEval:
-        return StreamEval(lambda b, r, w: make_loader(stream, b, rank=r, world_size=w, workers=data.workers), len(stream))
+        return StreamEval(lambda b, r, w: make_loader(stream, b, rank=r, world_size=w, workers=workers), len(stream))
 
     source = None
     if train:
@@ -171,7 +201,7 @@ def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, 
                 seed=seed,
                 rank=rank,
                 world_size=world_size,
-                workers=data.workers,
+                workers=workers,
             )
         )
     return RunData(
@@ -181,6 +211,7 @@ def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, 
         list(splits.train.classes),
         len(splits.train),
         streamed=True,
+        notes={"workers": said},
     )
 
 
@@ -195,22 +226,26 @@ def shard_data(data, crop, centre, batch_size: int, seed: int, rank: int, world_
     def count(split: str) -> int:
         return sum(splits[split]["shards"].values())
 
+    test = next((s for s in ("test", "val") if s in splits), None)
+    if "train" not in splits or test is None:
+        raise VitlabError(f"{root / INFO} lists no train and test/val shards; write them with `vitlab shard FOLDER {root}`")
+    workers, said = stream_workers(data, world_size, len(splits["train"]["shards"]) if train else None)
+
     def evaluation(split: str) -> StreamEval:
         paths = shard_paths(root, info, split)
 
         def loader(b: int, r: int, w: int):
-            return make_shard_loader(ShardStream(paths, centre, b, info=info, rank=r, world_size=w), workers=data.workers)
+            return make_shard_loader(ShardStream(paths, centre, b, info=info, rank=r, world_size=w), workers=workers)
 
         return StreamEval(loader, count(split))
 
-    test = next((s for s in ("test", "val") if s in splits), None)
-    if "train" not in splits or test is None:
-        raise VitlabError(f"{root / INFO} lists no train and test/val shards; write them with `vitlab shard FOLDER {root}`")
     source = None
     if train:
         stream = ShardStream(
             shard_paths(root, info, "train"), crop, batch_size, info=info, seed=seed, rank=rank, world_size=world_size
         )
-        source = StreamTrain(make_shard_loader(stream, workers=data.workers))
+        source = StreamTrain(make_shard_loader(stream, workers=workers))
     minival = evaluation("minival") if "minival" in splits else None
-    return RunData(source, evaluation(test), minival, list(info["classes"]), count("train"), streamed=True)
+    return RunData(
+        source, evaluation(test), minival, list(info["classes"]), count("train"), streamed=True, notes={"workers": said}
+    )

@@ -81,10 +81,14 @@ def check_generator(generator: GeneratorConfig, crop_size: int) -> None:
 
 def check_classification(config: RunConfig) -> None:
     check_data(config.data)
-    if streams(config.data) and (config.augment.crop_padding or config.augment.vflip):
+    fixes = {"crop_padding": 0, "vflip": "auto"}  # in-memory augmentations set by the user, and what fits a stream
+    clashing = {key: fix for key, fix in fixes.items() if getattr(config.augment, key) not in (fix, False)}
+    if streams(config.data) and clashing:
         raise VitlabError(
-            "augment.crop_padding and augment.vflip are for in-memory data; streamed images get "
-            "Inception crops and horizontal flips in the workers (data.crop_scale, augment.hflip): unset them"
+            f"{' and '.join(f'augment.{k}={str(getattr(config.augment, k)).lower()}' for k in clashing)} "
+            f"{'is' if len(clashing) == 1 else 'are'} for in-memory data: streamed images get Inception crops "
+            "(data.crop_scale) and horizontal flips in the workers; set "
+            + " ".join(f"--set augment.{k}={fix}" for k, fix in clashing.items())
         )
     check_model(config.model, config.data.image_size)
     if config.finetune is not None and not config.finetune.keep_head and config.model.name.startswith("ai602-"):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from vitlab.config import RunConfig
-from vitlab.data.augment import augment_batch
+from vitlab.data.augment import augment_batch, fit_augment
 from vitlab.data.sources import run_data
 from vitlab.errors import VitlabError
 from vitlab.eval.classification import classification_metrics, dataset_logits, evaluate
@@ -77,6 +77,7 @@ def _train(config: RunConfig, ctx: Runtime, resume: str | Path | None, progress:
             f"which train.accumulate_steps={tc.accumulate_steps} must divide"
         )
     sources = run_data(data, per_rank, tc.seed, ctx.rank, ctx.world_size)
+    augment, augment_said = fit_augment(config.augment, sources.streamed)
     num_classes = sources.num_classes
     steps_per_epoch = sources.train.steps_per_epoch
     if steps_per_epoch == 0:
@@ -126,6 +127,8 @@ def _train(config: RunConfig, ctx: Runtime, resume: str | Path | None, progress:
                 f"{f' / {sources.minival.size:,} minival' if sources.minival else ''} / {sources.test.size:,} test images, "
                 f"{num_classes} classes, {data.image_size} px",
                 "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs:g} epochs) of batch {tc.batch_size}",
+                **sources.notes,
+                **augment_said,
             }
         )
 
@@ -162,7 +165,7 @@ def _train(config: RunConfig, ctx: Runtime, resume: str | Path | None, progress:
                 x, targets = augment_batch(
                     images,
                     labels,
-                    config.augment,
+                    augment,
                     gen,
                     num_classes,
                     data.mean,

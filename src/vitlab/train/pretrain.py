@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vitlab.config import PretrainConfig
-from vitlab.data.augment import augment_batch, normalize
+from vitlab.data.augment import augment_batch, fit_augment, normalize
 from vitlab.data.sources import MemoryEval, StreamEval, run_data
 from vitlab.errors import VitlabError
 from vitlab.figures import new_figure, save_figure, save_image_grid
@@ -149,6 +149,7 @@ def _pretrain(config: PretrainConfig, ctx: Runtime, resume_dir: str | Path | Non
         raise VitlabError(f"train.batch_size={tc.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
     per_rank = tc.batch_size // ctx.world_size
     sources = run_data(data, per_rank, tc.seed, ctx.rank, ctx.world_size)  # in memory or streamed; labels unused
+    augment, augment_said = fit_augment(config.augment, sources.streamed)
     steps_per_epoch = sources.train.steps_per_epoch
     if steps_per_epoch == 0:
         raise VitlabError(f"train.batch_size={tc.batch_size} is larger than the {sources.train_size} training images")
@@ -180,6 +181,8 @@ def _pretrain(config: PretrainConfig, ctx: Runtime, resume_dir: str | Path | Non
                 "data": f"{data.name}{' (streamed)' if sources.streamed else ''}: {sources.train_size:,} unlabeled training / "
                 f"{sources.test.size:,} held-out images, {data.image_size} px",
                 "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs:g} epochs) of batch {tc.batch_size}",
+                **sources.notes,
+                **augment_said,
             }
         )
 
@@ -199,7 +202,7 @@ def _pretrain(config: PretrainConfig, ctx: Runtime, resume_dir: str | Path | Non
                 x, _ = augment_batch(
                     images,
                     labels,
-                    config.augment,
+                    augment,
                     gen,
                     sources.num_classes,
                     data.mean,

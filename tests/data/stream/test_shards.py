@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.data.stream.test_files import CLASSES, _write_folder
 from vitlab.cli import main
@@ -46,6 +47,20 @@ def test_folder_to_shards_keeps_the_bytes_labels_and_class_names(tmp_path: Path)
         assert image == table.path(i).read_bytes()
         assert int(fields["cls"]) == table.labels[i] and fields["name"].decode() == table.files[i].decode()
     assert info["splits"]["val"]["samples"] == 24
+
+
+def test_every_shard_of_a_many_class_folder_mixes_its_classes(tmp_path: Path) -> None:
+    # in folder order, 12 consecutive images of 10 classes x 6 span at most 3 classes
+    for c in range(10):
+        (tmp_path / "images" / "train" / f"class{c}").mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (25 * c, 10 * i, 0)).save(tmp_path / "images" / "train" / f"class{c}" / f"{i}.png")
+    info = write_shards(tmp_path / "images", tmp_path / "shards", max_count=12, seed=3)
+    assert len(info["splits"]["train"]["shards"]) == 5
+    for shard in sorted((tmp_path / "shards").glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            labels = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".cls")]
+        assert len(labels) == 12 and len(set(labels)) >= 4, (shard.name, sorted(labels))
 
 
 def _stream(out: Path, info: dict, split: str = "train", **kwargs) -> ShardStream:
@@ -189,6 +204,15 @@ def test_a_malformed_info_is_one_line_naming_the_problem(tmp_path: Path, change,
     assert words in str(caught.value) and "rewrite it with `vitlab shard" in str(caught.value)
 
 
+def _holding(out: Path, key: str) -> Path:
+    """The train shard that holds sample `key` (shards are written in a shuffled order)."""
+    for shard in sorted(out.glob("train-*.tar")):
+        with tarfile.open(shard) as tar:
+            if f"{key}.cls" in tar.getnames():
+                return shard
+    raise AssertionError(f"no shard holds {key}")
+
+
 def _edit(shard: Path, edit: Callable[[str, bytes], tuple[str, bytes] | None]) -> None:
     """Rewrite a shard, each member (name, data) replaced by edit(name, data), or dropped where that is None."""
     with tarfile.open(shard) as tar:
@@ -216,10 +240,11 @@ def _edit(shard: Path, edit: Callable[[str, bytes], tuple[str, bytes] | None]) -
 )
 def test_a_bad_label_or_key_is_an_error_naming_the_shard_and_sample(tmp_path: Path, edit, words: str) -> None:
     _, out, info = _shards(tmp_path)
-    _edit(out / "train-000000.tar", edit)
+    shard = _holding(out, "000000001")
+    _edit(shard, edit)
     with pytest.raises(VitlabError, match=words) as caught:
         list(make_shard_loader(_stream(out, info, "train"), workers=0).epoch(0))
-    assert "train-000000.tar" in str(caught.value) and "rewrite the shards with `vitlab shard`" in str(caught.value)
+    assert shard.name in str(caught.value) and "rewrite the shards with `vitlab shard`" in str(caught.value)
 
 
 def test_a_shard_holding_more_samples_than_listed_says_so(tmp_path: Path) -> None:
@@ -234,10 +259,11 @@ def test_a_shard_holding_more_samples_than_listed_says_so(tmp_path: Path) -> Non
 def test_a_name_that_is_not_utf8_is_shown_with_its_shard(tmp_path: Path) -> None:
     _, out, info = _shards(tmp_path)
     junk = {"000000002.jpg": b"junk", "000000002.name": b"dog/\xff.JPEG"}
-    _edit(out / "train-000000.tar", lambda n, d: (n, junk.get(n, d)))
+    shard = _holding(out, "000000002")
+    _edit(shard, lambda n, d: (n, junk.get(n, d)))
     loader = make_shard_loader(_stream(out, info), workers=0)
     list(loader.epoch(0))
-    assert [name for name, _ in loader.bad_files] == ["train-000000.tar:dog/\\xff.JPEG"]
+    assert [name for name, _ in loader.bad_files] == [f"{shard.name}:dog/\\xff.JPEG"]
 
 
 def test_the_shard_command_skips_links_out_of_the_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

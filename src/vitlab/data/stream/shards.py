@@ -60,9 +60,11 @@ def write_shards(
 ) -> dict:
     """Write `folder/{train,val,test}/<class>/…` as `OUT_DIR/<split>-NNNNNN.tar` shards and `OUT_DIR/info.json`.
 
-    A shard closes at `max_count` samples or `max_size` bytes. `val_fraction` > 0 also writes a
-    `minival` split held out of train (the same stratified draw as the streaming folders). Returns
-    the info written.
+    Each split is written in an order shuffled by `seed` (WebDataset's advice): read back shard by shard
+    through a small buffer, the samples of a folder's order would come class by class. A sample's key
+    stays its number in the split's sorted file list. A shard closes at `max_count` samples or
+    `max_size` bytes. `val_fraction` > 0 also writes a `minival` split held out of train (the same
+    stratified draw as the streaming folders). Returns the info written.
     """
     folder, out_dir = Path(folder), Path(out_dir)
     if max_count < 1 or max_size <= 0:
@@ -93,7 +95,7 @@ def write_shards(
         pattern = str(out_dir / f"{split}-%06d.tar")
         writer = wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_size, verbose=0, encoder=False, post=closed)
         with writer:
-            for i in range(len(table)):
+            for i in np.random.default_rng([abs(seed), 11]).permutation(len(table)):  # shards mix their classes
                 path = table.path(i)
                 field = "png" if path.suffix.lower() == ".png" else "jpg"
                 label, name = str(int(table.labels[i])).encode(), table.files[i].tobytes()
