@@ -137,10 +137,16 @@ def held_out(dataset: ImageDataset, fraction: float, seed: int) -> tuple[ImageDa
     return part(kept), part(held)
 
 
-def run_data(data, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, train: bool = True) -> RunData:
-    """The data of a run's `data` config: `batch_size` per rank, training order from `seed` (no training split if not `train`)."""
+def run_data(
+    data, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, train: bool = True, flip_prob: float = 0.5
+) -> RunData:
+    """The data of a run's `data` config: `batch_size` per rank, training order from `seed` (no training split if not `train`).
+
+    `flip_prob`: streamed training images are flipped horizontally in the workers with this chance (in memory, the
+    loop's augment_batch flips them).
+    """
     if streams(data):
-        return streamed_data(data, batch_size, seed, rank, world_size, train)
+        return streamed_data(data, batch_size, seed, rank, world_size, train, flip_prob)
     if data.name == "wds":
         raise VitlabError("data.name=wds is always streamed; set data.stream to auto or true")
     splits = load_splits(
@@ -167,14 +173,18 @@ def run_data(data, batch_size: int, seed: int, rank: int = 0, world_size: int = 
     )
 
 
-def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, train: bool) -> RunData:
+def streamed_data(
+    data, batch_size: int, seed: int, rank: int, world_size: int, train: bool, flip_prob: float = 0.5
+) -> RunData:
     """Folders, shards or hf datasets decoded in `data.workers` DataLoader workers per rank."""
     from vitlab.data.stream.crops import CropDecoder
     from vitlab.data.stream.workers import make_loader
 
     if data.name not in ("folder", "wds", "hf"):
         raise VitlabError(f"data.name={data.name!r} is held in memory; streaming (data.stream) is for folder, wds and hf")
-    crop = CropDecoder(data.image_size, train=True, scale=tuple(data.crop_scale), crop_fraction=data.crop_fraction)
+    crop = CropDecoder(
+        data.image_size, train=True, scale=tuple(data.crop_scale), flip_prob=flip_prob, crop_fraction=data.crop_fraction
+    )
     centre = CropDecoder(data.image_size, train=False, crop_fraction=data.crop_fraction)
     if data.name == "wds":
         return shard_data(data, crop, centre, batch_size, seed, rank, world_size, train)

@@ -76,7 +76,8 @@ def _train(config: RunConfig, ctx: Runtime, resume: str | Path | None, progress:
             f"train.batch_size={tc.batch_size} over {ctx.world_size} rank(s) is {per_rank} per rank, "
             f"which train.accumulate_steps={tc.accumulate_steps} must divide"
         )
-    sources = run_data(data, per_rank, tc.seed, ctx.rank, ctx.world_size)
+    flip_prob = config.augment.flip_prob if config.augment.hflip else 0.0  # streamed images flip in the workers
+    sources = run_data(data, per_rank, tc.seed, ctx.rank, ctx.world_size, flip_prob=flip_prob)
     augment, augment_said = fit_augment(config.augment, sources.streamed)
     num_classes = sources.num_classes
     steps_per_epoch = sources.train.steps_per_epoch

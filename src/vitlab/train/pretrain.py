@@ -148,7 +148,8 @@ def _pretrain(config: PretrainConfig, ctx: Runtime, resume_dir: str | Path | Non
     if tc.batch_size % ctx.world_size:
         raise VitlabError(f"train.batch_size={tc.batch_size} (global) must be divisible by the {ctx.world_size} ranks")
     per_rank = tc.batch_size // ctx.world_size
-    sources = run_data(data, per_rank, tc.seed, ctx.rank, ctx.world_size)  # in memory or streamed; labels unused
+    flip_prob = config.augment.flip_prob if config.augment.hflip else 0.0  # streamed images flip in the workers
+    sources = run_data(data, per_rank, tc.seed, ctx.rank, ctx.world_size, flip_prob=flip_prob)  # labels unused
     augment, augment_said = fit_augment(config.augment, sources.streamed)
     steps_per_epoch = sources.train.steps_per_epoch
     if steps_per_epoch == 0:

@@ -87,6 +87,31 @@ def test_train_crop_is_a_function_of_the_rng_only() -> None:
     assert torch.equal(first, again) and not torch.equal(first, other)
 
 
+def test_train_crop_flips_with_the_configured_chance() -> None:
+    data = _jpeg(_photo(3, (300, 200)))
+    full = dict(scale=(1.0, 1.0), ratio=(1.5, 1.5))  # the whole image: only the flip differs between draws
+    never, always = CropDecoder(32, flip_prob=0.0, **full), CropDecoder(32, flip_prob=1.0, **full)
+    rngs = lambda: (np.random.default_rng(i) for i in range(8))  # noqa: E731
+    plain = never(io.BytesIO(data), np.random.default_rng(0))
+    assert all(torch.equal(never(io.BytesIO(data), rng), plain) for rng in rngs())
+    assert all(torch.equal(always(io.BytesIO(data), rng), plain.flip(-1)) for rng in rngs())
+
+
+def test_streamed_training_data_gets_the_runs_flip_setting(tmp_path) -> None:
+    from vitlab.config import DataConfig
+    from vitlab.data.sources import run_data
+
+    for name in ("a", "b"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        (tmp_path / "test" / name).mkdir(parents=True)
+        for i in range(2):
+            for split in ("train", "test"):
+                (tmp_path / split / name / f"{i}.jpg").write_bytes(_jpeg(_photo(i, (40, 40))))
+    data = DataConfig(name="folder", root=str(tmp_path), stream=True, image_size=16, workers=0)
+    plain, flipped = (next(run_data(data, 4, seed=0, flip_prob=p).train.epoch(0))[0] for p in (0.0, 1.0))
+    assert torch.equal(flipped, plain.flip(-1))  # the same crops, each mirrored: augment.hflip reaches the workers
+
+
 def test_sampler_ranks_are_disjoint_cover_the_epoch_and_restart_at_a_batch() -> None:
     samplers = [EpochBatchSampler(50, 4, seed=3, rank=r, world_size=2) for r in range(2)]
     epochs = [[k.index for batch in s for k in batch] for s in samplers]

@@ -88,7 +88,7 @@ class CropDecoder:
     train: bool = True
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
+    flip_prob: float = 0.5  # train: the chance of a horizontal flip (augment.flip_prob, 0 when augment.hflip is off)
     crop_fraction: float = 0.875
     max_pixels: int = MAX_PIXELS
 
@@ -119,6 +119,6 @@ class CropDecoder:
                 region.contiguous(memory_format=torch.channels_last), size=(self.size, self.size), mode="bilinear", antialias=True
             )
         out = region[0]
-        if self.train and self.flip and rng.random() < 0.5:
+        if self.train and self.flip_prob and rng.random() < self.flip_prob:
             out = out.flip(-1)
         return out.contiguous()
