@@ -173,9 +173,7 @@ def run_data(
     )
 
 
-def streamed_data(
-    data, batch_size: int, seed: int, rank: int, world_size: int, train: bool, flip_prob: float = 0.5
-) -> RunData:
+def streamed_data(data, batch_size: int, seed: int, rank: int, world_size: int, train: bool, flip_prob: float = 0.5) -> RunData:
     """Folders, shards or hf datasets decoded in `data.workers` DataLoader workers per rank."""
     from vitlab.data.stream.crops import CropDecoder
     from vitlab.data.stream.workers import make_loader
