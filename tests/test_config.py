@@ -320,3 +320,15 @@ def test_every_config_records_its_kind_and_a_wrong_kind_is_refused(tmp_path):
     assert config_kind({"kind": "pretrain", "model": {}}) is PretrainConfig  # the kind wins over the sections
     with pytest.raises(VitlabError, match="kind: 'pretrain' is not a `vitlab train` config; run it with `vitlab pretrain`"):
         load_config(write(tmp_path, "kind: pretrain\n"))
+
+
+def test_setting_one_augment_key_of_a_pretrain_config_keeps_pretrainings_own_augment_defaults(tmp_path):
+    from vitlab.config import PretrainConfig
+    from vitlab.runs.kinds import load_experiment
+
+    path = tmp_path / "mae.yaml"
+    path.write_text("name: mae\n")
+    config = load_experiment(str(path), ["augment.hflip=false"], cls=PretrainConfig)
+    assert config.augment.hflip is False
+    assert config.augment.crop_padding == PretrainConfig().augment.crop_padding == 4  # not AugmentConfig's 0
+    assert config.augment.vflip == PretrainConfig().augment.vflip

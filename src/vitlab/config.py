@@ -483,6 +483,9 @@ def merge_defaults(cls: type, data: dict) -> dict:
             data[f.name] = {**_dict_default(cls, f.name, data), **(value or {})}
         elif isinstance(value, dict) and _dataclass_of(hints[f.name]):
             merge_defaults(_dataclass_of(hints[f.name]), value)
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(default := f.default_factory()):
+                for key, plain in to_plain(dataclasses.asdict(default)).items():  # e.g. pretraining's own augment defaults
+                    value.setdefault(key, plain)
     return data
 
 
@@ -907,7 +910,7 @@ def config_kind(keys) -> type:
     named = {cls.KIND: cls for cls in (RunConfig, PretrainConfig, TranslateConfig, StabilityConfig, MapConfig)}
     if keys.get("kind") in named:
         return named[keys["kind"]]
-    if "lrs" in keys:
+    if {"lrs", "sizes", "blocks", "interventions"} & set(keys):  # a map's grid, even with the default lrs
         return MapConfig
     if "variants" in keys:
         return StabilityConfig

@@ -168,6 +168,7 @@ def test_a_map_is_named_by_its_kind_and_refused_by_sweep(tmp_path):
     from vitlab.sweep import load_sweep_config
 
     assert config_kind({"kind": "stability-map"}) is MapConfig
+    assert config_kind({"base": {}, "interventions": {"none": []}}) is MapConfig  # the default lrs: told by its grid
     with pytest.raises(VitlabError, match="vitlab stability-map"):
         load_sweep_config(write_map(tmp_path), [])
 
