@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     translate_eval.add_argument("run_dir", help="run directory or checkpoint folder")
     translate_eval.add_argument(
         "--features",
-        help="auto, inception, inception-2048, inception-64, randconv, FILE.pt "
+        help="auto, inception, inception-2048, inception-64, randconv, FILE.pt2 (torch.export) "
         "or module:callable (default: the run's eval.features)",
     )
     translate_eval.add_argument("--inception-weights", help="torch-fidelity's Inception weights file (default: none)")
