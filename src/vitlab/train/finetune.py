@@ -45,8 +45,10 @@ FORMAT_NAMES = {"vitlab": "vitlab run", "timm": "timm file", "npz": "Google ViT 
 
 def position_change(pos_embed: torch.Tensor | None, model: VisionTransformer) -> str:
     """What fitting does to a pretrained position embedding: resampled from its grid to the model's, or kept."""
-    if pos_embed is None or not hasattr(model, "patch_embed"):
+    if pos_embed is None:
         return "no pretrained position embedding"
+    if not isinstance(model, VisionTransformer):  # the paper code's ai602-…: loaded as it is
+        return f"position embedding of {pos_embed.shape[1]} tokens"
     side, grid = math.isqrt(pos_embed.shape[1] - model.num_prefix_tokens), model.patch_embed.grid
     if side == grid:
         return f"position embedding kept ({grid}×{grid} patches)"
@@ -83,7 +85,7 @@ def prepare_model(model: VisionTransformer, cfg: FinetuneConfig | None, load: bo
             f"{type(model).__name__} has no replaceable head to fine-tune; fine-tune a vit-… or vit22b-… preset, "
             "or set finetune.keep_head: true"
         )
-    said = f"from {cfg.checkpoint}, the weights of the resumed checkpoint"
+    said = f"pretrained from {cfg.checkpoint}; the weights come from the resumed checkpoint"
     if load:
         kind = checkpoint_format(cfg.checkpoint, cfg.format)
         source = pretrained_state_dict(cfg.checkpoint, kind, model)
