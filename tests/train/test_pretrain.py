@@ -107,7 +107,7 @@ def test_pretraining_streams_unlabeled_folders_and_shards(tmp_path: Path, source
         "--set",
         "data.num_test=8",
     ]
-    assert main(["probe", str(run_dir), "--epochs", "2", "--batch-size", "8", *builtin]) == 0
+    assert main(["probe", str(run_dir), "--epochs", "2", "--batch-size", "8", *builtin, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["train_images"] == 16
     assert main(["probe", str(run_dir), "--set", "model.name=vit-s/8"]) == 2
     assert "changes the data only" in capsys.readouterr().err
