@@ -69,3 +69,12 @@ def test_output_piped_into_a_reader_that_stops_ends_quietly():
         ["bash", "-c", f"set -o pipefail; {sys.executable} -m vitlab.cli params | true"], capture_output=True, text=True
     )
     assert proc.stderr == "" and proc.returncode == 141
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["train", "--help"], ["translate-eval", "--help"]])
+def test_help_and_version_answer_without_importing_torch(args):
+    check = (
+        "import sys, vitlab.cli\ntry:\n    vitlab.cli.main(sys.argv[1:])\nexcept SystemExit:\n    print('torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", check, *args], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "False", proc.stderr

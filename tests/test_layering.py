@@ -72,3 +72,25 @@ def test_no_loop_imports_another_loop(loop: str) -> None:
 
 def test_nothing_but_the_entry_points_imports_the_cli() -> None:
     assert sorted(m for m, names in MODULES.items() if "vitlab.cli" in names) == []
+
+
+def torch_imports(path: Path) -> set[str]:
+    """Every torch module or name `path` imports (`from torch.x import y` counts as `torch.x.y`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name.split(".")[0] == "torch"}
+
+
+def test_no_module_imports_a_private_part_of_torch() -> None:
+    """torch's `_private` modules change without notice: use the public API or own the few lines."""
+    private = {
+        f"{module_name(path)}: {name}"
+        for path in sorted(SRC.rglob("*.py"))
+        for name in torch_imports(path)
+        if any(part.startswith("_") for part in name.split("."))
+    }
+    assert sorted(private) == []

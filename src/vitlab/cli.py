@@ -61,17 +61,14 @@ def cmd_consolidate(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a classifier from a config (or the default run), or resume a run."""
     from vitlab.config import RunConfig
+    from vitlab.eval.classification import metrics_line
     from vitlab.train.classify import train
 
     if vars(args).get("strategy"):
         args.set.append(f"train.strategy={args.strategy}")
     results = train(run_config(args, RunConfig), resume_dir=args.resume, progress=not args.no_progress)
     if "run_dir" in results:
-        test = results["test"]
-        print(
-            f"run {results['run_dir']}: test acc@1 {100 * test['acc1']:.2f} %, acc@5 {100 * test['acc5']:.2f} %, "
-            f"AUROC {test['auroc']:.4f} after {results['epochs']:.2f} epochs"
-        )
+        print(f"run {results['run_dir']}: test {metrics_line(results['test'])} after {results['epochs']:.2f} epochs")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -107,10 +104,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a checkpoint on its run's test data (or another dataset)."""
-    from vitlab.eval.classification import evaluate_checkpoint
+    from vitlab.eval.classification import evaluate_checkpoint, metrics_line
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.batch_size, args.ema)
-    print(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2) if args.json else f"{args.checkpoint}: test {metrics_line(metrics)}")
 
 
 def run_config(args: argparse.Namespace, cls: type) -> RunConfig | TranslateConfig | PretrainConfig:
@@ -125,9 +122,13 @@ def run_config(args: argparse.Namespace, cls: type) -> RunConfig | TranslateConf
     return load_experiment(args.config, args.set, cls)
 
 
+TRANSLATION_HEADER = "test metrics, the identity mapping's in brackets"
+
+
 def cmd_translate_train(args: argparse.Namespace) -> None:
     """Train ViTUnet or the ResNet generator as a CycleGAN, or resume a run."""
     from vitlab.config import TranslateConfig
+    from vitlab.eval.translation import metrics_lines
     from vitlab.train.cyclegan import train_translation
     from vitlab.train.scaffold import AUTO
 
@@ -135,8 +136,8 @@ def cmd_translate_train(args: argparse.Namespace) -> None:
         raise VitlabError("give a config (e.g. configs/translate-builtin.yaml) or --resume RUN_DIR")
     config = run_config(args, TranslateConfig)
     results = train_translation(config, resume_dir=args.resume, progress=not args.no_progress)
-    print(f"run {results['run_dir']} after {results['epochs']:.2f} epochs:")
-    print(json.dumps(results["test"], indent=2))
+    print(f"run {results['run_dir']} after {results['epochs']:.2f} epochs ({TRANSLATION_HEADER}; all in results.json):")
+    print("\n".join(f"  {line}" for line in metrics_lines(results["test"])))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -154,18 +155,22 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def cmd_probe(args: argparse.Namespace) -> None:
     """Linear-probe accuracy of a pretraining run's frozen encoder."""
-    from vitlab.eval.probe import probe_run
+    from vitlab.eval.probe import probe_line, probe_run
 
     result = probe_run(args.run, args.num_train, args.epochs, args.lr, args.batch_size, args.random_init, data=args.set)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) if args.json else probe_line(result))
 
 
 def cmd_translate_eval(args: argparse.Namespace) -> None:
     """FID, KID (and the error to the truth on the built-in pair) of a translation run's last checkpoint."""
-    from vitlab.eval.translation import evaluate_run
+    from vitlab.eval.translation import evaluate_run, metrics_lines
 
     results = evaluate_run(args.run_dir, args.features, args.inception_weights, args.batch_size)
-    print(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"{results['checkpoint']} (step {results['step']}; {TRANSLATION_HEADER}):")
+    print("\n".join(f"  {line}" for line in metrics_lines(results["test"])))
 
 
 def cmd_translate(args: argparse.Namespace) -> None:
@@ -285,6 +290,11 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     result.check()  # after the report of the runs that finished
 
 
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    """`--json`: every number as JSON instead of the readable summary."""
+    parser.add_argument("--json", action="store_true", help="print every number as JSON instead of a short summary")
+
+
 def add_run_options(parser: argparse.ArgumentParser, what: str = "config") -> None:
     """`--set KEY=VALUE` (repeatable) and `--no-progress`, shared by every command that trains."""
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a {what} key")
@@ -369,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-root", help="dataset location; default: the run's")
     evaluate.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     evaluate.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    add_json_option(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     predict = command("predict", "top-k classes of image files under a run's model: a CSV and a labelled grid PNG")
@@ -419,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="probe on other labelled data than the run's, e.g. --set data.name=cifar10 --set data.root=data",
     )
     probe.add_argument("--random-init", action="store_true", help="probe the same encoder untrained (the baseline)")
+    add_json_option(probe)
     probe.set_defaults(func=cmd_probe)
 
     translate_train = command("translate-train", "train a CycleGAN: ViTUnet or the ResNet generator (paper §4)")
@@ -440,11 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     translate_eval.add_argument("run_dir", help="run directory or checkpoint folder")
     translate_eval.add_argument(
         "--features",
-        help="auto, inception, inception-2048, inception-64, randconv, FILE.pt "
+        help="auto, inception, inception-2048, inception-64, randconv, FILE.pt2 (torch.export) "
         "or module:callable (default: the run's eval.features)",
     )
     translate_eval.add_argument("--inception-weights", help="torch-fidelity's Inception weights file (default: none)")
     translate_eval.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
+    add_json_option(translate_eval)
     translate_eval.set_defaults(func=cmd_translate_eval)
 
     report = command("report", "the paper's Fig. 2 or Table 2 (markdown + PNG) from finished runs")

@@ -675,7 +675,7 @@ class FidConfig:
     """Which features FID and KID use; see vitlab.eval.fid."""
 
     protocol: str = "vitlab"  # paper-table2: the paper's Table 2 as its code measured it (vitlab.eval.table2)
-    features: str = "auto"  # auto, inception, inception-2048, inception-64, randconv, FILE.pt, or module:callable
+    features: str = "auto"  # auto, inception, inception-2048, inception-64, randconv, FILE.pt2 (torch.export), or module:callable
     inception_weights: str | None = None  # torch-fidelity's Inception file; needed by the inception features
     kid_subset_size: int = 1000  # capped at half the smaller image set, so that KID's spread over subsets means something
     batch_size: int = 50

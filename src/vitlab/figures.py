@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import StrMethodFormatter
 from PIL import Image, ImageDraw
 
 
@@ -23,6 +25,20 @@ def save_figure(fig: Figure, path: str | Path, grid_axes=()) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def plot_curve(ax: Axes, x, y, **style) -> None:
+    """`ax.plot` of a logged series, with a marker when it has a single point (a line through one point draws nothing)."""
+    ax.plot(x, y, **({"marker": "o"} if len(x) == 1 else {}), **style)
+
+
+def log_y(ax: Axes) -> None:
+    """A log-scale y axis for what is plotted; within a decade its ticks read as plain numbers (2.2, not 2.2×10⁰)."""
+    ax.set_yscale("log")
+    low, high = ax.dataLim.intervaly
+    if 0 < low <= high < 10 * low:
+        ax.yaxis.set_major_formatter(StrMethodFormatter("{x:.3g}"))
+        ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:.3g}"))
 
 
 def to_unit_range(x: torch.Tensor) -> torch.Tensor:

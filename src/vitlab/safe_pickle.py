@@ -1,4 +1,5 @@
-"""Unpicklers that admit only named classes: a DCP checkpoint's metadata, or the official CIFAR batches.
+"""Unpicklers that admit only named classes: a DCP checkpoint's metadata, or the official CIFAR batches;
+and `torch.export` archives, read only when they hold no pickle beyond tensors and plain data.
 
 Unpickling calls whatever the file names (`os.system` included), so a pickle vitlab reads from disk
 goes through `load` with an allow-list of (module, name) pairs; any other global is refused before
@@ -7,7 +8,10 @@ anything is imported or called.
 
 from __future__ import annotations
 
+import io
+import json
 import pickle
+import zipfile
 from pathlib import Path
 from typing import IO
 
@@ -80,3 +84,29 @@ def load(file: IO[bytes], allowed: frozenset[tuple[str, str]], source: str | Pat
         raise RefusedGlobal(
             f"{source} refers to {err}, which this kind of file never holds; refusing to unpickle it (it could run code); {fix}"
         ) from None
+
+
+def load_exported_program(path: str | Path, fix: str) -> torch.export.ExportedProgram:
+    """`torch.export.load` of a `.pt2` archive after checking that it holds no pickle that could run code.
+
+    torch.export.load unpickles tensor subclasses, custom and opaque objects, and sample inputs that fail
+    weights_only, with weights_only=False; so every weight and constant must be stored as raw bytes and every
+    `.pt` member (sample inputs) must load with weights_only=True.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith("_config.json"):  # data/weights/…, data/constants/…: how each tensor is stored
+                    entries = json.loads(archive.read(name))["config"].values()
+                    raw = all(e.get("use_pickle") is False and e["path_name"].startswith(("weight_", "tensor_")) for e in entries)
+                    if not raw:
+                        raise VitlabError(
+                            f"{path} stores pickled tensors or objects ({name}); refusing to load it (it could run code); {fix}"
+                        )
+                elif name.endswith(".pt"):
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+    except pickle.UnpicklingError:
+        raise VitlabError(f"{path} holds a pickle of more than tensors and plain data; refusing to load it; {fix}") from None
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError, AttributeError, TypeError) as err:
+        raise VitlabError(f"{path} is not a torch.export archive ({type(err).__name__}: {err}); {fix}") from None
+    return torch.export.load(path)

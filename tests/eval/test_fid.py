@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 
 from vitlab.data.unpaired import builtin_pair
 from vitlab.errors import VitlabError
-from vitlab.eval.fid import RandomConvFeatures, distances, fid_kid, image_features, resolve_features
+from vitlab.eval.fid import Features, RandomConvFeatures, distances, fid_kid, image_features, resolve_features
 from vitlab.eval.table2 import table2_features, table2_scores
 
 
@@ -81,13 +83,59 @@ def test_inception_without_its_weights_file_is_an_error_that_says_what_to_do(tmp
         resolve_features("inception-64", str(tmp_path / "missing.pth"))
 
 
-def test_user_named_features_torchscript_file_and_module_callable(tmp_path: Path, images: torch.Tensor) -> None:
-    path = tmp_path / "features.pt"
-    torch.jit.trace(RandomConvFeatures(num_features=8), torch.rand(2, 3, 32, 32)).save(str(path))
-    (scripted,) = resolve_features(str(path))
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RandomConvFeatures(8) saved as a torch.export program with a dynamic batch."""
+    path = tmp_path_factory.mktemp("features") / "features.pt2"
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(RandomConvFeatures(num_features=8), (torch.rand(2, 3, 32, 32),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, path)
+    return path
+
+
+def test_user_named_features_torch_export_file_and_module_callable(exported: Path, images: torch.Tensor) -> None:
+    (program,) = resolve_features(str(exported))
     (imported,) = resolve_features("vitlab.eval.fid:RandomConvFeatures")
-    assert scripted.name == "features.pt" and imported.module.num_features == 64
-    assert distances(images, images[:40], [scripted], kid_subset_size=20)["features.pt"]["fid"] > 0
+    assert program.name == "features.pt2" and imported.module.num_features == 64
+    expected = image_features(images[:7], Features("direct", RandomConvFeatures(num_features=8)), batch_size=4)
+    assert torch.allclose(image_features(images[:7], program, batch_size=4), expected, atol=1e-6)  # batches of 4 and 3
+    assert distances(images, images[:40], [program], kid_subset_size=20)["features.pt2"]["fid"] > 0
+
+
+def test_torchscript_and_pickled_feature_files_are_refused(tmp_path: Path) -> None:
+    saved = tmp_path / "features.pt"  # where TorchScript files and torch.save pickles go
+    torch.save(RandomConvFeatures(num_features=8), saved)
+    with pytest.raises(VitlabError, match="not a torch.export program.*torch.export.save"):
+        resolve_features(str(saved))
+    pickled = tmp_path / "features.pt2"
+    pickled.write_bytes(b"\x80\x04K\x01.")  # a pickle named .pt2: not an archive
+    with pytest.raises(VitlabError, match="not a torch.export archive"):
+        resolve_features(str(pickled))
+
+
+def rewrite_member(source: Path, target: Path, suffix: str, change) -> None:
+    """Copy a zip archive, passing the bytes of the member whose name ends with `suffix` through `change`."""
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for item in old.infolist():
+            data = old.read(item)
+            new.writestr(item, change(data) if item.filename.endswith(suffix) else data)
+
+
+def test_an_export_archive_with_pickled_weights_or_sample_inputs_is_refused_before_loading(
+    exported: Path, tmp_path: Path
+) -> None:
+    pickled_weights = tmp_path / "weights.pt2"
+    rewrite_member(
+        exported, pickled_weights, "model_weights_config.json", lambda b: b.replace(b'"use_pickle": false', b'"use_pickle": true')
+    )
+    with pytest.raises(VitlabError, match="stores pickled tensors or objects.*model_weights_config.json"):
+        resolve_features(str(pickled_weights))
+    planted = tmp_path / "inputs.pt2"
+    rewrite_member(
+        exported, planted, "sample_inputs/model.pt", lambda b: pickle.dumps(print, protocol=2)
+    )  # a global: could be os.system
+    with pytest.raises(VitlabError, match="holds a pickle of more than tensors"):
+        resolve_features(str(planted))
 
 
 def test_unknown_features_list_the_choices() -> None:

@@ -175,6 +175,28 @@ def test_tiny_run_writes_grids_metrics_and_resumes_exactly(tmp_path: Path) -> No
     assert main(["translate-eval", str(run_dir), "--features", "randconv"]) == 0
 
 
+def test_translate_train_and_eval_print_a_short_summary_and_eval_the_json_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    sets = [arg for key in [*TINY, f"out_dir={tmp_path}"] for arg in ("--set", key)]
+    assert main(["translate-train", "configs/translate-builtin.yaml", *sets, "--no-progress"]) == 0
+    run_dir = tmp_path / "translate-builtin-vitunet"
+    out = capsys.readouterr().out.splitlines()
+    assert out[-4] == f"run {run_dir} after 2.00 epochs (test metrics, the identity mapping's in brackets; all in results.json):"
+    assert [line.split()[0] for line in out[-3:]] == ["AtoB", "BtoA", "average"]
+    test = json.loads((run_dir / "results.json").read_text())["test"]
+    row = test["AtoB"]
+    assert out[-3] == (
+        f"  AtoB     L1 {row['l1']:.4g} ({row['identity_l1']:.4g}), PSNR {row['psnr']:.4g} ({row['identity_psnr']:.4g}), "
+        f"FID randconv {row['fid_randconv']:.4g} ({row['identity_fid_randconv']:.4g}), "
+        f"KID randconv {row['kid_randconv']:.4g} ({row['identity_kid_randconv']:.4g})"
+    )
+    assert main(["translate-eval", str(run_dir)]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == out[-3:]  # the same numbers from the checkpoint
+    assert main(["translate-eval", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"] == test
+
+
 def test_the_codes_table2_setting_trains_ai602_networks_paired_by_index_without_a_pool(tmp_path: Path) -> None:
     config = tiny_config(
         tmp_path,

@@ -41,7 +41,9 @@ def saved_run(tmp_path: Path, model: torch.nn.Module) -> Path:
 def test_pretrained_weights_fit_a_larger_image_and_a_new_head(tmp_path):
     source = small_vit(32, 10)
     torch.nn.init.normal_(source.head.weight)
-    model = prepare_model(small_vit(48, 5), FinetuneConfig(checkpoint=str(saved_run(tmp_path, source))), load=True)
+    run = saved_run(tmp_path, source)
+    model, said = prepare_model(small_vit(48, 5), FinetuneConfig(checkpoint=str(run)), load=True)
+    assert said == f"vitlab run {run}: position embedding resampled 4×4 → 6×6 patches, new zero head of 5 classes"
     old, new = source.state_dict(), model.state_dict()
     for name in old:
         if not name.startswith(("head.", "pos_embed")):
@@ -54,7 +56,8 @@ def test_pretrained_weights_fit_a_larger_image_and_a_new_head(tmp_path):
 def test_a_frozen_backbone_trains_the_head_only_also_when_resumed(tmp_path):
     run = saved_run(tmp_path, small_vit(32, 10))
     for load in (True, False):
-        model = prepare_model(small_vit(32, 4), FinetuneConfig(checkpoint=str(run), freeze_backbone=True), load=load)
+        model, said = prepare_model(small_vit(32, 4), FinetuneConfig(checkpoint=str(run), freeze_backbone=True), load=load)
+        assert said.endswith("backbone frozen (the head alone trains)") and ("resumed" in said) != load
         assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
         optimized = [p for g in build_optimizer(model, OptimConfig()).param_groups for p in g["params"]]
         assert len(optimized) == 2
@@ -64,12 +67,13 @@ def test_timm_and_google_files_are_found_by_their_suffix_and_fitted_alike(tmp_pa
     source = small_vit(32, 10)
     save_file(source.state_dict(), tmp_path / "timm.safetensors")
     timm_file = FinetuneConfig(checkpoint=str(tmp_path / "timm.safetensors"))
-    from_timm = prepare_model(small_vit(48, 3), timm_file, load=True)
+    from_timm, said = prepare_model(small_vit(48, 3), timm_file, load=True)
+    assert said.startswith(f"timm file {tmp_path / 'timm.safetensors'}: position embedding resampled 4×4 → 6×6 patches")
     torch.testing.assert_close(from_timm.pos_embed, resample_pos_embed(source.pos_embed, (6, 6), 1))
     # A Google ViT .npz (the original release's layout, 32 px, 10 classes) fine-tuned at 48 px on 3 classes.
     params = google_params()
     np.savez(tmp_path / "vit.npz", **google_npz(params, "vit"))
-    google = prepare_model(small_vit(48, 3), FinetuneConfig(checkpoint=str(tmp_path / "vit.npz")), load=True)
+    google, _ = prepare_model(small_vit(48, 3), FinetuneConfig(checkpoint=str(tmp_path / "vit.npz")), load=True)
     torch.testing.assert_close(google.cls_token, params["cls"])
     pos = torch.cat([params["pos_cls"], params["pos"]], dim=1)
     torch.testing.assert_close(google.pos_embed, resample_pos_embed(pos, (6, 6), 1))
@@ -83,7 +87,7 @@ def test_a_hugging_face_vit_folder_is_found_by_its_config_and_fitted_like_the_ot
     # The layout of google/vit-base-patch16-224: config.json + model.safetensors.
     export_model(source, "hf", tmp_path / "hf", run_preprocessing(DataConfig(), streamed=False))
     assert checkpoint_format(tmp_path / "hf") == "hf"
-    tuned = prepare_model(small_vit(48, 3), FinetuneConfig(checkpoint=str(tmp_path / "hf")), load=True)
+    tuned, _ = prepare_model(small_vit(48, 3), FinetuneConfig(checkpoint=str(tmp_path / "hf")), load=True)
     torch.testing.assert_close(tuned.pos_embed, resample_pos_embed(source.pos_embed, (6, 6), 1))
     torch.testing.assert_close(tuned.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
     assert not tuned.head.weight.any()
@@ -115,10 +119,11 @@ def test_a_hugging_face_folder_of_another_model_or_with_a_bad_config_or_tensor_i
 def test_keep_head_keeps_it_and_a_new_head_drops_the_pretrained_pre_logits(tmp_path):
     source = small_vit(32, 4, head="mlp")
     run = str(saved_run(tmp_path, source))
-    kept = prepare_model(small_vit(32, 4, head="mlp"), FinetuneConfig(checkpoint=run, keep_head=True), load=True)
+    kept, said = prepare_model(small_vit(32, 4, head="mlp"), FinetuneConfig(checkpoint=run, keep_head=True), load=True)
+    assert said.endswith("position embedding kept (4×4 patches), pretrained head kept of 4 classes")
     assert torch.equal(kept.head.weight, source.head.weight)
     assert torch.equal(kept.pre_logits.fc.weight, source.pre_logits.fc.weight)
-    replaced = prepare_model(small_vit(32, 4), FinetuneConfig(checkpoint=run), load=True)  # linear head: no pre-logits
+    replaced, _ = prepare_model(small_vit(32, 4), FinetuneConfig(checkpoint=run), load=True)  # linear head: no pre-logits
     assert not replaced.head.weight.any()
     with pytest.raises(VitlabError, match="does not exist"):
         prepare_model(small_vit(32, 4), FinetuneConfig(checkpoint=str(tmp_path / "nope.npz")), load=True)
@@ -208,7 +213,7 @@ TINY = [
 ]
 
 
-def test_vitlab_finetune_at_48px_then_vitlab_inspect(tmp_path):
+def test_vitlab_finetune_at_48px_then_vitlab_inspect(tmp_path, capsys):
     pre = train(
         load_config(
             None,
@@ -235,11 +240,20 @@ def test_vitlab_finetune_at_48px_then_vitlab_inspect(tmp_path):
         "finetune": {"checkpoint": pre["run_dir"]},
     }
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    capsys.readouterr()
     assert main(["finetune", str(tmp_path / "ft.yaml"), "--no-progress"]) == 0
+    out = capsys.readouterr().out  # the start block says what was loaded; 3 classes: no acc@5 (100 % by construction)
+    loaded = f"vitlab run {pre['run_dir']}: position embedding resampled 4×4 → 6×6 patches, new zero head of 3 classes"
+    assert f"  finetune     {loaded}\n" in out
+    assert "test acc@1 " in out and "acc@5" not in out
     run = tmp_path / "ft"
     assert json.loads((run / "results.json").read_text())["steps"] == 6
     assert yaml.safe_load((run / "config.yaml").read_text())["finetune"]["checkpoint"] == pre["run_dir"]
     assert main(["eval", str(run)]) == 0  # the fine-tuned run rebuilds without the pretrained source
+    out = capsys.readouterr().out  # one readable line; every number with --json
+    assert out.startswith(f"{run}: test acc@1 ") and out.count("\n") == 1 and ", AUROC " in out and "acc@5" not in out
+    assert main(["eval", str(run), "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"acc1", "auroc", "loss"}
     assert main(["inspect", str(run), "--num-images", "1", "--query", "5"]) == 0
     pngs = {"attention_image0.png", "rollout.png", "attention_distance.png", "position_similarity.png", "patch_embedding_pcs.png"}
     assert {p.name for p in (run / "inspect").iterdir()} == pngs

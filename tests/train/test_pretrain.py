@@ -107,7 +107,7 @@ def test_pretraining_streams_unlabeled_folders_and_shards(tmp_path: Path, source
         "--set",
         "data.num_test=8",
     ]
-    assert main(["probe", str(run_dir), "--epochs", "2", "--batch-size", "8", *builtin]) == 0
+    assert main(["probe", str(run_dir), "--epochs", "2", "--batch-size", "8", *builtin, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["train_images"] == 16
     assert main(["probe", str(run_dir), "--set", "model.name=vit-s/8"]) == 2
     assert "changes the data only" in capsys.readouterr().err
@@ -121,7 +121,7 @@ def test_pretrained_encoder_fine_tunes_and_probes_end_to_end(tmp_path: Path, cap
     model = create_model("vit22b-ti/8", img_size=16, num_classes=10, **yaml.safe_load(MODEL))
     source = pretrained_state_dict(run_dir, "auto", model)
     assert set(model.state_dict()) - set(source) == {"head.weight", "head.bias"} and set(source) <= set(model.state_dict())
-    model = prepare_model(model, config, load=True)
+    model, _ = prepare_model(model, config, load=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in fit_to_model(source, model, False).items())
 
     finetune = {
@@ -138,10 +138,12 @@ def test_pretrained_encoder_fine_tunes_and_probes_end_to_end(tmp_path: Path, cap
     assert "test acc@1" in capsys.readouterr().out
 
     assert main(["probe", str(run_dir), "--num-train", "16", "--epochs", "2", "--batch-size", "8"]) == 0
+    out = capsys.readouterr().out  # one readable line; every number with --json
+    assert out.count("\n") == 1 and out.startswith(f"linear probe of the pretrained encoder of {run_dir / 'checkpoints'}")
+    assert "test acc@1 " in out and "% on 8 images (trained on 16 for 2 epochs)" in out
+    assert main(["probe", str(run_dir), "--num-train", "16", "--epochs", "2", "--random-init", "--json"]) == 0
     probed = json.loads(capsys.readouterr().out)
-    assert probed["encoder"] == "pretrained" and probed["train_images"] == 16 and 0 <= probed["acc1"] <= 1
-    assert main(["probe", str(run_dir), "--num-train", "16", "--epochs", "2", "--random-init"]) == 0
-    assert json.loads(capsys.readouterr().out)["encoder"] == "random init"
+    assert probed["encoder"] == "random init" and probed["train_images"] == 16 and 0 <= probed["acc1"] <= 1
 
     assert main(["eval", str(run_dir)]) == 2  # a pretraining run is no classifier: one line says so
     assert "made by `vitlab pretrain`" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -10,7 +12,9 @@ import torch
 
 from vitlab import VitlabError
 from vitlab.runs import checkpoint as ckpt
-from vitlab.train.run_log import CsvLog, read_csv
+from vitlab.train import run_log
+from vitlab.train.pretrain import plot_pretrain_curves
+from vitlab.train.run_log import CsvLog, plot_curves, read_csv
 from vitlab.train.scaffold import RunLock, new_run_dir
 
 
@@ -124,3 +128,43 @@ def test_rotation_keeps_the_newest(tmp_path):
         save(tmp_path, step, float(step), keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-00000003", "step-00000004"]
     assert json.loads((tmp_path / "checkpoints" / "step-00000004" / "meta.json").read_text())["v"] == 4.0
+
+
+def test_the_start_block_comes_before_the_progress_bar_and_tensorboard_holds_config_and_hparams(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    tiny = [f"out_dir={tmp_path}", "model.options={depth: 1, embed_dim: 32, num_heads: 2, mlp_dim: 64}", "data.num_train=64"]
+    tiny += ["data.num_test=32", "train.batch_size=32", "train.precision=fp32", "train.threads=1", "train.epochs=1"]
+    command = [sys.executable, "-m", "vitlab.cli", "train", *(arg for key in tiny for arg in ("--set", key))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # stdout (the block) and stderr (the bar) in the order written
+    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.startswith(f"vitlab train: {tmp_path / 'default'} (new run)\n"), proc.stdout[:300]
+
+    events = EventAccumulator(str(tmp_path / "default" / "tensorboard"))
+    events.Reload()
+    config = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "    model:\n      name: vit22b-ti/8\n" in config  # indented: a code block in TensorBoard's markdown
+    start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+    assert hparams["model.name"].string_value == "vit22b-ti/8" and hparams["train.epochs"].number_value == 1
+    assert hparams["data.root"].string_value == "None"
+    results = json.loads((tmp_path / "default" / "results.json").read_text())
+    assert events.Scalars("final/test.acc1")[0].value == pytest.approx(results["test"]["acc1"])
+
+
+@pytest.mark.parametrize("plot", [plot_curves, plot_pretrain_curves])
+def test_curves_of_one_logged_point_draw_a_marker_and_a_short_log_axis_reads_plainly(tmp_path, monkeypatch, plot):
+    (tmp_path / "steps.csv").write_text("step,loss,lr\n1,2.3,0.001\n")
+    (tmp_path / "epochs.csv").write_text("step,test_acc1,test_loss\n1,0.5,2.2\n")
+    drawn = []
+    monkeypatch.setattr(run_log, "save_figure", lambda fig, path, axes=(): drawn.append(fig) or path)
+    monkeypatch.setattr(sys.modules[plot.__module__], "save_figure", lambda fig, path, axes=(): drawn.append(fig) or path)
+    plot(tmp_path)
+    (fig,) = drawn
+    loss, lr = fig.axes[:2]
+    assert loss.lines[0].get_marker() == "o" and lr.lines[0].get_marker() == "o"
+    fig.canvas.draw()
+    labels = [t.get_text() for t in loss.get_yticklabels() + loss.get_yticklabels(minor=True) if t.get_text()]
+    assert labels and not any("10^" in label or "times" in label for label in labels), labels

@@ -20,16 +20,23 @@ from vitlab.runtime.precision import autocast
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """acc@1, acc@5 (acc@k for k = classes when fewer than 5), macro one-vs-rest AUROC, mean loss."""
+    """acc@1, acc@5 (only with more than 5 classes: with 5 or fewer it is 100 % by construction), macro
+    one-vs-rest AUROC, mean loss."""
     logits, labels = logits.float().cpu(), labels.cpu()
     num_classes = logits.shape[1]
     kwargs = dict(num_classes=num_classes, average="micro")
+    top_k = (1, 5) if num_classes > 5 else (1,)
     return {
-        "acc1": multiclass_accuracy(logits, labels, top_k=1, **kwargs).item(),
-        "acc5": multiclass_accuracy(logits, labels, top_k=min(5, num_classes), **kwargs).item(),
+        **{f"acc{k}": multiclass_accuracy(logits, labels, top_k=k, **kwargs).item() for k in top_k},
         "auroc": multiclass_auroc(logits.softmax(-1), labels, num_classes=num_classes, average="macro").item(),
         "loss": F.cross_entropy(logits, labels).item(),
     }
+
+
+def metrics_line(metrics: dict[str, float]) -> str:
+    """Classification metrics in one readable line: acc@1, acc@5 where there is one, AUROC, loss."""
+    accuracies = ", ".join(f"acc@{key[3:]} {100 * metrics[key]:.2f} %" for key in ("acc1", "acc5") if key in metrics)
+    return f"{accuracies}, AUROC {metrics['auroc']:.4f}, loss {metrics['loss']:.4f}"
 
 
 @torch.no_grad()

@@ -8,7 +8,9 @@ Features, by name (`resolve_features`):
   randconv                      `RandomConvFeatures`: a fixed, seeded random CNN that needs no file. Its
                                 FIDs rank models against each other but are not comparable with
                                 published (Inception) FIDs;
-  FILE.pt                       a TorchScript module: float images (N, 3, H, W) in [0, 1] → (N, d);
+  FILE.pt2                      a `torch.export` program (torch.export.save, with a dynamic batch dimension):
+                                float images (N, 3, H, W) in [0, 1] → (N, d); TorchScript (torch.jit is
+                                deprecated) and pickles are refused;
   package.module:name           an importable nn.Module, or a callable returning one, with the same contract;
   auto                          inception when torch-fidelity and a weights file are there, else randconv,
                                 with a warning: every reported key then carries the name `randconv`.
@@ -31,6 +33,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from vitlab import safe_pickle
 from vitlab.errors import VitlabError
 
 INCEPTION_DIMS = {"inception-2048": 2048, "inception-64": 64}
@@ -78,28 +81,36 @@ def inception_features(name: str, weights: str | None) -> Features:
         raise VitlabError(
             f"features {name!r} need torch-fidelity importable and its Inception weights file "
             f"(eval.inception_weights / --inception-weights, got {weights!r}); or use features 'randconv', "
-            "a TorchScript file or a module:callable"
+            "a torch.export file (.pt2) or a module:callable"
         )
     metric = FrechetInceptionDistance(feature=INCEPTION_DIMS[name], feature_extractor_weights_path=weights)
     return Features(name, metric.inception, takes_uint8=True)
 
 
 def user_features(spec: str) -> Features:
-    """A TorchScript file, or an importable `module:name` (a Module, or a callable that returns one)."""
+    """A `torch.export` program (`.pt2`), or an importable `module:name` (a Module, or a callable that returns one)."""
     if Path(spec).is_file():
-        return Features(Path(spec).name, torch.jit.load(spec, map_location="cpu"))
+        fix = (
+            "save the extractor with torch.export.save(torch.export.export(module, (images,), dynamic_shapes=...), "
+            "'FILE.pt2') or name it as package.module:name"
+        )
+        if Path(spec).suffix != ".pt2":
+            raise VitlabError(
+                f"features file {spec} is not a torch.export program (.pt2); TorchScript and pickles are not read: {fix}"
+            )
+        return Features(Path(spec).name, safe_pickle.load_exported_program(spec, fix).module())
     module_name, _, attr = spec.partition(":")
     try:
         found = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as exc:
         raise VitlabError(
             f"unknown features {spec!r} ({exc}); use auto, inception, inception-2048, inception-64, randconv, "
-            "a TorchScript file, or package.module:name of an nn.Module"
+            "a torch.export file (.pt2), or package.module:name of an nn.Module"
         ) from exc
     module = found if isinstance(found, nn.Module) else found()
     if not isinstance(module, nn.Module):
         raise VitlabError(f"features {spec!r} gave a {type(module).__name__}, not an nn.Module")
-    return Features(spec, module)
+    return Features(spec, module.eval())
 
 
 def resolve_features(spec: str = "auto", inception_weights: str | None = None) -> list[Features]:
@@ -118,7 +129,7 @@ def resolve_features(spec: str = "auto", inception_weights: str | None = None) -
     if spec in INCEPTION_DIMS:
         return [inception_features(spec, inception_weights)]
     if spec == "randconv":
-        return [Features("randconv", RandomConvFeatures())]
+        return [Features("randconv", RandomConvFeatures().eval())]
     return [user_features(spec)]
 
 
@@ -127,7 +138,7 @@ def image_features(
     images: torch.Tensor, features: Features, batch_size: int = 50, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
     """(N, d) float64 features of uint8 images (N, 3, H, W)."""
-    module = features.module.to(device).eval()
+    module = features.module.to(device)  # in eval mode already (an exported program cannot switch)
     out = []
     for batch in images.split(batch_size):
         batch = batch.to(device)

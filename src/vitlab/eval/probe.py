@@ -163,3 +163,11 @@ def probe_run(
         "epochs": epochs,
         "acc1": acc,
     }
+
+
+def probe_line(result: dict) -> str:
+    """`probe_run`'s result in one readable line."""
+    return (
+        f"linear probe of the {result['encoder']} encoder of {result['checkpoint']}: test acc@1 {100 * result['acc1']:.2f} % "
+        f"on {result['test_images']:,} images (trained on {result['train_images']:,} for {result['epochs']} epochs)"
+    )

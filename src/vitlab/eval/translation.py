@@ -97,6 +97,22 @@ def translation_metrics(
     return results
 
 
+def metrics_lines(test: dict[str, dict]) -> list[str]:
+    """`translation_metrics` in a few readable lines: one per direction, each number beside the identity mapping's."""
+    if "paper-table2" in test:
+        table = test["paper-table2"]
+        scores = ", ".join(f"{k} {v:.2f}" for k, v in table.items() if k not in ("images", "features"))
+        return [f"paper Table 2 FID ({table['features']}, {table['images']} images a set): {scores}"]
+    lines = []
+    for direction, row in test.items():
+        shown = []
+        for key in (k for k in row if not k.startswith(("identity_", "kid_std"))):
+            metric, _, features = key.partition("_")
+            shown.append(f"{metric.upper()}{' ' + features if features else ''} {row[key]:.4g} ({row['identity_' + key]:.4g})")
+        lines.append(f"{direction:<8} {', '.join(shown)}")
+    return lines
+
+
 def sample_grid(path: Path, nets: nn.ModuleDict, data: UnpairedData, rows: int, device: torch.device, precision: str) -> Path:
     """Fig. 4's layout: A, A→B, B, B→A for the first `rows` test images of each domain."""
     rows = min(rows, len(data.test_a), len(data.test_b))

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
@@ -239,6 +238,26 @@ class SafeReader(dcp.FileSystemReader):
         return metadata
 
 
+def put_nested(root: dict, path: tuple[str | int, ...], value: object) -> None:
+    """Put `value` at `path` (keys of dicts, indices of lists) in a nested state dict, making the containers on the way.
+
+    DCP's flattened keys map to such paths (`DefaultLoadPlanner.mappings`); torch's own setter is private.
+    """
+    *parents, last = path
+    container: dict | list = root
+    for key, inner in zip(parents, path[1:]):
+        empty = [] if isinstance(inner, int) else {}
+        if isinstance(container, list):
+            container.extend([None] * (key + 1 - len(container)))
+            container[key] = empty if container[key] is None else container[key]
+            container = container[key]
+        else:
+            container = container.setdefault(key, empty)
+    if isinstance(container, list):
+        container.extend([None] * (last + 1 - len(container)))
+    container[last] = value
+
+
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's load planner, with non-tensor values (numbers, strings, containers) read with weights_only=True."""
 
@@ -256,7 +275,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                 f"containers and tensors; refusing to load it (it could run code); {_NOT_OURS}"
             ) from None
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            put_nested(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
 

@@ -92,10 +92,17 @@ def _train(config: RunConfig, ctx: Runtime, resume: str | Path | None, progress:
 
     with Run(config, ctx, resume, total_steps, steps_per_epoch, progress) as run:
         torch.manual_seed(tc.seed)
+        finetuned: dict[str, str] = {}  # the start block's line on the pretrained weights, when fine-tuning
+
+        def build() -> torch.nn.Module:
+            model, said = prepare_model(
+                build_model(config, data.image_size, num_classes), config.finetune, run.checkpoint is None
+            )
+            finetuned.update({"finetune": said} if said else {})
+            return model
+
         model, net = sharding.wrap_model(
-            lambda: prepare_model(
-                build_model(config, data.image_size, num_classes), config.finetune, load=run.checkpoint is None
-            ),
+            build,
             tc.strategy,
             ctx,
             precision,
@@ -130,6 +137,7 @@ def _train(config: RunConfig, ctx: Runtime, resume: str | Path | None, progress:
                 "steps": f"{total_steps:,} ({steps_per_epoch:,} per epoch × {tc.epochs:g} epochs) of batch {tc.batch_size}",
                 **sources.notes,
                 **augment_said,
+                **finetuned,
             }
         )
 

@@ -21,7 +21,7 @@ from vitlab.config import PretrainConfig
 from vitlab.data.augment import augment_batch, fit_augment, normalize
 from vitlab.data.sources import MemoryEval, StreamEval, run_data
 from vitlab.errors import VitlabError
-from vitlab.figures import new_figure, save_figure, save_image_grid
+from vitlab.figures import log_y, new_figure, plot_curve, save_figure, save_image_grid
 from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.builders import build_pretraining
 from vitlab.runs.kinds import check_experiment
@@ -118,12 +118,13 @@ def plot_pretrain_curves(run_dir: Path) -> Path:
     epochs = read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").is_file() else {}
     fig = new_figure(10, 3.8)
     axes = fig.subplots(1, 2)
-    axes[0].plot(steps["step"], steps["loss"], lw=0.8, label="training")
+    plot_curve(axes[0], steps["step"], steps["loss"], lw=0.8, label="training")
     if epochs:
         axes[0].plot(epochs["step"], epochs["test_loss"], marker="o", label="held out")
-    axes[0].set(title="pretraining loss", xlabel="step", yscale="log")
+    axes[0].set(title="pretraining loss", xlabel="step")
+    log_y(axes[0])
     axes[0].legend(fontsize=8)
-    axes[1].plot(steps["step"], steps["lr"], lw=0.8)
+    plot_curve(axes[1], steps["step"], steps["lr"], lw=0.8)
     axes[1].set(title="learning rate", xlabel="step")
     return save_figure(fig, run_dir / "curves.png", axes)
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 import csv
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 from vitlab.errors import VitlabError
-from vitlab.figures import new_figure, save_figure
+from vitlab.figures import log_y, new_figure, plot_curve, save_figure
 
 
 class CsvLog:
@@ -69,6 +71,17 @@ def row_step(row: dict) -> int | None:
         return None
 
 
+def flat_values(tree: Mapping, prefix: str = "") -> dict[str, bool | int | float | str | None]:
+    """The leaves of nested dicts by dotted key (`optim.lr`); lists and tuples as text."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat |= flat_values(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = str(value) if isinstance(value, (list, tuple)) else value
+    return flat
+
+
 def read_csv(path: Path) -> dict[str, list[float]]:
     """Columns of a metrics CSV as float lists (empty cells become NaN)."""
     with path.open() as f:
@@ -78,7 +91,10 @@ def read_csv(path: Path) -> dict[str, list[float]]:
 
 
 class RunLog:
-    """steps.csv, epochs.csv, TensorBoard events and (optionally) Weights & Biases for one run (main rank only)."""
+    """steps.csv, epochs.csv, TensorBoard events and (optionally) Weights & Biases for one run (main rank only).
+
+    TensorBoard also gets the config: as text at the start, and as hparams beside the final numbers (`hparams`).
+    """
 
     def __init__(
         self, run_dir: Path, resume_step: int | None = None, wandb_project: str | None = None, config: dict | None = None
@@ -90,6 +106,10 @@ class RunLog:
             self.steps.truncate_after(resume_step)
             self.epochs.truncate_after(resume_step)
         self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+        self.config = config
+        if config is not None:  # indented: a code block in TensorBoard's markdown
+            text = yaml.safe_dump(config, sort_keys=False)
+            self.tensorboard.add_text("config", "\n".join(f"    {line}" for line in text.splitlines()), resume_step or 0)
         self.wandb = start_wandb(run_dir, wandb_project, config) if wandb_project else None
 
     def log(self, kind: str, step: int, values: dict[str, float]) -> None:
@@ -107,6 +127,15 @@ class RunLog:
             import wandb
 
             self.wandb.log({tag: wandb.Image(str(path))}, step=step)
+
+    def hparams(self, results: Mapping, step: int) -> None:
+        """The config's keys as TensorBoard hparams, with the run's final numbers (`final/test.acc1`, …) to compare runs by."""
+        if self.config is None:
+            return
+        config = {key: "None" if value is None else value for key, value in flat_values(self.config).items()}
+        numbers = flat_values(results).items()
+        final = {f"final/{k}": v for k, v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.tensorboard.add_hparams(config, final, run_name=".", global_step=step)  # ".": into this run's own folder
 
     def close(self) -> None:
         self.tensorboard.close()
@@ -147,9 +176,10 @@ def plot_curves(run_dir: Path) -> Path:
     epochs = read_csv(run_dir / "epochs.csv") if (run_dir / "epochs.csv").is_file() else {}
     fig = new_figure(14, 3.8)
     axes = fig.subplots(1, 3)
-    axes[0].plot(steps["step"], steps["loss"], lw=0.8)
-    axes[0].set(title="training loss", xlabel="step", yscale="log")
-    axes[1].plot(steps["step"], steps["lr"], lw=0.8)
+    plot_curve(axes[0], steps["step"], steps["loss"], lw=0.8)
+    axes[0].set(title="training loss", xlabel="step")
+    log_y(axes[0])
+    plot_curve(axes[1], steps["step"], steps["lr"], lw=0.8)
     axes[1].set(title="learning rate", xlabel="step")
     if epochs:
         axes[2].plot(epochs["step"], [100 * a for a in epochs["test_acc1"]], marker="o")
@@ -172,7 +202,7 @@ def plot_gan_curves(run_dir: Path) -> Path:
     for ax, (title, table, columns) in zip(axes, panels):
         for column in columns:
             if column in table:
-                ax.plot(table["step"], table[column], lw=0.8, label=column)
+                plot_curve(ax, table["step"], table[column], lw=0.8, label=column)
         if len(columns) > 1 and ax.lines:
             ax.legend(fontsize=8)
         ax.set(title=title, xlabel="step")

@@ -159,7 +159,7 @@ class Run:
             self.log_file = RunLog(self.dir, self.step, wandb, config.to_dict())
         self.first_step = self.step
         self.progress = progress and ctx.is_main
-        self.bar = tqdm(total=total_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True)
+        self._bar: tqdm | None = None  # opened by the first step, below the start block (`announce`)
         self.bad_in_row = self.skipped = self.seen = 0
         self.save_pending = False
         self.signal = 0
@@ -183,8 +183,8 @@ class Run:
 
     def close(self) -> None:
         """Close the progress bar and the log and release the lock (also after an error)."""
-        if getattr(self, "bar", None) is not None:
-            self.bar.close()
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()
         if getattr(self, "log_file", None) is not None:
             self.log_file.close()
         if self.lock is not None:
@@ -198,6 +198,15 @@ class Run:
         if self.ctx.is_main:
             name = signal.Signals(signum).name
             print(f"\n{name} received: saving a checkpoint at the end of this step, then stopping", file=sys.stderr)
+
+    @property
+    def bar(self) -> tqdm:
+        """The progress bar, opened at its first use."""
+        if self._bar is None:
+            self._bar = tqdm(
+                total=self.total_steps, initial=self.step, disable=not self.progress, unit="step", dynamic_ncols=True
+            )
+        return self._bar
 
     # -- the step -----------------------------------------------------------------------------------
     @property
@@ -296,7 +305,7 @@ class Run:
     def write(self, line: str) -> None:
         """Print a line above the progress bar (main rank only)."""
         if self.ctx.is_main:
-            self.bar.write(line)
+            tqdm.write(line)  # above the bar, if one is open
 
     def end_step(self, save: Callable[[], None]) -> None:
         """Checkpoint on cadence, never during a non-finite streak; after a signal, save and stop."""
@@ -346,5 +355,6 @@ class Run:
             return results
         ckpt.write_text_atomic(self.dir / "results.json", json.dumps(results, indent=2))
         self.image("curves", plot(self.dir))
+        self.log_file.hparams(results, self.step)
         self.log_file.close()
         return {**results, "run_dir": str(self.dir)}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vitlab.config import StabilityConfig
 from vitlab.errors import VitlabError
-from vitlab.figures import new_figure, save_figure
+from vitlab.figures import log_y, new_figure, plot_curve, save_figure
 from vitlab.train.classify import train
 from vitlab.train.run_log import read_csv
 from vitlab.train.scaffold import TrainingDiverged
@@ -79,11 +79,11 @@ def plot_study(root: Path, variants: list[str], threshold: float) -> Path:
         per_layer = lambda prefix, reduce: [  # noqa: E731
             reduce(curves[k][i] for k in curves if k.startswith(prefix)) for i in range(len(steps))
         ]
-        axes[0].plot(steps, clip(curves["max_logit"]), lw=0.9, label=variant)
-        axes[1].plot(steps, clip(curves["max_abs_grad"]), lw=0.9, label=variant)
+        plot_curve(axes[0], steps, clip(curves["max_logit"]), lw=0.9, label=variant)
+        plot_curve(axes[1], steps, clip(curves["max_abs_grad"]), lw=0.9, label=variant)
         if any(k.startswith("attn_logit_max/") for k in curves):
-            axes[2].plot(steps, clip(per_layer("attn_logit_max/", max)), lw=0.9, label=variant)
-            axes[3].plot(steps, per_layer("attn_entropy/", min), lw=0.9, label=variant)
+            plot_curve(axes[2], steps, clip(per_layer("attn_logit_max/", max)), lw=0.9, label=variant)
+            plot_curve(axes[3], steps, per_layer("attn_entropy/", min), lw=0.9, label=variant)
     titles = (
         f"max logit (values > {threshold:g} drawn at {threshold:g})",
         "max |gradient|",
@@ -93,6 +93,6 @@ def plot_study(root: Path, variants: list[str], threshold: float) -> Path:
     for ax, title in zip(axes, titles):
         ax.set(title=title, xlabel="iteration")
     for ax in axes[:3]:
-        ax.set_yscale("log")
+        log_y(ax)
     axes[0].legend(fontsize=8)
     return save_figure(fig, root / "stability.png", axes)
