@@ -430,7 +430,7 @@ def from_dict(cls, data, prefix: str = ""):
 
 
 class _OverDefaults(dict):
-    """A dict-valued field that `--set` reached into while the config left it out: merged over its default."""
+    """A dict-valued field or a section that `--set` reached into while the config left it out: merged over its default."""
 
 
 def _field_hint(cls: type | None, name: str) -> object:
@@ -459,7 +459,7 @@ def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -
         for part in parents:
             hint = _field_hint(kind, part)
             if part not in node:
-                node[part] = _OverDefaults() if hint is dict else {}
+                node[part] = _OverDefaults() if hint is dict or _dataclass_of(hint) else {}
             node, kind = node[part], _dataclass_of(hint)
             if not isinstance(node, dict):
                 raise VitlabError(f"--set {key}: {part} is not a section")
@@ -483,7 +483,12 @@ def merge_defaults(cls: type, data: dict) -> dict:
             data[f.name] = {**_dict_default(cls, f.name, data), **(value or {})}
         elif isinstance(value, dict) and _dataclass_of(hints[f.name]):
             merge_defaults(_dataclass_of(hints[f.name]), value)
-            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(default := f.default_factory()):
+            factory = f.default_factory
+            if (
+                isinstance(value, _OverDefaults)
+                and factory is not dataclasses.MISSING
+                and dataclasses.is_dataclass(default := factory())
+            ):
                 for key, plain in to_plain(dataclasses.asdict(default)).items():  # e.g. pretraining's own augment defaults
                     value.setdefault(key, plain)
     return data
