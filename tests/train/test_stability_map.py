@@ -152,9 +152,9 @@ def test_two_workers_train_every_cell_once(tmp_path):
     assert len(result["cells"]) == 4
     for cell in config.cells():
         run_dir = tmp_path / "m" / cell[0] / cell[1] / cell[2] / f"lr{cell[3]:g}-seed{cell[4]}"
-        assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one training session
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["threads"] == 1  # 2 cores / 2 workers
-        assert "test acc@1" in (run_dir / "output.txt").read_text()  # a worker's cell prints into its folder
+        printed = (run_dir / "output.txt").read_text()  # a worker's cell prints into its folder
+        assert printed.count("step 1/") == 1 and "test acc@1" in printed  # trained once, by one worker
 
 
 def test_a_bad_override_fails_before_any_cell_trains(tmp_path, capsys):
