@@ -105,6 +105,23 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_cka(args: argparse.Namespace) -> None:
+    """Layer × layer linear CKA of two runs on the same images: cka.json, cka.png, and TensorBoard."""
+    from vitlab.inspection.cka import compare_runs
+    from vitlab.runs import checkpoint as ckpt
+    from vitlab.train.run_log import pngs_to_tensorboard
+
+    out = Path(args.out or Path(args.run_a) / f"cka-{Path(args.run_b).resolve().name}")
+    result, written = compare_runs(args.run_a, args.run_b, out, args.num_images, args.batch_size, args.ema)
+    diagonal = [row[i] for i, row in enumerate(result.cka[: len(result.cka[0])])]
+    print(f"CKA of {len(result.layers_a)} × {len(result.layers_b)} layers on {result.images} images; diagonal {diagonal}")
+    print(f"wrote {written['json']} and {written['png']}")
+    checkpoint = ckpt.find_checkpoint(args.run_a)
+    run_dir = checkpoint.parent.parent  # RUN/checkpoints/step-N
+    if (run_dir / "tensorboard").is_dir():
+        pngs_to_tensorboard(run_dir, {f"cka/{result.names[1]}": written["png"]}, ckpt.read_meta(checkpoint)["step"])
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     """Evaluate a checkpoint on its run's test data (or another dataset)."""
     from vitlab.eval.classification import evaluate_checkpoint
@@ -346,6 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", help="output folder (default: CHECKPOINT/inspect)")
     inspect.add_argument("--ema", action="store_true", help="inspect the EMA weights")
     inspect.set_defaults(func=cmd_inspect)
+
+    cka = command("cka", "layer × layer linear CKA of two runs on the same test images (heat map, JSON, TensorBoard)")
+    cka.add_argument("run_a", help="run directory or checkpoint folder (its test images are used)")
+    cka.add_argument("run_b", help="run directory or checkpoint folder (the same run: its self-similarity)")
+    cka.add_argument("--num-images", type=int, default=512, help="test images (in minibatches; Nguyen et al. 2021)")
+    cka.add_argument("--batch-size", type=int, default=64, help="images per minibatch (at least 4)")
+    cka.add_argument("--out", help="output folder (default: RUN_A/cka-<RUN_B's name>)")
+    cka.add_argument("--ema", action="store_true", help="compare the EMA weights")
+    cka.set_defaults(func=cmd_cka)
 
     stability = command("stability", "train variants side by side and draw Fig. 1 (logits, gradients)")
     stability.add_argument("config", help="stability study YAML (see configs/stability/)")
