@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    """Print Table 1: parameter counts of every preset in both families."""
-    from vitlab.models.presets import parameter_table
+    """Print Table 1: parameter counts of every preset in both families; then the ResNets and hybrids with FLOPs."""
+    from vitlab.models.presets import convnet_table, parameter_table
 
     rows = parameter_table(args.image_size, args.patch_size, args.num_classes)
     print(f"Parameters at {args.image_size} px, patch {args.patch_size}, {args.num_classes} classes (meta device)")
@@ -38,12 +38,23 @@ def cmd_params(args: argparse.Namespace) -> None:
         print(
             f"{r['size']:>5} {r['depth']:>6} {r['width']:>6} {r['mlp_dim']:>6} {r['heads']:>5} {r['vit']:>16,} {r['vit22b']:>16,}"
         )
+    print(
+        f"\nBiT ResNets and hybrids at {args.image_size} px, {args.num_classes} classes (meta device; FLOPs = 2 per multiply-add)"
+    )
+    print(f"{'preset':>24} {'parameters':>14} {'GFLOPs/image':>13}")
+    for r in convnet_table(args.image_size, args.num_classes):
+        print(f"{r['name']:>24} {r['params']:>14,} {r['gflops']:>13.2f}")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
     """Print what training a preset needs per device under DDP and FSDP, or the fewest devices for every preset."""
     from vitlab.models.planner import format_overview, format_plan, preset_shape
+    from vitlab.models.presets import is_convnet
 
+    if args.preset and is_convnet(args.preset):
+        raise VitlabError(
+            f"vitlab plan models ViT blocks only, not {args.preset}; `vitlab params` gives its parameters and FLOPs"
+        )
     if args.preset:
         shape = preset_shape(args.preset, args.image_size, args.num_classes)
         print(format_plan(args.preset, shape, args.devices, args.device_memory, args.batch, args.precision))
@@ -113,8 +124,7 @@ def cmd_cka(args: argparse.Namespace) -> None:
 
     out = Path(args.out or Path(args.run_a) / f"cka-{Path(args.run_b).resolve().name}")
     result, written = compare_runs(args.run_a, args.run_b, out, args.num_images, args.batch_size, args.ema)
-    diagonal = [row[i] for i, row in enumerate(result.cka[: len(result.cka[0])])]
-    print(f"CKA of {len(result.layers_a)} × {len(result.layers_b)} layers on {result.images} images; diagonal {diagonal}")
+    print(f"CKA of {len(result.layers_a)} × {len(result.layers_b)} layers on {result.images} images")
     print(f"wrote {written['json']} and {written['png']}")
     checkpoint = ckpt.find_checkpoint(args.run_a)
     run_dir = checkpoint.parent.parent  # RUN/checkpoints/step-N

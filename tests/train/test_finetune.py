@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from tests.models.test_resnet import SMALL as SMALL_RESNET
 from tests.models.test_weights import google_npz, google_params
 from vitlab import VitlabError, create_model
 from vitlab.cli import main
@@ -303,3 +304,18 @@ def test_an_ai602_model_without_a_replaceable_head_is_refused_in_one_line():
         prepare_model(model, FinetuneConfig(checkpoint="unused"), load=True)
     with pytest.raises(VitlabError, match="ai602-vit-ti/8: the paper code's models have no replaceable head"):  # at load
         load_experiment(None, ["model.name=ai602-vit-ti/8", "finetune.checkpoint=unused"])
+
+
+def test_a_timm_resnet_file_fine_tunes_into_a_new_head(tmp_path):
+    torch.manual_seed(0)
+    source = create_model("bit-r26x1", num_classes=10, **SMALL_RESNET)
+    save_file(source.state_dict(), tmp_path / "resnetv2.safetensors")
+    model = prepare_model(
+        create_model("bit-r26x1", num_classes=3, **SMALL_RESNET),
+        FinetuneConfig(checkpoint=str(tmp_path / "resnetv2.safetensors")),
+        load=True,
+    )
+    torch.testing.assert_close(model.stages[1].blocks[0].conv2.weight, source.stages[1].blocks[0].conv2.weight)
+    assert model.head.fc.weight.shape == (3, 64, 1, 1) and not model.head.fc.weight.any()
+    with pytest.raises(VitlabError, match="finetune.format=npz"):
+        prepare_model(model, FinetuneConfig(checkpoint=str(tmp_path / "resnetv2.safetensors"), format="npz"), load=True)
