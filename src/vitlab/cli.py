@@ -291,10 +291,10 @@ def add_geometry_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    """Draw Fig. 2 or Table 2 of the paper from finished runs."""
-    from vitlab.report import fig2, table2
+    """Draw Fig. 2 or Table 2 of the paper, or the ViT-against-ConvNets comparison, from finished runs."""
+    from vitlab.report import compare, fig2, table2
 
-    table, figure = {"fig2": fig2, "table2": table2}[args.what](args.runs, args.out)
+    table, figure = {"fig2": fig2, "table2": table2, "compare": compare}[args.what](args.runs, args.out)
     print(table.read_text())
     print(f"wrote {table} and {figure}")
 
@@ -481,8 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
     translate_eval.add_argument("--batch-size", type=int, default=50, help="images per forward pass")
     translate_eval.set_defaults(func=cmd_translate_eval)
 
-    report = command("report", "the paper's Fig. 2 or Table 2 (markdown + PNG) from finished runs")
-    report.add_argument("what", choices=("fig2", "table2"), help="fig2: classification runs; table2: translation runs")
+    report = command("report", "the paper's Fig. 2 or Table 2, or ViT against ConvNets (markdown + PNG) from finished runs")
+    report.add_argument(
+        "what",
+        choices=("fig2", "table2", "compare"),
+        help="fig2: classification runs; table2: translation runs; compare: accuracy against training FLOPs and CKA maps",
+    )
     report.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     report.add_argument("--out", default="report", help="output folder")
     report.set_defaults(func=cmd_report)

@@ -108,3 +108,12 @@ def test_vitlab_cka_writes_json_and_heat_map(tmp_path, capsys):
     with Image.open(out / "cka.png") as png:
         assert png.width > 600
     assert "CKA" in capsys.readouterr().out
+
+
+def test_the_layers_are_resnet_units_then_vit_blocks_in_forward_order():
+    small = dict(stem_width=16, stem_channels=[32, 64], stem_groups=8, depth=2, embed_dim=32, num_heads=2)
+    hybrid = create_model("hybrid-r26-vit-ti/8", img_size=32, num_classes=3, **small)
+    names = [name for name, _ in representation_layers(hybrid)]
+    assert names == ["s1.u1", "s1.u2", *(f"s2.u{i}" for i in range(1, 7)), "block1", "block2"]
+    resnet = create_model("bit-r26x1", num_classes=3, stem_width=16, channels=[32, 64], layers=[1, 2], groups=8)
+    assert [name for name, _ in representation_layers(resnet)] == ["s1.u1", "s2.u1", "s2.u2"]

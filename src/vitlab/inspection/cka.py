@@ -24,7 +24,7 @@ from vitlab.figures import new_figure, save_figure
 
 MIN_BATCH = 4  # the unbiased HSIC divides by n − 3
 # The units compared: a ViT's blocks, a ResNet's (or a hybrid's stem's) residual units, in forward order.
-_LAYER = re.compile(r"^(?:.*\.)?(?:blocks\.(?P<block>\d+)|stages\.(?P<stage>\d+)\.blocks\.(?P<unit>\d+))$")
+_LAYER = re.compile(r"^(?:(?:.*\.)?stages\.(?P<stage>\d+)\.blocks\.(?P<unit>\d+)|blocks\.(?P<block>\d+))$")
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:
@@ -212,3 +212,22 @@ def compare_runs(
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "cka.json", json.dumps(asdict(result), indent=1))
     return result, {"json": out / "cka.json", "png": plot_similarity(result, out / "cka.png")}
+
+
+def plot_heat_maps(results: Sequence[Similarity], path: str | Path, columns: int = 4) -> Path:
+    """PNG: several CKA heat maps side by side (Raghu et al. 2021, Fig. 1 and 2), each titled `A × B`."""
+    rows = -(-len(results) // columns)
+    fig = new_figure(3.4 * min(columns, len(results)), 3.2 * rows)
+    axes = fig.subplots(rows, min(columns, len(results)), squeeze=False)
+    for ax in axes.flat[len(results) :]:
+        ax.axis("off")
+    for ax, result in zip(axes.flat, results):
+        shown = ax.imshow(torch.tensor(result.cka).numpy(), origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto")
+        ax.set_title(f"{result.names[0]} × {result.names[1]}", fontsize=9)
+        ax.set_ylabel(f"{result.names[0]} layer", fontsize=8)
+        ax.set_xlabel(f"{result.names[1]} layer", fontsize=8)
+        _ticks(ax.set_yticks, result.layers_a)
+        _ticks(ax.set_xticks, result.layers_b)
+        ax.tick_params(axis="x", labelrotation=90)
+    fig.colorbar(shown, ax=axes, label="linear CKA", shrink=0.8)
+    return save_figure(fig, path)
