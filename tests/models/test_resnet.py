@@ -96,3 +96,17 @@ def test_measured_flops_of_a_vit_match_the_planners_formula():
     measured = forward_flops("vit-ti/16", 64, num_classes=10)
     assert measured == flops_per_step(preset_shape("vit-ti/16", 64, 10), batch=1) / 3
     assert forward_flops("bit-r50x1", 224, num_classes=1000) == 8_178_368_512  # 4.09 GMACs, timm's figure for R50x1
+
+
+def test_checkpointed_units_give_the_same_gradients_and_bf16_autocast_runs():
+    torch.manual_seed(0)
+    model, images = create_model("bit-r26x1", img_size=32, num_classes=3, **SMALL), torch.randn(2, 3, 32, 32)
+    model(images).square().sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.grad_checkpointing = True
+    model(images).square().sum().backward()
+    for a, p in zip(plain, model.parameters()):
+        torch.testing.assert_close(p.grad, a)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert model(images).dtype == torch.bfloat16

@@ -306,6 +306,8 @@ def test_a_resnet_and_a_hybrid_train_and_evaluate_through_the_same_loop(tmp_path
     results = train(tiny_config(tmp_path, *extra), progress=False)
     assert results["steps"] == 2 and 0 <= results["test"]["acc1"] <= 1
     assert evaluate_checkpoint(results["run_dir"])["acc1"] == pytest.approx(results["test"]["acc1"])
+    logged = (Path(results["run_dir"]) / "steps.csv").read_text().splitlines()[0].split(",")
+    assert ("high_norm_tokens" in logged) == name.startswith("hybrid")  # a ResNet has no tokens
 
 
 def test_a_resnet_is_refused_where_only_vit_blocks_work(tmp_path):
