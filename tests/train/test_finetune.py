@@ -319,3 +319,19 @@ def test_a_timm_resnet_file_fine_tunes_into_a_new_head(tmp_path):
     assert model.head.fc.weight.shape == (3, 64, 1, 1) and not model.head.fc.weight.any()
     with pytest.raises(VitlabError, match="finetune.format=npz"):
         prepare_model(model, FinetuneConfig(checkpoint=str(tmp_path / "resnetv2.safetensors"), format="npz"), load=True)
+
+
+def test_a_timm_hybrid_file_fine_tunes_at_another_image_size(tmp_path):
+    torch.manual_seed(0)
+    options = dict(depth=1, embed_dim=32, num_heads=2, mlp_dim=64, stem_width=16, stem_channels=[32, 64], stem_groups=8)
+    source = create_model("hybrid-r26-vit-ti/8", img_size=32, num_classes=10, **options)
+    save_file(source.state_dict(), tmp_path / "hybrid.safetensors")
+    tuned = prepare_model(
+        create_model("hybrid-r26-vit-ti/8", img_size=48, num_classes=3, **options),
+        FinetuneConfig(checkpoint=str(tmp_path / "hybrid.safetensors")),
+        load=True,
+    )
+    torch.testing.assert_close(tuned.pos_embed, resample_pos_embed(source.pos_embed, (6, 6), 1))
+    stem = "patch_embed.backbone.stages.1.blocks.2.conv2.weight"
+    torch.testing.assert_close(tuned.state_dict()[stem], source.state_dict()[stem])
+    assert not tuned.head.weight.any()
