@@ -86,6 +86,8 @@ def fig2_rows(run_dirs: list[str | Path]) -> list[dict]:
     """One row per classification run: dataset, model, family, size, final and best test acc@1."""
     rows = []
     for run_dir, config, results in read_runs(run_dirs, "train"):
+        if is_convnet(config["model"]["name"]):
+            raise VitlabError(f"{run_dir} trained {config['model']['name']}, not a ViT; draw it with `vitlab report compare`")
         family, size, _ = parse_name(config["model"]["name"])
         epochs = read_epochs(run_dir / "epochs.csv")
         accs = epochs.get("test_acc1", [])
