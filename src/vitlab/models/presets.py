@@ -166,9 +166,9 @@ def meta_parameter_count(build: Callable[[], torch.nn.Module]) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def forward_flops(name: str, img_size: int = 224, in_chans: int = 3, **overrides) -> int:
-    """FLOPs of one image's forward pass (2 per multiply-add of convolutions and matrix products), counted by
-    PyTorch's FlopCounterMode on the meta device; attention is counted on its explicit matmuls."""
+def counted_model(name: str, img_size: int = 224, in_chans: int = 3, **overrides) -> tuple[int, int]:
+    """Parameters and forward FLOPs of one image (2 per multiply-add of convolutions and matrix products) of a preset,
+    built on the meta device and counted by PyTorch's FlopCounterMode; attention is counted on its explicit matmuls."""
     if "attn_impl" in model_options(name):
         overrides["attn_impl"] = "matmul"  # SDPA's CPU kernel has no FLOP formula
     with torch.device("meta"):
@@ -176,7 +176,12 @@ def forward_flops(name: str, img_size: int = 224, in_chans: int = 3, **overrides
         images = torch.empty(1, in_chans, img_size, img_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(images)
-    return counter.get_total_flops()
+    return sum(p.numel() for p in model.parameters()), counter.get_total_flops()
+
+
+def forward_flops(name: str, img_size: int = 224, in_chans: int = 3, **overrides) -> int:
+    """Forward FLOPs of one image of a preset (`counted_model`)."""
+    return counted_model(name, img_size, in_chans, **overrides)[1]
 
 
 def count_parameters(name: str, **overrides) -> int:
@@ -202,12 +207,9 @@ CONVNET_PRESETS = ("bit-r26x1", "bit-r50x1", "bit-r101x1", "hybrid-r50-vit-b/16"
 def convnet_table(img_size: int = 224, num_classes: int = 1000) -> list[dict]:
     """Parameters and forward GFLOPs per image of the BiT ResNets and hybrids, beside ViT-B/16 (the ViT paper's Fig. 5);
     the /16 models only at image sizes that are multiples of 16."""
-    return [
-        dict(
-            name=name,
-            params=count_parameters(name, img_size=img_size, num_classes=num_classes),
-            gflops=forward_flops(name, img_size, num_classes=num_classes) / 1e9,
-        )
-        for name in CONVNET_PRESETS
-        if not name.endswith("/16") or img_size % 16 == 0
-    ]
+    rows = []
+    for name in CONVNET_PRESETS:
+        if not name.endswith("/16") or img_size % 16 == 0:
+            params, flops = counted_model(name, img_size, num_classes=num_classes)
+            rows.append(dict(name=name, params=params, gflops=flops / 1e9))
+    return rows
