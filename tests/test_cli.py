@@ -13,9 +13,12 @@ from vitlab.cli import build_parser, main
 
 def test_params_prints_table_1_for_the_given_geometry(capsys):
     assert main(["params", "--image-size", "32", "--patch-size", "4", "--num-classes", "10"]) == 0
-    out = capsys.readouterr().out
+    out, convnets = capsys.readouterr().out.split("\n\n")
     lines = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip() and not line.startswith("-")}
     assert list(lines) == ["Ti", "S", "B", "L", "H", "g", "G", "22B"]
+    rows = {line.split()[0]: line.split()[1:] for line in convnets.splitlines()[2:]}
+    assert list(rows) == ["bit-r26x1", "bit-r50x1", "bit-r101x1", "hybrid-r50-vit-b/16", "hybrid-r50-vit22b-b/16", "vit-b/16"]
+    assert int(rows["bit-r50x1"][0].replace(",", "")) == count_parameters("bit-r50x1", num_classes=10)
     small = lines["S"].split()
     assert int(small[5].replace(",", "")) == count_parameters("vit-s/4", img_size=32, num_classes=10)
     assert int(small[6].replace(",", "")) == count_parameters("vit22b-s/4", img_size=32, num_classes=10)

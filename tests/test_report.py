@@ -110,3 +110,9 @@ def test_an_output_path_that_cannot_be_a_folder_is_one_line(tmp_path: Path, caps
     (tmp_path / "file").write_text("mine")
     err = report_error(capsys, "fig2", str(run), "--out", str(tmp_path / out))
     assert f"{tmp_path / 'file'} is a file, not a folder; give another --out" in err and (tmp_path / "file").read_text() == "mine"
+
+
+def test_fig2_sends_a_resnet_run_to_the_comparison(tmp_path: Path) -> None:
+    runs = [classifier(tmp_path, "a", "vit-s/4", [0.5]), classifier(tmp_path, "r", "bit-r50x1", [0.7])]
+    with pytest.raises(VitlabError, match="vitlab report compare"):
+        fig2(runs, tmp_path / "report")

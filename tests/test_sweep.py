@@ -112,3 +112,18 @@ def test_two_configs_of_one_run_directory_are_refused_before_anything_trains(tmp
     with pytest.raises(VitlabError, match=f"both train {tmp_path / 'runs' / 'vit'}; give each config its own name"):
         run_sweep([first, str(second)], [], tmp_path / "report", progress=False)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_with_a_resnet_draws_the_comparison_with_training_flops_and_cka(tmp_path: Path) -> None:
+    from vitlab.models.presets import forward_flops
+
+    options = {"stem_width": 16, "channels": [32, 64], "layers": [1, 1], "groups": 8}
+    paths = [tiny(tmp_path, "vit", "vit-ti/8"), tiny(tmp_path, "resnet", "bit-r26x1", {**TINY, "model": {"options": options}})]
+    assert sweep_commands(paths, [], 1)[-1].startswith("vitlab report compare ")
+    table, figure = run_sweep(paths, [], tmp_path / "report", progress=False).reports["compare"]
+    vit, resnet = table.read_text().splitlines()[2:4]
+    assert "| ViT |" in vit and "| ResNet |" in resnet
+    trained = 2 * 32  # 64 images in batches of 32, one epoch
+    assert f"| {3 * forward_flops('bit-r26x1', 32, num_classes=10, **options) * trained:.3g} |" in resnet
+    assert {p.name for p in (tmp_path / "report" / "cka").iterdir()} == {"vit-vit", "vit-resnet", "resnet-resnet"}
+    assert figure.is_file() and (tmp_path / "report" / "cka-maps.png").is_file()

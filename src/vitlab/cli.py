@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 
 def cmd_params(args: argparse.Namespace) -> None:
-    """Print Table 1: parameter counts of every preset in both families."""
-    from vitlab.models.presets import parameter_table
+    """Print Table 1: parameter counts of every preset in both families; then the ResNets and hybrids with FLOPs."""
+    from vitlab.models.presets import convnet_table, parameter_table
 
     rows = parameter_table(args.image_size, args.patch_size, args.num_classes)
     print(f"Parameters at {args.image_size} px, patch {args.patch_size}, {args.num_classes} classes (meta device)")
@@ -38,12 +38,23 @@ def cmd_params(args: argparse.Namespace) -> None:
         print(
             f"{r['size']:>5} {r['depth']:>6} {r['width']:>6} {r['mlp_dim']:>6} {r['heads']:>5} {r['vit']:>16,} {r['vit22b']:>16,}"
         )
+    print(
+        f"\nBiT ResNets and hybrids at {args.image_size} px, {args.num_classes} classes (meta device; FLOPs = 2 per multiply-add)"
+    )
+    print(f"{'preset':>24} {'parameters':>14} {'GFLOPs/image':>13}")
+    for r in convnet_table(args.image_size, args.num_classes):
+        print(f"{r['name']:>24} {r['params']:>14,} {r['gflops']:>13.2f}")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
     """Print what training a preset needs per device under DDP and FSDP, or the fewest devices for every preset."""
     from vitlab.models.planner import format_overview, format_plan, preset_shape
+    from vitlab.models.presets import is_convnet
 
+    if args.preset and is_convnet(args.preset):
+        raise VitlabError(
+            f"vitlab plan models ViT blocks only, not {args.preset}; `vitlab params` gives its parameters and FLOPs"
+        )
     if args.preset:
         shape = preset_shape(args.preset, args.image_size, args.num_classes, num_registers=args.num_registers)
         print(format_plan(args.preset, shape, args.devices, args.device_memory, args.batch, args.precision))
@@ -100,6 +111,22 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         pngs_to_tensorboard(
             run_dir, {f"inspect/{name}": path for name, path in written.items()}, ckpt.read_meta(checkpoint)["step"]
         )
+
+
+def cmd_cka(args: argparse.Namespace) -> None:
+    """Layer × layer linear CKA of two runs on the same images: cka.json, cka.png, and TensorBoard."""
+    from vitlab.inspection.cka import compare_runs
+    from vitlab.runs import checkpoint as ckpt
+    from vitlab.train.run_log import pngs_to_tensorboard
+
+    out = Path(args.out or Path(args.run_a) / f"cka-{Path(args.run_b).resolve().name}")
+    result, written = compare_runs(args.run_a, args.run_b, out, args.num_images, args.batch_size, args.ema)
+    print(f"CKA of {len(result.layers_a)} × {len(result.layers_b)} layers on {result.images} images")
+    print(f"wrote {written['json']} and {written['png']}")
+    checkpoint = ckpt.find_checkpoint(args.run_a)
+    run_dir = checkpoint.parent.parent  # RUN/checkpoints/step-N
+    if (run_dir / "tensorboard").is_dir():
+        pngs_to_tensorboard(run_dir, {f"cka/{result.names[1]}": written["png"]}, ckpt.read_meta(checkpoint)["step"])
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -269,10 +296,10 @@ def add_geometry_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    """Draw Fig. 2 or Table 2 of the paper from finished runs."""
-    from vitlab.report import fig2, table2
+    """Draw Fig. 2 or Table 2 of the paper, or the ViT-against-ConvNets comparison, from finished runs."""
+    from vitlab.report import compare, fig2, table2
 
-    table, figure = {"fig2": fig2, "table2": table2}[args.what](args.runs, args.out)
+    table, figure = {"fig2": fig2, "table2": table2, "compare": compare}[args.what](args.runs, args.out)
     print(table.read_text())
     print(f"wrote {table} and {figure}")
 
@@ -357,6 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", help="output folder (default: CHECKPOINT/inspect)")
     inspect.add_argument("--ema", action="store_true", help="inspect the EMA weights")
     inspect.set_defaults(func=cmd_inspect)
+
+    cka = command("cka", "layer × layer linear CKA of two runs on the same test images (heat map, JSON, TensorBoard)")
+    cka.add_argument("run_a", help="run directory or checkpoint folder (its test images are used)")
+    cka.add_argument("run_b", help="run directory or checkpoint folder (the same run: its self-similarity)")
+    cka.add_argument("--num-images", type=int, default=512, help="test images (in minibatches; Nguyen et al. 2021)")
+    cka.add_argument("--batch-size", type=int, default=64, help="images per minibatch (at least 4)")
+    cka.add_argument("--out", help="output folder (default: RUN_A/cka-<RUN_B's name>)")
+    cka.add_argument("--ema", action="store_true", help="compare the EMA weights")
+    cka.set_defaults(func=cmd_cka)
 
     stability = command("stability", "train variants side by side and draw Fig. 1 (logits, gradients)")
     stability.add_argument("config", help="stability study YAML (see configs/stability/)")
@@ -460,8 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_json_option(translate_eval)
     translate_eval.set_defaults(func=cmd_translate_eval)
 
-    report = command("report", "the paper's Fig. 2 or Table 2 (markdown + PNG) from finished runs")
-    report.add_argument("what", choices=("fig2", "table2"), help="fig2: classification runs; table2: translation runs")
+    report = command("report", "the paper's Fig. 2 or Table 2, or ViT against ConvNets (markdown + PNG) from finished runs")
+    report.add_argument(
+        "what",
+        choices=("fig2", "table2", "compare"),
+        help="fig2: classification runs; table2: translation runs; compare: accuracy against training FLOPs and CKA maps",
+    )
     report.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     report.add_argument("--out", default="report", help="output folder")
     report.set_defaults(func=cmd_report)

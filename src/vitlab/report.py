@@ -1,4 +1,5 @@
-"""The paper's figures and tables drawn from finished runs: Fig. 2 (`fig2`) and Table 2 (`table2`)."""
+"""The paper's figures and tables drawn from finished runs: Fig. 2 (`fig2`) and Table 2 (`table2`); and `compare`, the
+ViT lecture's ViT against ConvNets (accuracy against training FLOPs, CKA maps)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from PIL import Image
 from vitlab.errors import VitlabError
 from vitlab.eval.figures import output_folder
 from vitlab.figures import new_figure, save_figure
-from vitlab.models.presets import SIZES, parse_name
+from vitlab.inspection.cka import compare_runs, plot_heat_maps
+from vitlab.models.presets import SIZES, forward_flops, is_convnet, parse_name
+from vitlab.runs import checkpoint as ckpt
 from vitlab.runs.checkpoint import write_text_atomic
 from vitlab.runs.stored import check_made_by
 from vitlab.train.run_log import read_csv
@@ -83,6 +86,8 @@ def fig2_rows(run_dirs: list[str | Path]) -> list[dict]:
     """One row per classification run: dataset, model, family, size, final and best test acc@1."""
     rows = []
     for run_dir, config, results in read_runs(run_dirs, "train"):
+        if is_convnet(config["model"]["name"]):
+            raise VitlabError(f"{run_dir} trained {config['model']['name']}, not a ViT; draw it with `vitlab report compare`")
         family, size, _ = parse_name(config["model"]["name"])
         epochs = read_epochs(run_dir / "epochs.csv")
         accs = epochs.get("test_acc1", [])
@@ -191,4 +196,91 @@ def table2(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path, Path]
         ax.set_title(f"{r['dataset']} · {r['generator']} · FID {scores} ({r['features']})", fontsize=9)
         ax.axis("off")
     figure = save_figure(fig, out_dir / "table2.png")
+    return table, figure
+
+
+def model_kind(name: str) -> str:
+    """ViT, ViT-22B, ResNet or hybrid (with its block family), from a preset name."""
+    lowered = name.strip().lower()
+    if lowered.startswith("bit-"):
+        return "ResNet"
+    if is_convnet(lowered):
+        return "hybrid (ViT-22B blocks)" if "-vit22b-" in lowered else "hybrid"
+    family = parse_name(name)[0]
+    return FAMILY_TITLES.get(family, family)
+
+
+def compare_rows(run_dirs: list[str | Path]) -> list[dict]:
+    """One row per classification run: its model, parameters, FLOPs and test acc@1, and acc@1 against training FLOPs.
+
+    Training FLOPs are 3 × the forward FLOPs of an image (`forward_flops`; the backward twice the forward) × the images
+    trained on (steps × train.batch_size), at each evaluation and at the end.
+    """
+    rows = []
+    for run_dir, config, results in read_runs(run_dirs, "train"):
+        model, batch = config["model"], config["train"]["batch_size"]
+        classes = ckpt.read_meta(ckpt.find_checkpoint(run_dir))["num_classes"]
+        flops = forward_flops(model["name"], config["data"]["image_size"], num_classes=classes, **model["options"])
+        epochs = read_epochs(run_dir / "epochs.csv")
+        curve = [
+            (3 * flops * step * batch, acc)
+            for step, acc in zip(epochs.get("step", []), epochs.get("test_acc1", []))
+            if math.isfinite(acc)
+        ]
+        rows.append(
+            dict(
+                name=run_dir.name,
+                model=model["name"],
+                kind=model_kind(model["name"]),
+                params=results["num_parameters"],
+                forward_flops=flops,
+                train_flops=3 * flops * results["steps"] * batch,
+                acc1=results["test"]["acc1"],
+                train_seconds=results["train_seconds_this_session"],
+                curve=curve,
+                run=str(run_dir),
+            )
+        )
+    return rows
+
+
+def compare(run_dirs: list[str | Path], out_dir: str | Path, cka_images: int = 512) -> tuple[Path, Path]:
+    """ViT against ConvNets: compare.md, compare.png (test acc@1 against training FLOPs, the ViT paper's Fig. 5 at
+    small scale) and linear CKA (Raghu et al. 2021) of the first ViT run against every run and of every run with itself,
+    in cka/ (one heat map and JSON per pair) and cka-maps.png."""
+    rows = compare_rows(run_dirs)
+    out_dir = output_folder(out_dir)
+    lines = [
+        "| run | model | kind | parameters | forward MFLOPs / image | training FLOPs | test acc@1 | train time |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | `{r['model']}` | {r['kind']} | {r['params']:,} | {r['forward_flops'] / 1e6:.1f} | "
+            f"{r['train_flops']:.3g} | {percent(r['acc1'])} | {r['train_seconds'] / 60:.1f} min |"
+        )
+    reference = next((r for r in rows if r["kind"] in ("ViT", "ViT-22B")), rows[0])
+    pairs = [(reference, r) for r in rows] + [(r, r) for r in rows if r is not reference]
+    similarities = []
+    for a, b in pairs:
+        result, _ = compare_runs(a["run"], b["run"], out_dir / "cka" / f"{a['name']}-{b['name']}", cka_images)
+        result.names = (a["name"], b["name"])
+        similarities.append(result)
+    plot_heat_maps(similarities, out_dir / "cka-maps.png")
+    cka_note = (
+        f"CKA on {similarities[0].images} test images of {reference['name']}'s data: cka-maps.png, cka/A-B/cka.png and .json."
+    )
+    table = out_dir / "compare.md"
+    write_text_atomic(table, "\n".join(lines) + f"\n\nTraining FLOPs: 3 × forward × images trained on. {cka_note}\n")
+
+    fig = new_figure(6.5, 4.2)
+    ax = fig.add_subplot()
+    for i, r in enumerate(rows):
+        if r["curve"]:
+            ax.plot(*zip(*[(f, 100 * a) for f, a in r["curve"]]), marker=".", alpha=0.6, color=f"C{i}")
+        ax.scatter([r["train_flops"]], [100 * r["acc1"]], s=50, color=f"C{i}", label=f"{r['name']} ({r['kind']})")
+    ax.set(xscale="log", xlabel="training FLOPs", ylabel="test acc@1 (%)")
+    ax.legend(fontsize=8)
+    ax.set_title("Accuracy against training compute (each run's evaluations; dots: final)", fontsize=9)
+    figure = save_figure(fig, out_dir / "compare.png", [ax])
     return table, figure

@@ -17,11 +17,19 @@ from pathlib import Path
 
 from vitlab.config import MapConfig, PretrainConfig, RunConfig, StabilityConfig, TranslateConfig, config_kind, parse_yaml
 from vitlab.errors import VitlabError
-from vitlab.report import fig2, table2
+from vitlab.models.presets import is_convnet
+from vitlab.report import compare, fig2, table2
 from vitlab.runs.kinds import load_experiment
 from vitlab.train.scaffold import AUTO, RunInterrupted
 
 REPORTS = {RunConfig: ("fig2", fig2), TranslateConfig: ("table2", table2)}  # pretraining runs have no report
+
+
+def sweep_reports(configs: list) -> dict:
+    """The report of each kind of run in the sweep; classifiers with a ResNet or hybrid among them get `compare`."""
+    if any(isinstance(c, RunConfig) and is_convnet(c.model.name) for c in configs):
+        return REPORTS | {RunConfig: ("compare", compare)}
+    return REPORTS
 
 
 def load_sweep_config(path: str | Path, overrides: list[str]):
@@ -52,11 +60,13 @@ def load_sweep(paths: list[str], overrides: list[str]) -> list:
 def sweep_commands(paths: list[str], overrides: list[str], nproc: int = 1, report_dir: str = "report") -> list[str]:
     """The shell commands of the sweep (torchrun to train or pretrain, one process to translate), then the report's."""
     sets = "".join(f" --set {shlex.quote(item)}" for item in overrides)
-    commands, runs = [], {name: [] for name, _ in REPORTS.values()}
-    for path, config in zip(paths, load_sweep(paths, overrides)):
+    configs = load_sweep(paths, overrides)
+    drawn = sweep_reports(configs)
+    commands, runs = [], {name: [] for name, _ in drawn.values()}
+    for path, config in zip(paths, configs):
         kind, command = type(config), type(config).KIND
-        if kind in REPORTS:
-            runs[REPORTS[kind][0]].append(shlex.quote(str(Path(config.out_dir) / config.name)))
+        if kind in drawn:
+            runs[drawn[kind][0]].append(shlex.quote(str(Path(config.out_dir) / config.name)))
         if kind is TranslateConfig:
             commands.append(f"vitlab {command} {shlex.quote(path)}{sets}")
         else:
@@ -112,7 +122,7 @@ def run_sweep(paths: list[str], overrides: list[str], report_dir: str | Path, pr
             result.failed[path] = str(exc) or type(exc).__name__
             print(f"sweep {i}/{len(paths)}: {path} failed: {result.failed[path]}", file=sys.stderr, flush=True)
     kinds = {path: type(config) for path, config in zip(paths, configs)}
-    for kind, (name, draw) in REPORTS.items():
+    for kind, (name, draw) in sweep_reports(configs).items():
         found = [str(run_dir) for path, run_dir in result.finished.items() if kinds[path] is kind]
         if found:
             result.reports[name] = draw(found, report_dir)

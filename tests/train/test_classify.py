@@ -292,3 +292,31 @@ def test_fp16_trains_with_a_loss_scaler_that_resumes_exactly(tmp_path):
     train(load_run_config_with(resumed), resume_dir=resumed, progress=False)
     assert read_losses(resumed) == losses
     assert (run_dir / "confusion_matrix.png").is_file()
+
+
+CONVNETS = {
+    "bit-r26x1": "{stem_width: 16, channels: [32, 64], layers: [1, 1], groups: 8}",
+    "hybrid-r26-vit22b-ti/8": "{depth: 1, embed_dim: 32, num_heads: 2, mlp_dim: 64, stem_width: 16, stem_channels: [32, 64], stem_groups: 8}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVNETS))
+def test_a_resnet_and_a_hybrid_train_and_evaluate_through_the_same_loop(tmp_path, name):
+    extra = [f"model.name={name}", f"model.options={CONVNETS[name]}", "data.num_train=128", "data.num_test=64", "train.epochs=1"]
+    results = train(tiny_config(tmp_path, *extra), progress=False)
+    assert results["steps"] == 2 and 0 <= results["test"]["acc1"] <= 1
+    assert evaluate_checkpoint(results["run_dir"])["acc1"] == pytest.approx(results["test"]["acc1"])
+    logged = (Path(results["run_dir"]) / "steps.csv").read_text().splitlines()[0].split(",")
+    assert ("high_norm_tokens" in logged) == name.startswith("hybrid")  # a ResNet has no tokens
+
+
+def test_a_resnet_is_refused_where_only_vit_blocks_work(tmp_path):
+    from vitlab import VitlabError
+    from vitlab.config import PretrainConfig
+    from vitlab.runs.kinds import check_experiment
+
+    resnet = ["model.name=bit-r26x1", f"model.options={CONVNETS['bit-r26x1']}"]
+    with pytest.raises(VitlabError, match="train.strategy=ddp"):
+        check_experiment(tiny_config(tmp_path, *resnet, "train.strategy=fsdp"))
+    with pytest.raises(VitlabError, match="MAE and MPP mask patches"):
+        check_experiment(load_config(None, ["model.name=hybrid-r50-vit-b/16"], PretrainConfig))

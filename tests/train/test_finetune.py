@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from tests.models.test_resnet import SMALL as SMALL_RESNET
 from tests.models.test_weights import google_npz, google_params
 from vitlab import VitlabError, create_model
 from vitlab.cli import main
@@ -317,3 +318,36 @@ def test_an_ai602_model_without_a_replaceable_head_is_refused_in_one_line():
         prepare_model(model, FinetuneConfig(checkpoint="unused"), load=True)
     with pytest.raises(VitlabError, match="ai602-vit-ti/8: the paper code's models have no replaceable head"):  # at load
         load_experiment(None, ["model.name=ai602-vit-ti/8", "finetune.checkpoint=unused"])
+
+
+def test_a_timm_resnet_file_fine_tunes_into_a_new_head(tmp_path):
+    torch.manual_seed(0)
+    source = create_model("bit-r26x1", num_classes=10, **SMALL_RESNET)
+    save_file(source.state_dict(), tmp_path / "resnetv2.safetensors")
+    model, said = prepare_model(
+        create_model("bit-r26x1", num_classes=3, **SMALL_RESNET),
+        FinetuneConfig(checkpoint=str(tmp_path / "resnetv2.safetensors")),
+        load=True,
+    )
+    torch.testing.assert_close(model.stages[1].blocks[0].conv2.weight, source.stages[1].blocks[0].conv2.weight)
+    assert said.endswith("no pretrained position embedding, new zero head of 3 classes")
+    assert model.head.fc.weight.shape == (3, 64, 1, 1) and not model.head.fc.weight.any()
+    with pytest.raises(VitlabError, match="finetune.format=npz"):
+        prepare_model(model, FinetuneConfig(checkpoint=str(tmp_path / "resnetv2.safetensors"), format="npz"), load=True)
+
+
+def test_a_timm_hybrid_file_fine_tunes_at_another_image_size(tmp_path):
+    torch.manual_seed(0)
+    options = dict(depth=1, embed_dim=32, num_heads=2, mlp_dim=64, stem_width=16, stem_channels=[32, 64], stem_groups=8)
+    source = create_model("hybrid-r26-vit-ti/8", img_size=32, num_classes=10, **options)
+    save_file(source.state_dict(), tmp_path / "hybrid.safetensors")
+    tuned, said = prepare_model(
+        create_model("hybrid-r26-vit-ti/8", img_size=48, num_classes=3, **options),
+        FinetuneConfig(checkpoint=str(tmp_path / "hybrid.safetensors")),
+        load=True,
+    )
+    torch.testing.assert_close(tuned.pos_embed, resample_pos_embed(source.pos_embed, (6, 6), 1))
+    assert "position embedding resampled 4×4 → 6×6 patches" in said
+    stem = "patch_embed.backbone.stages.1.blocks.2.conv2.weight"
+    torch.testing.assert_close(tuned.state_dict()[stem], source.state_dict()[stem])
+    assert not tuned.head.weight.any()

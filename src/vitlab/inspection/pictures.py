@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from vitlab.data.augment import normalize
+from vitlab.errors import VitlabError
 from vitlab.inspection.attention import (
     Query,
     attention_maps,
@@ -24,7 +25,7 @@ from vitlab.inspection.embeddings import (
     plot_position_similarity,
     position_embedding_similarity,
 )
-from vitlab.models.vit import VisionTransformer
+from vitlab.models.vit import PatchEmbed, VisionTransformer
 
 
 def inspect_model(
@@ -39,8 +40,14 @@ def inspect_model(
 ) -> dict[str, Path]:
     """Write the inspection PNGs of `model` on uint8 `images` (B, C, H, W) into `out_dir`; returns them by name.
 
-    `query` defaults to the class token, or to the mean over queries for a model without one.
+    `query` defaults to the class token, or to the mean over queries for a model without one; a hybrid's
+    patch embedding has no pixel filters to draw.
     """
+    if not isinstance(model, VisionTransformer):
+        raise VitlabError(
+            f"vitlab inspect draws a ViT's attention and embeddings, which a {type(model).__name__} has not; "
+            "compare its layers with another run's by `vitlab cka RUN_A RUN_B`"
+        )
     out_dir = Path(out_dir)
     query = default_query(model) if query is None else query
     device = next(model.parameters()).device
@@ -58,7 +65,8 @@ def inspect_model(
     written["position_similarity"] = plot_position_similarity(
         position_embedding_similarity(model), out_dir / "position_similarity.png"
     )
-    written["patch_components"] = plot_patch_components(
-        *patch_embedding_components(model, components), out_dir / "patch_embedding_pcs.png"
-    )
+    if isinstance(model.patch_embed, PatchEmbed):  # pixel filters (a hybrid's 1×1 projection of ResNet features is not)
+        written["patch_components"] = plot_patch_components(
+            *patch_embedding_components(model, components), out_dir / "patch_embedding_pcs.png"
+        )
     return written

@@ -31,6 +31,9 @@ from safetensors.torch import save_file
 
 from vitlab.config import DataConfig
 from vitlab.errors import VitlabError, check_choice
+from vitlab.models.hybrid import HybridViT
+from vitlab.models.resnet import ResNetV2
+from vitlab.models.vit import VisionTransformer
 from vitlab.models.weights import check_weights, implied_tensors, to_hf, to_timm
 
 FORMATS = ("timm", "hf", "onnx", "torch-export")
@@ -77,18 +80,50 @@ def unsupported(config: dict, fmt: str) -> list[str]:
     return problems
 
 
+# timm's registered BiT ResNets and ResNet hybrids (timm/models/resnetv2.py, vision_transformer_hybrid.py): their
+# builders fix the ResNet's layout, so a vitlab ResNet or hybrid exports for timm only in one of these layouts.
+TIMM_BIT = {
+    ((3, 4, 6, 3), 1): "resnetv2_50x1_bit",
+    ((3, 4, 6, 3), 3): "resnetv2_50x3_bit",
+    ((3, 4, 23, 3), 1): "resnetv2_101x1_bit",
+    ((3, 4, 23, 3), 3): "resnetv2_101x3_bit",
+    ((3, 8, 36, 3), 2): "resnetv2_152x2_bit",
+    ((3, 8, 36, 3), 4): "resnetv2_152x4_bit",
+}
+TIMM_HYBRIDS = {(3, 4, 9): "vit_base_r50_s16_224", (2, 2, 2, 2): "vit_small_r26_s32_224", (3, 4, 6, 3): "vit_large_r50_s32_224"}
+TIMM_BIT_FIXED = dict(channels=[256, 512, 1024, 2048], stem_width=64, stem="bit", preact=True, groups=32)
+TIMM_HYBRID_FIXED = dict(stem_width=64, stem="same", stem_preact=False, stem_groups=32, block="serial")
+
+
+def timm_convnet(model: torch.nn.Module) -> tuple[str | None, list[str]]:
+    """timm's registered name for a ResNetV2 or HybridViT's layout, and the options that keep it from having one."""
+    c = {k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()}
+    if isinstance(model, HybridViT):
+        name = TIMM_HYBRIDS.get(tuple(c["stem_layers"]))
+        fixed = TIMM_HYBRID_FIXED | dict(stem_channels=TIMM_BIT_FIXED["channels"][: len(c["stem_layers"])])
+        layout = f"stem_layers={c['stem_layers']}: timm's hybrids have {' or '.join(map(str, map(list, TIMM_HYBRIDS)))}"
+    else:
+        name, fixed = TIMM_BIT.get((tuple(c["layers"]), c["width_factor"])), TIMM_BIT_FIXED
+        layout = f"layers={c['layers']} at width {c['width_factor']}: timm registers {', '.join(TIMM_BIT.values())}"
+    problems = [f"{key}={c[key]!r}: timm's builder fixes {value!r}" for key, value in fixed.items() if c[key] != value]
+    return name, problems + ([layout] if name is None else [])
+
+
 def finite_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors as floats, those timm and Hugging Face store but vitlab computes included; all finite."""
-    tensors = {**model.state_dict(), **implied_tensors(model)}
-    tensors = {k: v.detach().float() for k, v in tensors.items()}
+    implied = implied_tensors(model) if isinstance(model, VisionTransformer) else {}
+    tensors = {k: v.detach().float() for k, v in {**model.state_dict(), **implied}.items()}
     check_weights(tensors, "cannot export the model", "its run diverged or started from them: export an earlier checkpoint")
     return tensors
 
 
 def exported_state_dict(model: torch.nn.Module, fmt: str) -> dict[str, torch.Tensor]:
-    """The model's tensors under `fmt`'s names (`finite_tensors`)."""
+    """The model's tensors under `fmt`'s names (`finite_tensors`); a ResNetV2's are timm's already."""
     tensors = finite_tensors(model)
-    named = to_timm(tensors, model.config["block"]) if fmt == "timm" else to_hf(tensors)
+    if not isinstance(model, VisionTransformer):
+        named = tensors
+    else:
+        named = to_timm(tensors, model.config["block"]) if fmt == "timm" else to_hf(tensors)
     return {k: v.contiguous().clone() for k, v in named.items()}  # split views would share storage
 
 
@@ -120,7 +155,6 @@ def run_preprocessing(data: DataConfig, streamed: bool) -> Preprocessing:
 def timm_arguments(config: dict, preprocessing: Preprocessing) -> dict:
     """Keyword arguments of `timm.create_model` that build the same model (load the weights with checkpoint_path)."""
     c = config
-    mean, std = preprocessing.per_channel(c["in_chans"])
     args = dict(
         # Any registered ViT name will do: every keyword below overrides its defaults. vit_base_patch16_xp_224 is
         # timm's ViT with ParallelScalingBlock (and RmsNorm, pre-norm and no class position, turned off here).
@@ -146,19 +180,41 @@ def timm_arguments(config: dict, preprocessing: Preprocessing) -> dict:
         # timm's serial Block has vitlab's ls1, ls2; its ParallelScalingBlock one gain on the sum, so there the
         # gains are folded into the out projections (`parallel_block_to_timm`) and timm builds none.
         init_values=(c["layer_scale"] or None) if c["block"] == "serial" else None,
-        pretrained_cfg_overlay=dict(
-            input_size=[c["in_chans"], c["img_size"], c["img_size"]],
-            interpolation=preprocessing.interpolation,
-            crop_pct=preprocessing.crop_fraction or 1.0,
-            crop_mode="squash" if preprocessing.crop_fraction is None else "center",
-            mean=mean,
-            std=std,
-            num_classes=c["num_classes"],
-        ),
+        pretrained_cfg_overlay=timm_preprocessing(c, preprocessing),
     )
     if c["block"] == "parallel":
         args |= dict(norm_layer="layernorm", pre_norm=False, no_embed_class=False)  # timm's LayerNorm: eps 1e-6
     return args
+
+
+def timm_preprocessing(config: dict, preprocessing: Preprocessing) -> dict:
+    """timm's pretrained_cfg entries of the input: size, resampling, crop, mean and std (and the classes)."""
+    mean, std = preprocessing.per_channel(config["in_chans"])
+    return dict(
+        input_size=[config["in_chans"], config["img_size"], config["img_size"]],
+        interpolation=preprocessing.interpolation,
+        crop_pct=preprocessing.crop_fraction or 1.0,
+        crop_mode="squash" if preprocessing.crop_fraction is None else "center",
+        mean=mean,
+        std=std,
+        num_classes=config["num_classes"],
+    )
+
+
+def timm_convnet_arguments(model: torch.nn.Module, name: str, preprocessing: Preprocessing) -> dict:
+    """`timm.create_model` arguments of a ResNetV2 (timm's registered BiT of its layout) or a hybrid (a patch of 1
+    on the ResNet's feature map; the ViT's keywords override timm's registered hybrid of its stem)."""
+    c = model.config
+    if isinstance(model, HybridViT):
+        return timm_arguments(c, preprocessing) | dict(model_name=name, patch_size=1)
+    overlay = timm_preprocessing(c, preprocessing)
+    return dict(
+        model_name=name,
+        num_classes=c["num_classes"],
+        in_chans=c["in_chans"],
+        drop_path_rate=c["drop_path"],
+        pretrained_cfg_overlay=overlay,
+    )
 
 
 def hf_config(config: dict, classes: list[str]) -> dict:
@@ -332,7 +388,13 @@ def export_model(
     for timm, Hugging Face, ONNX or torch.export; returns the files."""
     check_choice("--format", fmt, FORMATS)
     config = model.config
-    problems = unsupported(config, fmt)
+    convnet, problems = isinstance(model, (ResNetV2, HybridViT)), []
+    if convnet:
+        timm_name, problems = timm_convnet(model)
+        problems += [f"{type(model).__name__}: transformers' ViT has none (export --format timm)"] if fmt == "hf" else []
+        problems += [] if config["num_classes"] > 0 else ["num_classes=0 (no head): export a classifier"]
+    if isinstance(model, VisionTransformer):
+        problems += unsupported(config, fmt)
     if problems:
         raise VitlabError(f"cannot export this model for {fmt}: " + "; ".join(problems))
     classes = classes or [f"class {i}" for i in range(config["num_classes"])]
@@ -349,7 +411,10 @@ def export_model(
             save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
         if fmt == "timm":
-            documents = {"create_model.json": timm_arguments(config, preprocessing), "class_names.json": classes}
+            arguments = (
+                timm_convnet_arguments(model, timm_name, preprocessing) if convnet else timm_arguments(config, preprocessing)
+            )
+            documents = {"create_model.json": arguments, "class_names.json": classes}
         else:
             documents = {
                 "config.json": hf_config(config, classes),

@@ -33,7 +33,7 @@ from vitlab.data.builtin import difficulty_knobs
 from vitlab.data.sources import streams
 from vitlab.errors import VitlabError, brief
 from vitlab.models.gan import ResnetGenerator
-from vitlab.models.presets import create_model, model_options, preset_config
+from vitlab.models.presets import create_model, is_convnet, model_options, preset_config
 from vitlab.models.unet import create_unet, unet_options
 
 
@@ -91,6 +91,11 @@ def check_classification(config: RunConfig) -> None:
             + " ".join(f"--set augment.{k}={fix}" for k, fix in clashing.items())
         )
     check_model(config.model, config.data.image_size)
+    if config.model.name.strip().lower().startswith("bit-") and (config.train.strategy == "fsdp" or config.optim.layer_decay):
+        raise VitlabError(
+            f"model.name={config.model.name}: FSDP and optim.layer_decay work on a ViT's blocks, which a ResNet has not; "
+            "use train.strategy=ddp (or single) and unset optim.layer_decay"
+        )
     if config.finetune is not None and not config.finetune.keep_head and config.model.name.startswith("ai602-"):
         raise VitlabError(
             f"model.name={config.model.name}: the paper code's models have no replaceable head to fine-tune; "
@@ -100,6 +105,11 @@ def check_classification(config: RunConfig) -> None:
 
 def check_pretraining(config: PretrainConfig) -> None:
     check_data(config.data)
+    if is_convnet(config.model.name):
+        raise VitlabError(
+            f"model.name={config.model.name}: MAE and MPP mask patches of pixels, which a ResNet or hybrid has not; "
+            "pretrain a vit-… or vit22b-… preset"
+        )
     check_model(config.model, config.data.image_size)
     patch = {**preset_config(config.model.name), **config.model.options}["patch_size"]
     grid = config.data.image_size // patch

@@ -65,6 +65,10 @@ def pretrained_state_dict(path: str | Path, kind: str, model: VisionTransformer)
         tensors = ckpt.load_tensors(checkpoint)
         check_weights(tensors, str(checkpoint))
         return tensors
+    if not isinstance(model, VisionTransformer):  # a BiT ResNet: its tensor names are timm's ResNetV2's
+        if kind != "timm":
+            raise VitlabError(f"finetune.format={kind} holds ViTs; a {type(model).__name__} reads timm files or vitlab runs")
+        return read_state_dict(path)
     if kind == "npz":
         return filter_google_vit(read_npz(path), model.config["num_heads"])
     if kind == "hf":
@@ -80,7 +84,7 @@ def prepare_model(model: VisionTransformer, cfg: FinetuneConfig | None, load: bo
     """
     if cfg is None:
         return model, None
-    if not cfg.keep_head and not isinstance(model, VisionTransformer):  # the paper code's ai602-…: an MLP head with BatchNorm
+    if not cfg.keep_head and not hasattr(model, "reset_head"):  # the paper code's ai602-…: an MLP head with BatchNorm
         raise VitlabError(
             f"{type(model).__name__} has no replaceable head to fine-tune; fine-tune a vit-… or vit22b-… preset, "
             "or set finetune.keep_head: true"

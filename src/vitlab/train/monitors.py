@@ -89,7 +89,8 @@ class StabilityMonitor:
         self.attention[layer] = (logits.max(), attention_entropy(logits))
 
     def _record_tokens(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        self.high_norm = high_norm_fraction(inputs[0])
+        if inputs[0].ndim == 3:  # tokens (B, T, D); a ResNet's final norm sees a feature map
+            self.high_norm = high_norm_fraction(inputs[0])
 
     @contextmanager
     def watch(self, active: bool) -> Iterator[None]:
