@@ -134,6 +134,28 @@ def test_an_onnx_export_under_onnxruntime_computes_the_models_logits_at_any_batc
             torch.testing.assert_close(torch.from_numpy(logits), model(images(batch)), atol=1e-5, rtol=0)
 
 
+CONVNETS = [
+    ("bit-r26x1", dict(stem_width=16, channels=[32, 64], groups=8, layers=[1, 2])),  # no layout timm registers
+    (
+        "hybrid-r26-vit-ti/8",
+        dict(depth=1, embed_dim=32, num_heads=2, mlp_dim=64, stem_width=16, stem_channels=[32, 64], stem_groups=8),
+    ),
+]
+
+
+@pytest.mark.parametrize("name, options", CONVNETS)
+def test_a_resnet_or_hybrid_of_any_layout_exports_for_onnxruntime(tmp_path, name, options):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model = create_model(name, img_size=IMG, num_classes=CLASSES, **options).eval()
+    export_model(model, "onnx", tmp_path, DATA)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for batch in (1, 4):
+            (logits,) = session.run(None, {"pixel_values": images(batch).numpy()})
+            torch.testing.assert_close(torch.from_numpy(logits), model(images(batch)), atol=1e-4, rtol=1e-4)
+
+
 def test_onnx_without_its_exporter_names_what_to_install(tmp_path, monkeypatch):
     import importlib.util
 

@@ -390,7 +390,8 @@ def export_model(
     config = model.config
     convnet, problems = isinstance(model, (ResNetV2, HybridViT)), []
     if convnet:
-        timm_name, problems = timm_convnet(model)
+        timm_name, layout = timm_convnet(model)
+        problems += layout if fmt == "timm" else []  # ONNX and torch.export trace any layout
         problems += [f"{type(model).__name__}: transformers' ViT has none (export --format timm)"] if fmt == "hf" else []
         problems += [] if config["num_classes"] > 0 else ["num_classes=0 (no head): export a classifier"]
     if isinstance(model, VisionTransformer):
