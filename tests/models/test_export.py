@@ -443,5 +443,5 @@ def test_resnets_and_hybrids_export_as_timms_registered_models_of_their_layout(t
     assert "patch_embed.backbone.stages.2.blocks.8.conv3.weight" in load_file(tmp_path / "hybrid" / "model.safetensors")
     with pytest.raises(VitlabError, match=r"stem_width=32: timm.s builder fixes 64.*timm registers resnetv2_50x1_bit"):
         export_model(create_model("bit-r26x1", stem_width=32), "timm", tmp_path / "small", DATA)
-    with pytest.raises(VitlabError, match="block='parallel'.*transformers' ViT has none"):
+    with pytest.raises(VitlabError, match="HybridViT: transformers' ViT has none.*block='parallel'"):
         export_model(create_model("hybrid-r50-vit22b-b/16", img_size=IMG, depth=1), "hf", tmp_path / "hf", DATA)
