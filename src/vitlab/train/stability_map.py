@@ -238,7 +238,8 @@ def report(config: MapConfig) -> dict:
         grid = groups[cell["block"], cell["size"], cell["intervention"]][cell["seed"]]
         cell["excess_loss"] = figures.capped(cell) - min(figures.capped(c) for c in grid)
     trend_lr = config.trend_learning_rate
-    trends = figures.fit_logit_trend([c for c in cells if c["lr"] == trend_lr], config.logit_threshold)
+    at_trend_lr = [c for c in cells if c["lr"] == trend_lr]
+    trends = figures.fit_logit_trend(at_trend_lr, config.logit_threshold)
     result = {
         "cells": cells,
         "summaries": summaries,
@@ -255,7 +256,7 @@ def report(config: MapConfig) -> dict:
             root / "excess_loss_heatmap.png", cells, list(config.blocks), list(config.sizes), list(config.interventions)
         ),
         "D_attention_logit_trend": figures.plot_logit_trend(
-            root / "attention_logit_trend.png", cells, trends, trend_lr, config.logit_threshold
+            root / "attention_logit_trend.png", at_trend_lr, trends, trend_lr, config.logit_threshold
         ),
     }
     pngs_to_tensorboard(root, {f"stability-map/{tag}": path for tag, path in drawn.items()}, len(cells))

@@ -13,6 +13,8 @@ from matplotlib.patches import Rectangle
 
 from vitlab.figures import new_figure, save_figure
 
+EXTRAPOLATE = 100  # figure D draws each fitted trend up to this many times the largest size
+
 
 def capped(cell: dict) -> float:
     """The loss a cell counts with: min(ℓ, ℓ₀), ℓ₀ when it diverged."""
@@ -110,7 +112,8 @@ def fit_logit_trend(cells: list[dict], threshold: float) -> list[dict]:
 
 
 def plot_logit_trend(path: Path, cells: list[dict], fits: list[dict], lr: float, threshold: float) -> Path:
-    """(D) peak attention logit against parameters at one LR, with each fitted power law extrapolated to `threshold`."""
+    """(D) peak attention logit against parameters of the `cells` of one LR, with each fitted power law extrapolated
+    to `threshold` (drawn up to EXTRAPOLATE × the largest size; map.md gives where each fit reaches it)."""
     fig = new_figure(6, 4)
     ax = fig.subplots()
     for fit in fits:
@@ -125,8 +128,8 @@ def plot_logit_trend(path: Path, cells: list[dict], fits: list[dict], lr: float,
             "o",
             label=f"{fit['intervention']} {fit['block']}",
         )[0]
-        ends = [min(c["num_parameters"] for c in mine), fit["params_at_threshold"] or 10 * max(c["num_parameters"] for c in mine)]
-        x = np.geomspace(ends[0], max(ends), 50)
+        low, high = min(c["num_parameters"] for c in mine), max(c["num_parameters"] for c in mine)
+        x = np.geomspace(low, min(fit["params_at_threshold"] or math.inf, EXTRAPOLATE * high), 50)
         ax.plot(x, np.exp(fit["intercept"]) * x ** fit["slope"], "--", lw=0.8, color=line.get_color())
     ax.axhline(threshold, color="red", lw=0.8, ls=":", label=f"threshold {threshold:g}")
     ax.set(
