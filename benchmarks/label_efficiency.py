@@ -6,7 +6,8 @@ builtin-finetune-vit22b-ti.yaml, plus `--set` overrides) on the first fraction o
 for the same number of steps whatever the fraction (so 1 % repeats its images 100× as often as 100 %).
 The pretrained encoders are `vitlab pretrain` runs given by `--pretrained mae=RUN mpp=RUN`. The LR is chosen
 per method and fraction by the mean test accuracy over the seeds (every method gets the same grid, so the
-same optimism). Writes label-efficiency-*.md and .json to `--results`.
+same optimism). Writes label-efficiency.md and .json to `--results` after every run; `--merge` tabulates
+the rows of several such files (runs split over machines) again.
 
     PYTHONPATH=src python3 -m vitlab.cli pretrain configs/pretrain/builtin-mae-vit22b-ti.yaml
     PYTHONPATH=src python3 -m vitlab.cli pretrain configs/pretrain/builtin-mpp-vit22b-ti.yaml
@@ -101,11 +102,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", default="runs/label-efficiency")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--stem", default="label-efficiency")
+    parser.add_argument("--merge", nargs="+", type=Path, default=[], help="only tabulate the rows of these JSON files")
     args = parser.parse_args(argv)
+    args.results.mkdir(parents=True, exist_ok=True)
+    merged = [json.loads(path.read_text()) for path in args.merge]
+    rows = [row for result in merged for row in result["rows"]]
+    settings = (
+        {"merged": [r["settings"] for r in merged]} if merged else {k: str(v) for k, v in vars(args).items() if k != "results"}
+    )
+
+    def write() -> None:
+        text = table(rows, args.methods, args.fractions)
+        (args.results / f"{args.stem}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
+        (args.results / f"{args.stem}.md").write_text(f"{text}\n\nSettings: {json.dumps(settings)}\n")
+        print(text)
+
+    if args.merge:
+        write()
+        return
     missing = [m for m in args.methods if m != "scratch" and m not in dict(args.pretrained)]
     if missing:
         parser.error(f"no pretraining run for {', '.join(missing)}: give --pretrained {missing[0]}=RUN_DIR")
-    rows = []
     for fraction in args.fractions:
         for method in args.methods:
             for lr in args.lrs:
@@ -114,12 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                         dict(method=method, fraction=fraction, lr=lr, seed=seed, acc1=fine_tune(args, method, fraction, lr, seed))
                     )
                     print(json.dumps(rows[-1]), flush=True)
-    args.results.mkdir(parents=True, exist_ok=True)
-    text = table(rows, args.methods, args.fractions)
-    settings = {k: str(v) for k, v in vars(args).items() if k != "results"}
-    (args.results / f"{args.stem}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1))
-    (args.results / f"{args.stem}.md").write_text(f"{text}\n\nSettings: {json.dumps(settings)}\n")
-    print(text)
+                    write()  # after every run, so that a stopped benchmark keeps what it measured
 
 
 if __name__ == "__main__":

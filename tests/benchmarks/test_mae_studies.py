@@ -51,6 +51,19 @@ def test_label_efficiency_runs_scratch_at_a_fraction_and_needs_a_run_for_each_pr
     bench.main([*args, "--methods", "scratch", "--out-dir", str(tmp_path / "runs"), "--results", str(tmp_path)])
     (row,) = json.loads((tmp_path / "label-efficiency.json").read_text())["rows"]
     assert (row["method"], row["fraction"], row["lr"]) == ("scratch", 0.5, 1e-3) and 0 <= row["acc1"] <= 1
+    bench.main(
+        [
+            "--merge",
+            str(tmp_path / "label-efficiency.json"),
+            "--methods",
+            "scratch",
+            "--fractions",
+            "0.5",
+            "--results",
+            str(tmp_path / "m"),
+        ]
+    )
+    assert f"| 50 % | {100 * row['acc1']:.1f} ± 0.0 (0.001) |" in (tmp_path / "m" / "label-efficiency.md").read_text()
     with pytest.raises(SystemExit):
         bench.main([*args, "--methods", "scratch", "mae"])
     assert "give --pretrained mae=RUN_DIR" in capsys.readouterr().err
