@@ -60,6 +60,8 @@ def timm_parallel_logits(sd: dict, args: dict, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(attn, sd[p + "attn_out_proj.weight"], sd[p + "attn_out_proj.bias"])
         out = out + F.linear(F.gelu(mlp), sd[p + "mlp_out_proj.weight"], sd[p + "mlp_out_proj.bias"])
         t = t + out * sd.get(p + "ls.gamma", 1)
+    if args["fc_norm"]:  # timm: no per-token norm, a LayerNorm of the pooled tokens
+        return F.linear(ln(t.mean(dim=1), "fc_norm"), sd["head.weight"], sd["head.bias"])
     t = ln(t, "norm")
     pooled = t[:, 0] if args["global_pool"] == "token" else t[:, sum(p.shape[1] for p in prefix) :].mean(dim=1)
     return F.linear(pooled, sd["head.weight"], sd["head.bias"])
@@ -72,6 +74,7 @@ def timm_parallel_logits(sd: dict, args: dict, x: torch.Tensor) -> torch.Tensor:
         ("vit", dict(norm_bias=False, pos_embed="sincos", qkv_bias=False, qk_norm=True)),
         ("vit22b", {}),  # QK norm, no QKV or LayerNorm biases
         ("vit22b", dict(qkv_bias=True, pool="gap", pos_embed="sincos")),
+        ("vit22b", dict(pool="gap", fc_norm=True)),  # MAE's fine-tuning head: timm's fc_norm
     ],
 )
 def test_timm_export_reimports_through_vitlabs_timm_loader_with_the_same_logits(tmp_path, family, overrides):

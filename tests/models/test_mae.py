@@ -138,5 +138,7 @@ def test_mae_reconstruction_keeps_the_visible_patches() -> None:
 def test_pretraining_needs_a_headless_encoder() -> None:
     with pytest.raises(VitlabError, match="num_classes=0"):
         MaskedAutoencoder(create_model("vit-ti/4", **{**SMALL, "num_classes": 10}))
+    with pytest.raises(VitlabError, match="fc_norm: true in the fine-tuning"):
+        MaskedAutoencoder(create_model("vit-ti/4", **{**SMALL, "num_classes": 0, "pool": "gap", "fc_norm": True}))
     with pytest.raises(VitlabError, match="mask_ratio"):
         MaskedPatchPrediction(encoder(), (0.5,), (0.5,), mask_ratio=1.0)

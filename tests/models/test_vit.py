@@ -125,6 +125,20 @@ def test_class_token_and_gap_pooling_differ_in_prefix_tokens():
     assert cls.pos_embed.shape[1] == 17 and gap.pos_embed.shape[1] == 16 and gap.cls_token is None
 
 
+def test_fc_norm_normalises_the_pooled_tokens_instead_of_every_token():
+    model = create_model("vit22b-ti/8", img_size=32, num_classes=4, pool="gap", fc_norm=True, depth=2).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.3)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.forward_features(x)
+    pooled = torch.nn.functional.layer_norm(tokens.mean(1), (192,), model.fc_norm.weight, eps=1e-6)
+    torch.testing.assert_close(model(x), model.head(pooled))
+    assert "fc_norm.weight" in model.state_dict() and not any(k.startswith("norm.") for k in model.state_dict())
+    with pytest.raises(VitlabError, match="pool='gap'"):
+        create_model("vit-ti/8", img_size=32, num_classes=4, fc_norm=True)
+
+
 def test_model_config_rebuilds_the_same_architecture():
     model = create_model("vit22b-ti/4", img_size=32, num_classes=7, branch_norm="mlp")
     rebuilt = type(model)(**model.config)

@@ -39,13 +39,13 @@ def features(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> torch.Tensor:
-    """The pooled features (class token, or mean of the patch tokens) of uint8 `images`, on the CPU."""
+    """The pooled features (class token, or mean of the patch tokens; what the head would see) of uint8 `images`, on the CPU."""
     encoder.eval()
     out = []
     for batch in images.split(batch_size):
         with autocast(device, precision):
             tokens = encoder.forward_features(normalize(batch.to(device), mean, std))
-        out.append((tokens[:, 0] if encoder.pool == "cls" else tokens.mean(dim=1)).float().cpu())
+        out.append(encoder.pooled(tokens).float().cpu())
     return torch.cat(out)
 
 

@@ -171,7 +171,7 @@ def timm_arguments(config: dict, preprocessing: Preprocessing) -> dict:
         qk_norm=c["qk_norm"],
         class_token=c["pool"] == "cls",
         global_pool="token" if c["pool"] == "cls" else "avg",
-        fc_norm=False,  # vitlab: norm every token, then pool
+        fc_norm=c["fc_norm"],  # False: norm every token, then pool; True: pool, then norm
         pos_drop_rate=c["dropout"],
         proj_drop_rate=c["dropout"],
         attn_drop_rate=c["attn_dropout"],

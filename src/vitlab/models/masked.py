@@ -81,9 +81,14 @@ def transformer_blocks(encoder: VisionTransformer, dim: int, depth: int, num_hea
 
 
 def check_encoder(encoder: VisionTransformer) -> None:
-    """Pretraining needs a headless encoder (num_classes=0), so that its weights are a classifier's minus the head."""
+    """Pretraining needs a headless encoder (num_classes=0) that norms every token: a classifier's weights minus the head."""
     if not isinstance(encoder.head, nn.Identity):
         raise VitlabError("the pretraining encoder must be built with num_classes=0 (no head)")
+    if encoder.config["fc_norm"]:
+        raise VitlabError(
+            "the pretraining encoder normalises every token (its decoder reads them); pretrain with fc_norm: false "
+            "and set fc_norm: true in the fine-tuning config's model.options"
+        )
 
 
 class MaskedAutoencoder(nn.Module):

@@ -121,6 +121,7 @@ class VisionTransformer(nn.Module):
         branch_norm: str = "none",
         pos_embed: str = "learn",
         pool: str = "cls",
+        fc_norm: bool = False,
         head: str = "linear",
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
@@ -153,6 +154,8 @@ class VisionTransformer(nn.Module):
         check_choice("head", head, HEADS)
         check_num_classes(num_classes)
         check_num_registers(num_registers)
+        if fc_norm and pool != "gap":
+            raise VitlabError("fc_norm=True normalises the pooled patch tokens; use it with pool='gap' (MAE's fine-tuning)")
 
         self.num_classes, self.embed_dim, self.pool, self.zero_head = num_classes, embed_dim, pool, zero_head
         self.grad_checkpointing = grad_checkpointing
@@ -169,7 +172,10 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(dropout)
 
         self.blocks = nn.Sequential(*spec.build(depth))
-        self.norm = layer_norm(embed_dim, norm_bias)
+        # fc_norm: the final LayerNorm after the average pool instead of on every token (MAE's fine-tuning
+        # model, models_vit.py in facebookresearch/mae; timm's `fc_norm`, under the same tensor names).
+        self.norm = nn.Identity() if fc_norm else layer_norm(embed_dim, norm_bias)
+        self.fc_norm = layer_norm(embed_dim, norm_bias) if fc_norm else nn.Identity()
         if head == "mlp":  # the original ViT's pre-logits layer (Dosovitskiy et al. 2021)
             self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, embed_dim), act=nn.Tanh()))
         else:
@@ -226,7 +232,7 @@ class VisionTransformer(nn.Module):
         return self.pos_drop(x + self.pos_embed)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images → normalised tokens after the last block."""
+        """Images → the tokens after the last block, normalised (with `fc_norm`: not yet, the pooled vector is)."""
         return self.forward_tokens(self.embed(x))
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -243,8 +249,11 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pool the tokens (class token or mean of patches) and apply the head."""
-        pooled = tokens[:, 0] if self.pool == "cls" else tokens.mean(dim=1)
-        return self.head(self.pre_logits(pooled))
+        return self.head(self.pre_logits(self.pooled(tokens)))
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The features the head sees: the class token, or the mean of the patch tokens (then `fc_norm`)."""
+        return tokens[:, 0] if self.pool == "cls" else self.fc_norm(tokens.mean(dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

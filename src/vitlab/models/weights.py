@@ -560,7 +560,8 @@ def fit_to_model(state_dict: dict[str, torch.Tensor], model: VisionTransformer, 
     """Pretrained tensors made to fit `model`: position embedding resampled to its patch grid, head replaced.
 
     Unless `keep_head`, the pretrained head gives way to the model's own (fine-tuning makes that a zero one with
-    `reset_head`), and a pretrained pre-logits layer the model has no place for is dropped.
+    `reset_head`), and a pretrained pre-logits layer the model has no place for is dropped. A model with `fc_norm`
+    fed tensors without one drops the per-token final norm and keeps its own new `fc_norm` (MAE's fine-tuning).
     """
     own = model.state_dict()
     fitted = dict(state_dict)
@@ -571,4 +572,7 @@ def fit_to_model(state_dict: dict[str, torch.Tensor], model: VisionTransformer, 
     if not keep_head:
         fitted = {k: v for k, v in fitted.items() if not k.startswith(("head.", "pre_logits.")) or k in own}
         fitted |= {k: v for k, v in own.items() if k.startswith("head.")}
+    if "fc_norm.weight" in own and "fc_norm.weight" not in fitted:  # MAE's fine-tuning: a new norm after the pool
+        fitted = {k: v for k, v in fitted.items() if not k.startswith("norm.")}
+        fitted |= {k: v for k, v in own.items() if k.startswith("fc_norm.")}
     return fitted
