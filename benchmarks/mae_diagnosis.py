@@ -82,7 +82,7 @@ def layer_stats(model: VisionTransformer, x: torch.Tensor, keep: float = 1.0) ->
 def variant_model(config: RunConfig, num_classes: int, tweak: str) -> VisionTransformer:
     """The fine-tuning model of `config`, with an in-script `tweak`: reset-norm, random-head or bn-head."""
     torch.manual_seed(config.train.seed)
-    model = prepare_model(build_model(config, config.data.image_size, num_classes), config.finetune, load=True)
+    model, _ = prepare_model(build_model(config, config.data.image_size, num_classes), config.finetune, load=True)
     if tweak == "reset-norm":
         model.norm.reset_parameters()
     elif tweak == "random-head":  # the head a from-scratch run starts with, not fine-tuning's zero one

@@ -134,13 +134,13 @@ def test_fc_norm_drops_the_pretrained_token_norm_and_starts_its_own_as_mae_fine_
     source = small_vit(32, 0, pool="gap")
     torch.nn.init.normal_(source.norm.weight)
     run = str(saved_run(tmp_path, source))
-    model = prepare_model(small_vit(32, 4, pool="gap", fc_norm=True), FinetuneConfig(checkpoint=run), load=True)
+    model, _ = prepare_model(small_vit(32, 4, pool="gap", fc_norm=True), FinetuneConfig(checkpoint=run), load=True)
     assert torch.equal(model.fc_norm.weight, torch.ones(48)) and not model.fc_norm.bias.any()
     assert torch.equal(model.blocks[1].mlp.fc2.weight, source.blocks[1].mlp.fc2.weight)
     tuned = saved_run(tmp_path / "tuned", model)  # a classifier with fc_norm keeps its own when fine-tuned again
     torch.nn.init.normal_(model.fc_norm.weight)
     ckpt.save_checkpoint(tuned, 2, model, torch.optim.SGD(model.parameters(), lr=0.1), {})
-    again = prepare_model(small_vit(32, 4, pool="gap", fc_norm=True), FinetuneConfig(checkpoint=str(tuned)), load=True)
+    again, _ = prepare_model(small_vit(32, 4, pool="gap", fc_norm=True), FinetuneConfig(checkpoint=str(tuned)), load=True)
     assert torch.equal(again.fc_norm.weight, model.fc_norm.weight)
 
 
