@@ -30,6 +30,8 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 
+import torch
+
 from vitlab.config import MapConfig, RunConfig
 from vitlab.errors import VitlabError
 from vitlab.models.planner import flops_per_step, parameter_count, preset_shape
@@ -210,8 +212,6 @@ def worker_main(config: MapConfig, shard: tuple[int, int], index: int, threads: 
 
 def run_workers(config: MapConfig, shard: tuple[int, int], workers: int) -> dict:
     """Train this shard's cells with `workers` processes side by side, each claiming the next free cell."""
-    import torch  # a worker may only set CUDA_VISIBLE_DEVICES before its own CUDA starts; the parent only counts
-
     gpus = torch.cuda.device_count() if config.base.get("train", {}).get("device", "auto") != "cpu" else 0
     threads = None if gpus else max(1, (os.cpu_count() or 1) // workers)
     failed = {}
@@ -234,9 +234,10 @@ def report(config: MapConfig) -> dict:
             cells.append(cell)
             groups.setdefault((block, size, intervention), {}).setdefault(seed, []).append(cell)
     summaries = [summarise(*key, seeds) for key, seeds in groups.items()]
-    for cell in cells:  # figure C's value: how far the cell is from its grid's best, min(ℓ, ℓ₀) − ℓ*
-        grid = groups[cell["block"], cell["size"], cell["intervention"]][cell["seed"]]
-        cell["excess_loss"] = figures.capped(cell) - min(figures.capped(c) for c in grid)
+    for grid in (grid for seeds in groups.values() for grid in seeds.values()):
+        best = sensitivity(grid)["best_loss"]  # figure C's value: how far each cell is from ℓ*, min(ℓ, ℓ₀) − ℓ*
+        for cell in grid:
+            cell["excess_loss"] = figures.capped(cell) - best
     trend_lr = config.trend_learning_rate
     at_trend_lr = [c for c in cells if c["lr"] == trend_lr]
     trends = figures.fit_logit_trend(at_trend_lr, config.logit_threshold)
