@@ -76,6 +76,7 @@ def main(out_json: str, out_dir: str) -> None:
         "init_exact_vit": init_is_exact(ctx, "vit-ti/8"),
         "init_exact_vit22b_sincos": init_is_exact(ctx, "vit22b-ti/8", pos_embed="sincos", branch_norm="mlp", qkv_bias=True),
         "init_exact_stabilisers": init_is_exact(ctx, "vit22b-ti/8", layer_scale=1e-5, num_registers=2),
+        "init_exact_hybrid": init_is_exact(ctx, "hybrid-r50-vit22b-ti/8", stem_width=8, stem_channels=[16, 32], stem_groups=4),
     }
 
     # The global batch in one process against its two halves on two FSDP ranks (activation checkpointing on).

@@ -43,6 +43,7 @@ def worker(tmp_path_factory):
 def test_sharded_init_equals_a_normal_init_bit_for_bit(worker):
     results, _ = worker
     assert results["init_exact_vit"] and results["init_exact_vit22b_sincos"] and results["init_exact_stabilisers"]
+    assert results["init_exact_hybrid"]  # a ResNet stem inside: its own init, replayed
 
 
 @pytest.mark.parametrize("variant", ["fsdp", "fsdp_cpu_offload"])

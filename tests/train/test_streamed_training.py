@@ -114,6 +114,26 @@ def test_shards_of_a_folder_train_and_evaluate(tmp_path):
     assert evaluate_checkpoint(results["run_dir"])["acc1"] == pytest.approx(results["test"]["acc1"])
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        ["model.name=bit-r26x1", "model.options={stem_width: 16, channels: [32, 64], layers: [1, 1], groups: 8}"],
+        ["model.name=hybrid-r26-vit-ti/8", "model.options={depth: 1, embed_dim: 32, num_heads: 2, mlp_dim: 64, "
+         "stem_width: 16, stem_channels: [16, 32], stem_groups: 4}"],
+    ],
+    ids=["resnet", "hybrid"],
+)  # fmt: skip
+def test_a_resnet_and_a_hybrid_train_from_streamed_shards(tmp_path, model):
+    from vitlab.data.stream.shards import write_shards
+
+    root = jpeg_folder(tmp_path / "data")
+    write_shards(root, tmp_path / "shards", max_count=40)
+    config = streamed_config(tmp_path, root, "data.name=wds", f"data.root={tmp_path / 'shards'}", "train.epochs=4", *model)
+    results = train(config, progress=False)
+    assert results["test"]["acc1"] > 0.6  # 3 classes: chance is 1/3
+    assert evaluate_checkpoint(results["run_dir"])["acc1"] == pytest.approx(results["test"]["acc1"])
+
+
 def test_shards_train_as_well_as_their_folder(tmp_path):
     from vitlab.data.stream.shards import write_shards
 

@@ -59,14 +59,17 @@ class HybridViT(VisionTransformer):
         stem: str = "same",
         **options,
     ):
+        # read by `make_patch_embed` during the ViT's construction, which builds each layer once and initialises once
+        # (so that FSDP's sharded init, replaying the layers' constructors and one `reset_parameters`, is exact)
+        self.stem_options = dict(
+            layers=list(stem_layers),
+            channels=list(stem_channels),
+            stem_width=stem_width,
+            stem=stem,
+            preact=stem_preact,
+            groups=stem_groups,
+        )
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, **options)
-        backbone = ResNetV2(img_size, in_chans, 0, stem_layers, stem_channels, 1, stem_width, stem, stem_preact, stem_groups)
-        if backbone.stride != patch_size:
-            raise VitlabError(
-                f"the ResNet stem of {len(stem_layers)} stage(s) has stride {backbone.stride}, but patch_size={patch_size}; "
-                f"set patch_size={backbone.stride} or give {len(stem_layers)} stage(s) that reach it"
-            )
-        self.patch_embed = HybridEmbed(backbone, img_size, self.embed_dim)
         self.config |= dict(
             stem_layers=list(stem_layers),
             stem_channels=list(stem_channels),
@@ -75,4 +78,28 @@ class HybridViT(VisionTransformer):
             stem_groups=stem_groups,
             stem=stem,
         )
-        self.reset_parameters()  # again, now with the stem (weight standardisation makes the conv init's scale moot)
+
+    def make_patch_embed(self, img_size: int, patch_size: int, in_chans: int, dim: int) -> nn.Module:
+        layers, channels = self.stem_options["layers"], self.stem_options["channels"]
+        if len(layers) != len(channels):
+            raise VitlabError(
+                f"stem_channels={channels} gives {len(channels)} width(s) for a stem of {len(layers)} stage(s) "
+                f"(units {layers}); give one width per stage"
+            )
+        backbone = ResNetV2(img_size, in_chans, 0, zero_init_last=True, **self.stem_options)
+        if backbone.stride != patch_size:
+            stages = len(self.stem_options["layers"])
+            raise VitlabError(
+                f"the ResNet stem of {stages} stage(s) has stride {backbone.stride}, but patch_size={patch_size}; "
+                f"set patch_size={backbone.stride} or give {stages} stage(s) that reach it"
+            )
+        return HybridEmbed(backbone, img_size, dim)
+
+    def reset_embeddings(self) -> None:
+        """The ViT's embeddings, then the ResNet stem's own init over the ViT's trunc-normal(0.02): Kaiming (fan out)
+        convolutions and each unit's last norm zero, as timm's hybrids get it (its ViT init calls the backbone's
+        `init_weights()`, whose default zero-inits the last layers). With the ViT's init a 13-unit post-activation
+        stage grew its activations with every unit and the hybrid did not learn (README, "ViT against ConvNets").
+        Here rather than in `reset_parameters`, so that FSDP's sharded init replays it too."""
+        super().reset_embeddings()
+        self.patch_embed.backbone.reset_parameters()

@@ -105,6 +105,10 @@ class PreActBottleneck(nn.Module):
         x = self.conv3(self.norm3(self.conv2(self.norm2(self.conv1(x_preact)))))
         return self.drop_path(x) + shortcut
 
+    def zero_init_last(self) -> None:
+        """Start as the shortcut alone: the last convolution's weights zero (timm's `zero_init_last`)."""
+        nn.init.zeros_(self.conv3.weight)
+
 
 class Bottleneck(nn.Module):
     """Post-activation bottleneck (the ViT paper's hybrid stem): conv-norm three times, ReLU after the sum."""
@@ -123,6 +127,10 @@ class Bottleneck(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         x = self.norm3(self.conv3(self.norm2(self.conv2(self.norm1(self.conv1(x))))))
         return F.relu(self.drop_path(x) + shortcut)
+
+    def zero_init_last(self) -> None:
+        """Start as ReLU(shortcut): the last norm's scale zero (Goyal et al. 2017; timm's `zero_init_last`)."""
+        nn.init.zeros_(self.norm3.weight)
 
 
 class ResNetStage(nn.Module):
@@ -168,6 +176,7 @@ class ResNetV2(nn.Module):
         drop_path: float = 0.0,
         zero_head: bool = False,
         grad_checkpointing: bool = False,
+        zero_init_last: bool = False,
     ):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -177,6 +186,7 @@ class ResNetV2(nn.Module):
         if num_classes < 0:
             raise VitlabError(f"num_classes={num_classes} is negative; use 0 for no head or the number of classes")
         self.num_classes, self.zero_head, self.grad_checkpointing = num_classes, zero_head, grad_checkpointing
+        self.zero_init_last = zero_init_last
         stem_chs = stem_width * width_factor
         parts = OrderedDict(conv=StdConv2d(in_chans, stem_chs, 3) if stem == "small" else StdConv2d(in_chans, stem_chs, 7, 2))
         if not preact:
@@ -207,13 +217,17 @@ class ResNetV2(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """timm's ResNetV2 init: Kaiming-normal (fan out) convolutions, unit GroupNorms, the head by `init_head`."""
+        """timm's ResNetV2 init: Kaiming-normal (fan out) convolutions, unit GroupNorms, each unit's last layer zero
+        if `zero_init_last`, the head by `init_head`."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d) and module is not getattr(self.head, "fc", None):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, nn.GroupNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        for module in self.modules():  # after the loop above, which visits a unit before its layers
+            if self.zero_init_last and isinstance(module, (PreActBottleneck, Bottleneck)):
+                module.zero_init_last()
         self.init_head(self.zero_head)
 
     def init_head(self, zero: bool) -> None:

@@ -159,7 +159,7 @@ class VisionTransformer(nn.Module):
 
         self.num_classes, self.embed_dim, self.pool, self.zero_head = num_classes, embed_dim, pool, zero_head
         self.grad_checkpointing = grad_checkpointing
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = self.make_patch_embed(img_size, patch_size, in_chans, embed_dim)
         self.num_prefix_tokens = 1 if pool == "cls" else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if pool == "cls" else None
         num_positions = self.patch_embed.grid**2 + self.num_prefix_tokens
@@ -182,6 +182,10 @@ class VisionTransformer(nn.Module):
             self.pre_logits = nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.reset_parameters()
+
+    def make_patch_embed(self, img_size: int, patch_size: int, in_chans: int, dim: int) -> nn.Module:
+        """Images → tokens (B, grid², dim), with a `grid` attribute: the patches' linear projection here."""
+        return PatchEmbed(img_size, patch_size, in_chans, dim)
 
     def reset_parameters(self) -> None:
         """Reference ViT init: `init_weights` on every module in order, then `reset_embeddings`."""
