@@ -61,16 +61,7 @@ class HybridViT(VisionTransformer):
     ):
         # read by `make_patch_embed` during the ViT's construction, which builds each layer once and initialises once
         # (so that FSDP's sharded init, replaying the layers' constructors and one `reset_parameters`, is exact)
-        self.stem_options = dict(
-            layers=list(stem_layers),
-            channels=list(stem_channels),
-            stem_width=stem_width,
-            stem=stem,
-            preact=stem_preact,
-            groups=stem_groups,
-        )
-        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, **options)
-        self.config |= dict(
+        self.stem_config = dict(
             stem_layers=list(stem_layers),
             stem_channels=list(stem_channels),
             stem_width=stem_width,
@@ -78,20 +69,25 @@ class HybridViT(VisionTransformer):
             stem_groups=stem_groups,
             stem=stem,
         )
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, **options)
+        self.config |= self.stem_config
 
     def make_patch_embed(self, img_size: int, patch_size: int, in_chans: int, dim: int) -> nn.Module:
-        layers, channels = self.stem_options["layers"], self.stem_options["channels"]
+        c = self.stem_config
+        layers, channels = c["stem_layers"], c["stem_channels"]
         if len(layers) != len(channels):
             raise VitlabError(
                 f"stem_channels={channels} gives {len(channels)} width(s) for a stem of {len(layers)} stage(s) "
                 f"(units {layers}); give one width per stage"
             )
-        backbone = ResNetV2(img_size, in_chans, 0, zero_init_last=True, **self.stem_options)
+        backbone = ResNetV2(
+            img_size, in_chans, 0, layers, channels, 1, c["stem_width"], c["stem"], c["stem_preact"], c["stem_groups"],
+            zero_init_last=True,
+        )  # fmt: skip
         if backbone.stride != patch_size:
-            stages = len(self.stem_options["layers"])
             raise VitlabError(
-                f"the ResNet stem of {stages} stage(s) has stride {backbone.stride}, but patch_size={patch_size}; "
-                f"set patch_size={backbone.stride} or give {stages} stage(s) that reach it"
+                f"the ResNet stem of {len(layers)} stage(s) has stride {backbone.stride}, but patch_size={patch_size}; "
+                f"set patch_size={backbone.stride} or give {len(layers)} stage(s) that reach it"
             )
         return HybridEmbed(backbone, img_size, dim)
 
