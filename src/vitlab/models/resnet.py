@@ -225,9 +225,10 @@ class ResNetV2(nn.Module):
             elif isinstance(module, nn.GroupNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        for module in self.modules():  # after the loop above, which visits a unit before its layers
-            if self.zero_init_last and isinstance(module, (PreActBottleneck, Bottleneck)):
-                module.zero_init_last()
+        if self.zero_init_last:  # after the loop above, which visits a unit before its layers
+            for module in self.modules():
+                if isinstance(module, (PreActBottleneck, Bottleneck)):
+                    module.zero_init_last()
         self.init_head(self.zero_head)
 
     def init_head(self, zero: bool) -> None:
